@@ -1,0 +1,6 @@
+"""fastbicot.kernels: Triton kernels with pure-torch references (DESIGN.md §4).
+
+Each module in this package is self-contained (imports only torch and triton) and exposes one
+public function that dispatches: Triton for CUDA tensors, a fast torch path for CPU tensors, and
+the Triton kernel on CPU tensors when FASTBICOT_FORCE_TRITON=1 (run with TRITON_INTERPRET=1).
+"""

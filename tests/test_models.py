@@ -1,0 +1,153 @@
+"""JanusPolicy must compute exactly what transformers' Janus computes."""
+
+import json
+
+import pytest
+import torch
+from transformers import JanusConfig, JanusForConditionalGeneration
+
+from fastbicot.models import JanusPolicy, preset_config
+from fastbicot.models.tokenizer import build_byte_tokenizer
+
+IDS = {"bos": 1, "eos": 2, "pad": 3, "boi": 4, "eoi": 5, "image": 6}
+
+
+def random_janus(hidden, layers, heads, vocab, seed, image_vocab=37, grid=3):
+    """A tiny random Janus of odd shapes, built straight from transformers' config classes."""
+    torch.manual_seed(seed)
+    config = JanusConfig(
+        text_config=dict(model_type="llama", hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=2 * hidden + 6,
+                         vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16 * grid,
+                           patch_size=16, num_image_tokens=grid * grid, projection_dim=hidden),
+        vq_config=dict(embed_dim=8, num_embeddings=image_vocab, latent_channels=32, base_channels=32,
+                       channel_multiplier=[1, 2], num_patches=grid, projection_dim=hidden + 10,
+                       image_token_embed_dim=hidden),
+        image_token_id=IDS["image"], tie_word_embeddings=False,
+    )
+    model = JanusForConditionalGeneration(config).eval()
+    g = model.generation_config
+    g.bos_token_id, g.eos_token_id, g.pad_token_id = IDS["bos"], IDS["eos"], IDS["pad"]
+    g.generation_kwargs = {"boi_token_id": IDS["boi"]}
+    return model
+
+
+@pytest.mark.parametrize("hidden,layers,heads,vocab", [(48, 2, 3, 97), (64, 1, 4, 130), (40, 3, 5, 61)])
+def test_text_and_image_heads_match_hf(seed, hidden, layers, heads, vocab):
+    hf = random_janus(hidden, layers, heads, vocab, seed)
+    policy = JanusPolicy(hf)
+    B, L = 3, 11
+    ids = torch.randint(7, vocab, (B, L))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, output_hidden_states=True)
+        hidden_states, _ = policy.trunk(policy.embed_text(ids))
+        torch.testing.assert_close(policy.text_logits(hidden_states), ref.logits, rtol=1e-5, atol=1e-5)
+        # Image head: HF's own generation head on the same trunk output.
+        torch.testing.assert_close(policy.image_logits(hidden_states), hf.model.generation_head(ref.hidden_states[-1]),
+                                   rtol=1e-5, atol=1e-5)
+        # Split head: final Linear applied to image_head_hidden is the whole head.
+        x = policy.image_head_hidden(hidden_states)
+        assert x.shape[-1] == policy.image_head_linear.in_features
+        manual = x.double() @ policy.image_head_linear.weight.double().T + policy.image_head_linear.bias.double()
+        torch.testing.assert_close(policy.image_logits(hidden_states).double(), manual, rtol=1e-5, atol=1e-5)
+        # Image-token embedding: gen embedding + aligner, as HF's generate uses it.
+        img = torch.randint(0, 37, (B, 5))
+        torch.testing.assert_close(policy.embed_image(img), hf.prepare_embeddings_for_image_generation(img))
+
+
+def test_trunk_with_cache_matches_full_forward(seed):
+    policy = JanusPolicy(random_janus(32, 2, 2, 50, seed))
+    ids = torch.randint(7, 50, (2, 9))
+    with torch.no_grad():
+        full, _ = policy.trunk(policy.embed_text(ids))
+        h1, cache = policy.trunk(policy.embed_text(ids[:, :6]), use_cache=True)
+        h2, _ = policy.trunk(policy.embed_text(ids[:, 6:]), past_key_values=cache, use_cache=True,
+                             position_ids=torch.arange(6, 9).expand(2, 3))
+    torch.testing.assert_close(torch.cat([h1, h2], 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_special_ids_and_shapes():
+    policy = JanusPolicy(random_janus(32, 1, 2, 50, 0))
+    assert (policy.bos_token_id, policy.eos_token_id, policy.pad_token_id, policy.boi_token_id) == (1, 2, 3, 4)
+    assert policy.num_image_tokens == 9 and policy.image_grid == 3 and policy.image_vocab_size == 37
+    ids = torch.tensor([[1, 9, 10, 11, 4]])
+    assert policy.unconditional_ids(ids).tolist() == [[1, 3, 3, 3, 4]]
+
+
+def test_tiny_preset_runs_and_tokenizer_roundtrips():
+    policy = JanusPolicy.from_preset("tiny", seed=3)
+    tok = policy.tokenizer
+    text = "a red cube left of ✓ 三つの球, émoji 🎨"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert max(ids) < 256 and tok.decode(ids) == text
+    assert tok.convert_tokens_to_ids("<begin_of_image>") == policy.boi_token_id
+    assert tok.eos_token_id == policy.eos_token_id
+    # Same seed -> same weights; different seed -> different weights.
+    again = JanusPolicy.from_preset("tiny", seed=3)
+    other = JanusPolicy.from_preset("tiny", seed=4)
+    w = policy.lm_head.weight
+    assert torch.equal(w, again.lm_head.weight) and not torch.equal(w, other.lm_head.weight)
+    img = policy.hf_model.decode_image_tokens(torch.randint(0, policy.image_vocab_size, (2, policy.num_image_tokens)))
+    assert img.shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize("name,params_b,layers,heads", [("janus-pro-1b", 2.09, 24, 16), ("janus-pro-7b", 7.42, 30, 32)])
+def test_real_presets_on_meta(name, params_b, layers, heads):
+    policy = JanusPolicy.from_preset(name, device="meta", dtype=torch.bfloat16)
+    n = sum(p.numel() for p in policy.hf_model.parameters()) / 1e9
+    assert abs(n - params_b) < 0.05, n  # published sizes of Janus-Pro-1B / 7B
+    assert (policy.num_layers, policy.num_heads, policy.head_dim) == (layers, heads, 128)
+    assert policy.num_image_tokens == 576 and policy.image_vocab_size == 16384
+    assert policy.image_head_linear.weight.shape == (16384, policy.hidden_size)
+    assert policy.lm_head.weight.shape == (102400, policy.hidden_size)
+    assert policy.hf_model.lm_head.weight.device.type == "meta"
+    # KV per token per row, DESIGN.md §3: 7B 480 KiB, 1B 192 KiB (bf16).
+    kv = 2 * policy.num_layers * policy.num_kv_heads * policy.head_dim * 2
+    assert kv == {"janus-pro-1b": 192, "janus-pro-7b": 480}[name] * 1024
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'janus-9b'.*janus-pro-7b"):
+        JanusPolicy.from_preset("janus-9b")
+
+
+def test_from_pretrained_roundtrip(tmp_path, seed):
+    hf = random_janus(32, 2, 2, 300, seed)
+    hf.save_pretrained(tmp_path)
+    tok_dir = tmp_path / "tok"  # a tokenizer kept elsewhere (tokenizer_dir=)
+    build_byte_tokenizer({"bos": 256, "eos": 257, "pad": 258, "boi": 259, "eoi": 260, "image": 261}).save_pretrained(tok_dir)
+    policy = JanusPolicy.from_pretrained(tmp_path, dtype=torch.float32, tokenizer_dir=tok_dir)
+    # Special ids come from the checkpoint's generation config, not from the tokenizer.
+    assert policy.dtype == torch.float32 and policy.boi_token_id == IDS["boi"] and policy.pad_token_id == IDS["pad"]
+    assert policy.hf_model.generation_config.generation_kwargs["boi_token_id"] == IDS["boi"]
+    ids = torch.randint(7, 256, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(policy.hf_model(input_ids=ids).logits, hf(input_ids=ids).logits)
+    assert policy.tokenizer.decode(policy.tokenizer("hi").input_ids, skip_special_tokens=True) == "hi"
+
+
+def test_from_pretrained_bad_dirs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="directory not found"):
+        JanusPolicy.from_pretrained(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no config.json"):
+        JanusPolicy.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type='llama', expected 'janus'"):
+        JanusPolicy.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "janus"}))
+    with pytest.raises(ValueError, match="no weight files"):
+        JanusPolicy.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        JanusPolicy.from_pretrained(tmp_path)
+
+
+def test_wraps_only_janus():
+    with pytest.raises(TypeError, match="JanusForConditionalGeneration"):
+        JanusPolicy(torch.nn.Linear(2, 2))
+
+
+def test_preset_config_shapes():
+    cfg = preset_config("tiny")
+    assert cfg.vq_config.num_patches == 8 and cfg.vision_config.num_image_tokens == 64
