@@ -8,8 +8,15 @@ FASTBICOT_TEST_SEED=<n>.
 import os
 import random
 
-import pytest
 import torch
+
+# Triton decides interpreter-vs-compiled when a kernel is *decorated* (module import), so the switch
+# must be set before any test module imports kernels/. Without CUDA every Triton kernel is
+# interpreted; tests reach them with FASTBICOT_FORCE_TRITON=1 (see kernels/__init__.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
