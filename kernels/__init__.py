@@ -4,3 +4,6 @@ Each module in this package is self-contained (imports only torch and triton) an
 public function that dispatches: Triton for CUDA tensors, a fast torch path for CPU tensors, and
 the Triton kernel on CPU tensors when FASTBICOT_FORCE_TRITON=1 (run with TRITON_INTERPRET=1).
 """
+
+from .grpo_loss import grpo_loss, grpo_loss_reference
+from .token_logprobs import token_logprobs, token_logprobs_reference

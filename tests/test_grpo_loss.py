@@ -1,0 +1,161 @@
+"""grpo_loss vs a float64 autograd reference of each formula, on the CPU path and the Triton kernels.
+
+Triton runs on CPU under its interpreter, which triton selects at import; see
+tests/test_token_logprobs.py for why this module sets TRITON_INTERPRET=1 before importing it and
+how the Triton cases fall back to a fresh subprocess.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastbicot.kernels import grpo_loss as mod
+from fastbicot.kernels.grpo_loss import grpo_loss, grpo_loss_reference
+
+INTERPRETED = mod._interpreted()
+
+
+@pytest.fixture(params=["torch", "triton"])
+def path(request, monkeypatch):
+    if request.param == "triton":
+        if not INTERPRETED:
+            pytest.skip("triton was imported without TRITON_INTERPRET=1: see the subprocess test")
+        monkeypatch.setenv("FASTBICOT_FORCE_TRITON", "1")
+    else:
+        monkeypatch.setenv("FASTBICOT_FORCE_TRITON", "0")
+    return request.param
+
+
+def _batch(device="cpu", num_seq=6):
+    """Packed batch: random lengths (one of length 1), sequence 1 fully masked, advantages of both
+    signs, and old log-probs placing ratios inside and far outside the clip range."""
+    lens = torch.randint(1, 12, (num_seq,)).tolist()
+    lens[0] = 1
+    seq_ids = torch.cat([torch.full((n,), s) for s, n in enumerate(lens)])[torch.randperm(sum(lens))]
+    n = seq_ids.numel()
+    logp = -torch.rand(n, dtype=torch.float64) * 4
+    shift = torch.tensor([-0.6, -0.3, -0.02, 0.0, 0.02, 0.3, 0.6], dtype=torch.float64)
+    shifts = shift[torch.randint(0, len(shift), (n,))]
+    first2, first3 = (int((seq_ids == s).nonzero()[0, 0]) for s in (2, 3))
+    shifts[first2], shifts[first3] = 0.6, -0.6  # surely clipped: A > 0 with r > 1+eps, A < 0 with r < 1-eps
+    old = logp - shifts  # r = exp(shift) in [0.55, 1.82]
+    ref = logp + torch.randn(n, dtype=torch.float64) * 0.5
+    adv = torch.randn(num_seq, dtype=torch.float64)
+    adv[:2] = adv[:2].abs() * torch.tensor([1.0, -1.0], dtype=torch.float64)
+    adv[2:] = torch.where(torch.arange(num_seq - 2) % 2 == 0, adv[2:].abs(), -adv[2:].abs())
+    weights = (torch.rand(n) > 0.25).double()
+    weights[seq_ids == 1] = 0.0
+    weights[[first2, first3]] = 1.0
+    to = dict(device=device)
+    return dict(logp=logp.to(**to), old=old.to(**to), ref=ref.to(**to), adv=adv.to(**to),
+                seq_ids=seq_ids.to(**to), weights=weights.to(**to))
+
+
+@pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean", "dr_grpo"])
+@pytest.mark.parametrize("per_token_adv", [False, True])
+@pytest.mark.parametrize("with_old", [False, True])
+def test_matches_reference(path, loss_type, per_token_adv, with_old, seed):
+    b = _batch()
+    adv = b["adv"][b["seq_ids"]] if per_token_adv else b["adv"]
+    kw = dict(old_logprobs=b["old"] if with_old else None, ref_logprobs=b["ref"], beta=0.04, eps_low=0.2,
+              eps_high=0.28, loss_type=loss_type, token_weights=b["weights"],
+              max_tokens=None if seed % 2 else 16)
+    got_in = b["logp"].float().requires_grad_()
+    ref_in = b["logp"].float().double().requires_grad_()
+    loss, stats = grpo_loss(got_in, adv, b["seq_ids"], **kw)
+    want, want_stats = grpo_loss_reference(ref_in, adv, b["seq_ids"], **kw)
+    loss.backward()
+    want.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_in.grad.double(), ref_in.grad, rtol=1e-5, atol=1e-7)
+    for key in ("kl", "clip_fraction", "ratio_mean"):
+        torch.testing.assert_close(stats[key].double(), want_stats[key], rtol=1e-5, atol=1e-6)
+    if with_old:  # the batch really exercises clipping on both sides
+        adv_tok = b["adv"][b["seq_ids"]]
+        r = torch.exp(b["logp"] - b["old"])
+        assert ((adv_tok > 0) & (r > 1.28)).any() and ((adv_tok < 0) & (r < 0.8)).any()
+        assert stats["clip_fraction"] > 0
+    else:
+        assert stats["clip_fraction"] == 0 and abs(stats["ratio_mean"].item() - 1) < 1e-6
+
+
+def test_without_old_or_ref_gradient_is_minus_weighted_advantage(path, seed):
+    # r = exp(logp - logp.detach()) == 1, so d(token_mean)/d logp_i = -A_i * w_i / sum(w) exactly.
+    b = _batch()
+    logp = b["logp"].float().requires_grad_()
+    loss, stats = grpo_loss(logp, b["adv"].float(), b["seq_ids"], token_weights=b["weights"].float())
+    loss.backward()
+    w = b["weights"]
+    adv_tok = b["adv"][b["seq_ids"]]
+    torch.testing.assert_close(loss.double(), -(w * adv_tok).sum() / w.sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logp.grad.double(), -adv_tok * w / w.sum(), rtol=1e-5, atol=1e-7)
+    assert stats["kl"] == 0
+
+
+@pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean", "dr_grpo"])
+def test_fully_masked_batch_is_zero_not_nan(path, loss_type, seed):
+    b = _batch()
+    logp = b["logp"].float().requires_grad_()
+    loss, stats = grpo_loss(logp, b["adv"], b["seq_ids"], old_logprobs=b["old"], ref_logprobs=b["ref"],
+                            beta=0.1, loss_type=loss_type, token_weights=torch.zeros_like(logp))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(logp.grad == 0)
+    assert all(torch.isfinite(v) for v in stats.values())
+
+
+def test_seq_mean_excludes_masked_sequences(seed):
+    # closed form: two live sequences of per-token losses -A (no old/ref), one masked sequence
+    logp = torch.zeros(5, requires_grad=True)
+    seq_ids = torch.tensor([0, 0, 1, 2, 2])
+    adv = torch.tensor([1.0, 7.0, -3.0])
+    w = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0])
+    loss, _ = grpo_loss(logp, adv, seq_ids, loss_type="seq_mean", token_weights=w)
+    assert loss.item() == pytest.approx((-1.0 + 3.0) / 2)
+
+
+def test_bad_inputs_raise_clear_errors():
+    logp, seq_ids, adv = torch.zeros(4), torch.tensor([0, 0, 1, 1]), torch.ones(2)
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_loss(logp, adv, seq_ids, loss_type="mean")
+    with pytest.raises(ValueError, match="seq_ids"):
+        grpo_loss(logp, adv, seq_ids[:3])
+    with pytest.raises(ValueError, match=r"seq_ids must lie in \[0, 2\)"):
+        grpo_loss(logp, adv, torch.tensor([0, 0, 1, 2]))
+    with pytest.raises(ValueError, match="old_logprobs"):
+        grpo_loss(logp, adv, seq_ids, old_logprobs=torch.zeros(3))
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        grpo_loss(logp, adv, seq_ids, beta=0.1)
+    with pytest.raises(ValueError, match="eps_low"):
+        grpo_loss(logp, adv, seq_ids, eps_low=1.5)
+
+
+def test_triton_cases_in_fresh_interpreter():
+    if INTERPRETED:
+        pytest.skip("the Triton cases ran in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                           __file__, "-k", "triton and not fresh"], env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean", "dr_grpo"])
+def test_cuda_matches_reference(loss_type, seed):
+    b = _batch(device="cuda", num_seq=40)
+    kw = dict(old_logprobs=b["old"], ref_logprobs=b["ref"], beta=0.04, loss_type=loss_type,
+              token_weights=b["weights"])
+    got_in = b["logp"].float().requires_grad_()
+    ref_in = b["logp"].float().double().requires_grad_()
+    loss, _ = grpo_loss(got_in, b["adv"], b["seq_ids"], **kw)
+    want, _ = grpo_loss_reference(ref_in, b["adv"], b["seq_ids"], **kw)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_in.grad.double(), ref_in.grad, rtol=1e-5, atol=1e-7)
