@@ -15,7 +15,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastbicot.kernels import grpo_loss as mod
+import importlib
+
+mod = importlib.import_module("fastbicot.kernels.grpo_loss")  # the module (the package re-exports the function)
 from fastbicot.kernels.grpo_loss import grpo_loss, grpo_loss_reference
 
 INTERPRETED = mod._interpreted()

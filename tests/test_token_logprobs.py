@@ -18,7 +18,9 @@ if not torch.cuda.is_available():
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastbicot.kernels import token_logprobs as mod
+import importlib
+
+mod = importlib.import_module("fastbicot.kernels.token_logprobs")  # the module (the package re-exports the function)
 from fastbicot.kernels.token_logprobs import token_logprobs, token_logprobs_reference
 
 INTERPRETED = mod._interpreted()
