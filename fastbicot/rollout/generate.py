@@ -1,0 +1,296 @@
+"""Image-token generation: row setup with shared prefixes, the CFG decode loop, generate_images.
+
+Rows of one decode step live in cache slots [0, rows): conditional rows first, then (with CFG) the
+unconditional row of slot i at slot n + i. Every row's first decode input is the last token of
+its context (BOI): prefill covers ``context[:-1]``, split into a shared prefix per group (the
+longest common prefix of the group's rows) and the row's own remainder.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .attention import uses_decode_kernel
+from .kv_cache import KVCache
+from .sampling import Sampler, check_sampling_args
+from .trunk import Trunk
+
+IMAGE_OFFSET = 1 << 24  # sampler offsets of image steps (CoT steps use 0, 1, ...): disjoint streams
+
+_TRUNKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def trunk_for(policy) -> Trunk:
+    """One Trunk (RoPE tables) per policy, built on first use; CPU weights re-fused per rollout."""
+    t = _TRUNKS.get(policy)
+    if t is None or t.cos.device != policy.device or t.cos.dtype != policy.dtype:
+        t = Trunk(policy, int(policy.config.text_config.max_position_embeddings))
+        _TRUNKS[policy] = t
+    if policy.device.type == "cpu":
+        t.fuse_weights()
+    return t
+
+
+def _lcp_len(seqs) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+def as_token_lists(input_ids, name="input_ids"):
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"{name} must be a [B, L] tensor or a list of token-id lists, got shape {tuple(input_ids.shape)}"
+            )
+        seqs = input_ids.tolist()
+    else:
+        seqs = [list(map(int, s)) for s in input_ids]
+    if not seqs:
+        raise ValueError(f"{name} is empty: give at least one prompt")
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError(f"{name} has an empty row")
+    return seqs
+
+
+def prefill_rows(trunk: Trunk, cache: KVCache, seqs, slots, groups) -> list:
+    """Fill the cache for rows ``slots`` whose contexts are ``seqs`` (token lists).
+
+    Rows with the same ``groups`` entry (a prefix-block index) share the longest common prefix of
+    their ``seq[:-1]``; the rest of each row goes to its suffix. Returns every row's last token,
+    the input of its first decode step.
+    """
+    policy, dev = trunk.policy, cache.suffix_k.device
+    by_group: dict = {}
+    for s, g in zip(seqs, groups):
+        by_group.setdefault(g, []).append(s[:-1])
+    prefix = {g: ss[0][: _lcp_len(ss)] for g, ss in by_group.items()}
+    trunk.check_positions(max(len(s) for s in seqs))
+    if max(len(p) for p in prefix.values()) > cache.prefix_capacity:
+        raise ValueError(
+            f"prompt prefix of {max(len(p) for p in prefix.values())} tokens exceeds the cache "
+            f"capacity {cache.prefix_capacity}"
+        )
+    # 1. shared prefix blocks, one right-padded causal batch
+    gs = [g for g in prefix if prefix[g]]
+    for g in prefix:
+        cache.prefix_len[g] = len(prefix[g])
+    if gs:
+        L = max(len(prefix[g]) for g in gs)
+        ids = torch.full((len(gs), L), policy.pad_token_id, dtype=torch.long)
+        for i, g in enumerate(gs):
+            ids[i, : len(prefix[g])] = torch.tensor(prefix[g])
+        ids = ids.to(dev)
+        _, kvs = trunk.prefill(policy.embed_text(ids), torch.arange(L, device=dev).expand(len(gs), L))
+        gi = torch.tensor(gs, device=dev)
+        for layer, (k, v) in enumerate(kvs):
+            cache.prefix_k[layer, gi, :, :L] = k
+            cache.prefix_v[layer, gi, :, :L] = v
+    # 2. per-row remainders, attending to their group's prefix
+    rem = [s[len(prefix[g]) : -1] for s, g in zip(seqs, groups)]
+    slot_t = torch.tensor(list(slots), device=dev)
+    cache.group_ids[slot_t] = torch.tensor(list(groups), dtype=torch.int32, device=dev)
+    cache.suffix_len[slot_t] = torch.tensor([len(r) for r in rem], dtype=torch.int32, device=dev)
+    if max(len(r) for r in rem) + 1 > cache.suffix_capacity:
+        raise ValueError("row context exceeds the cache's suffix capacity")
+    todo = [i for i, r in enumerate(rem) if r]
+    if todo:
+        L = max(len(rem[i]) for i in todo)
+        ids = torch.full((len(todo), L), policy.pad_token_id, dtype=torch.long)
+        for j, i in enumerate(todo):
+            ids[j, : len(rem[i])] = torch.tensor(rem[i])
+        ids = ids.to(dev)
+        gid = torch.tensor([groups[i] for i in todo], dtype=torch.int32, device=dev)
+        start = cache.prefix_len[gid.long()].long()
+        positions = start[:, None] + torch.arange(L, device=dev)[None]
+        lp = max(int(cache.prefix_len.max()), 1)
+        _, kvs = trunk.prefill(policy.embed_text(ids), positions, prefix=(cache, gid, lp))
+        rows = slot_t[torch.tensor(todo, device=dev)]
+        for layer, (k, v) in enumerate(kvs):
+            cache.suffix_k[layer, rows, :, :L] = k
+            cache.suffix_v[layer, rows, :, :L] = v
+    return [s[-1] for s in seqs]
+
+
+class ImageDecoder:
+    """The image decode loop over cache rows [0, rows): trunk step + image head + CFG + sampler +
+    embedding of the drawn token, all into static buffers. On CUDA the step is captured once in a
+    CUDA graph and replayed (the step counter and sampler offset are device tensors advanced
+    inside the graph); on CPU it runs eagerly with the same buffers."""
+
+    def __init__(
+        self,
+        trunk,
+        cache,
+        n,
+        *,
+        guidance_scale,
+        temperature,
+        top_k,
+        top_p,
+        sampler,
+        num_tokens,
+        cuda_graph=True,
+        flat=False,
+    ):
+        policy = trunk.policy
+        self.flat = flat
+        self.trunk, self.cache, self.n, self.policy = trunk, cache, n, policy
+        self.cfg = guidance_scale > 1
+        self.rows = 2 * n if self.cfg else n
+        self.w, self.temperature, self.top_k, self.top_p = float(guidance_scale), temperature, top_k, top_p
+        self.sampler, self.num_tokens = sampler, num_tokens
+        dev = cache.suffix_k.device
+        self.x = torch.zeros(self.rows, policy.hidden_size, dtype=policy.dtype, device=dev)
+        self.tokens = torch.zeros(n, num_tokens, dtype=torch.long, device=dev)
+        self.logprobs = torch.zeros(n, num_tokens, dtype=torch.float32, device=dev)
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
+        self.use_graph = cuda_graph and dev.type == "cuda"
+        self.graph = None
+
+    def _step(self):
+        n, p = self.n, self.policy
+        h = self.trunk.decode(self.x, self.cache, self.rows, static=self.use_graph, flat=self.flat)
+        z = p.image_head_hidden(h)
+        if self.cfg:  # the head's last layer is linear: CFG on its input == CFG on the logits
+            z = z[n:] + self.w * (z[:n] - z[n:])
+        logits = p.image_head_linear(z)
+        tok, lp = self.sampler(
+            logits,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            offset=self.step_idx[0] + IMAGE_OFFSET,
+        )
+        self.tokens.index_copy_(1, self.step_idx, tok[:, None])
+        self.logprobs.index_copy_(1, self.step_idx, lp.float()[:, None])
+        e = p.embed_image(tok)
+        self.x[:n] = e
+        if self.cfg:
+            self.x[n:] = e
+        self.step_idx += 1
+
+    def _capture(self):
+        c = self.cache
+        saved = (c.suffix_len.clone(), self.x.clone(), self.step_idx.clone())
+
+        def restore():
+            c.suffix_len.copy_(saved[0])
+            self.x.copy_(saved[1])
+            self.step_idx.copy_(saved[2])
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up (allocator, lazy init) outside the graph
+            self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        restore()
+        self.graph = torch.cuda.CUDAGraph()
+        gen = getattr(self.sampler, "generator", None)
+        if gen is not None and hasattr(self.graph, "register_generator_state"):
+            self.graph.register_generator_state(gen)
+        with torch.cuda.graph(self.graph):
+            self._step()
+        restore()
+
+    @torch.no_grad()
+    def run(self, first_inputs, progress=None):
+        """first_inputs [rows, H]: embeddings of each row's last context token (BOI)."""
+        self.x.copy_(first_inputs)
+        if self.use_graph:
+            self._capture()
+        for _ in range(self.num_tokens):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            if progress is not None:
+                progress.update(1)
+        return self.tokens, self.logprobs
+
+
+def default_flatten(policy, flatten=None) -> bool:
+    """Flatten prefixes into rows (KVCache.flatten) unless the grouped decode kernel is in use."""
+    return (not uses_decode_kernel(policy.device)) if flatten is None else bool(flatten)
+
+
+def image_cache(policy, num_prefixes, prefix_capacity, num_rows, suffix_capacity) -> KVCache:
+    return KVCache(
+        policy.num_layers,
+        policy.num_kv_heads,
+        policy.head_dim,
+        num_prefixes=num_prefixes,
+        prefix_capacity=prefix_capacity,
+        num_rows=num_rows,
+        suffix_capacity=suffix_capacity,
+        dtype=policy.dtype,
+        device=policy.device,
+    )
+
+
+@torch.no_grad()
+def generate_images(
+    policy,
+    input_ids,
+    *,
+    guidance_scale=5.0,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    seed=0,
+    cuda_graph=True,
+    flatten=None,
+    return_logprobs=False,
+):
+    """Image tokens for each row of ``input_ids`` (each ending with BOI) -> LongTensor [B, N].
+
+    Unconditional rows (guidance_scale > 1) are the conditional ids with every token except BOS
+    and BOI replaced by pad, as transformers' Janus generate builds them; their common
+    ``BOS pad ... pad`` prefix is computed once for the whole batch. Rows of different lengths are
+    packed, not padded: each row sees the positions it would see alone. ``flatten``: copy shared
+    prefixes into the rows after prefill (default: when the grouped decode kernel is not in use).
+    """
+    check_sampling_args(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    seqs = as_token_lists(input_ids)
+    bad = [i for i, s in enumerate(seqs) if s[-1] != policy.boi_token_id]
+    if bad:
+        raise ValueError(f"rows {bad[:5]} of input_ids do not end with the BOI token ({policy.boi_token_id})")
+    trunk = trunk_for(policy)
+    N = policy.num_image_tokens
+    trunk.check_positions(max(len(s) for s in seqs) + N)
+    B, cfg = len(seqs), guidance_scale > 1
+    rows = seqs
+    slots, groups = list(range(B)), list(range(B))
+    if cfg:
+        uncond = [policy.unconditional_ids(torch.tensor(s)).tolist() for s in seqs]
+        rows = seqs + uncond
+        slots += list(range(B, 2 * B))
+        groups += [B] * B
+    lens = [len(s) for s in seqs]
+    flat = default_flatten(policy, flatten)
+    cache = image_cache(
+        policy, B + 1, max(lens) - 1, len(rows), (max(lens) if flat else max(lens) - min(lens)) + 1 + N
+    )
+    last = prefill_rows(trunk, cache, rows, slots, groups)
+    if flat:
+        cache.flatten(0, len(rows))
+    dec = ImageDecoder(
+        trunk,
+        cache,
+        B,
+        guidance_scale=guidance_scale,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        sampler=Sampler(seed, policy.device),
+        num_tokens=N,
+        cuda_graph=cuda_graph,
+        flat=flat,
+    )
+    tokens, logprobs = dec.run(policy.embed_text(torch.tensor(last, device=policy.device)))
+    return (tokens, logprobs) if return_logprobs else tokens

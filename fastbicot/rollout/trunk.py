@@ -1,0 +1,177 @@
+"""Our own forward over the policy's LlamaModel layers, so that the rollout controls the KV cache.
+
+Same math as transformers' LlamaModel (RMSNorm, q/k/v/o projections, RoPE from the model's own
+rotary embedding, SiLU MLP); tests/test_rollout_trunk.py checks it against the HF trunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import DecodeAttention, prefill_attention
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Trunk:
+    def __init__(self, policy, max_positions: int):
+        lm = policy.language_model
+        self.policy = policy
+        self.layers = list(lm.layers)
+        self.norm = lm.norm
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            policy.num_heads,
+            policy.num_kv_heads,
+            policy.head_dim,
+        )
+        if self.num_kv_heads != self.num_heads:
+            raise NotImplementedError("the rollout trunk supports multi-head attention (Janus-Pro); got GQA")
+        self.scale = self.layers[0].self_attn.scaling
+        self.fused = None  # see fuse_weights
+        self.max_positions = max_positions
+        # RoPE tables for every position, computed once by the model's own rotary embedding.
+        dev, dt = policy.device, policy.dtype
+        with torch.no_grad():
+            pos = torch.arange(max_positions, device=dev)[None]
+            cos, sin = lm.rotary_emb(torch.empty(1, dtype=dt, device=dev), pos)
+        self.cos, self.sin = cos[0], sin[0]  # [max_positions, D]
+
+    def fuse_weights(self) -> None:
+        """CPU decode: one matmul for [q, k, rot(q), rot(k), v] and one for [gate, up].
+
+        On CPU a decode step of a small model is dominated by per-op overhead, so fewer, larger
+        ops win. rot(W) holds W's rows permuted and negated as rotate_half does, so
+        ``W_q h * cos + rot(W_q) h * sin`` is RoPE exactly. Rebuilt on every rollout (weights
+        change between training steps); never on CUDA, where the CUDA graph removes the overhead
+        and the copies would cost memory.
+        """
+        H, D = self.num_heads, self.head_dim
+
+        def rot(w):
+            w = w.view(H, D, -1)
+            return torch.cat([-w[:, D // 2 :], w[:, : D // 2]], dim=1).reshape(H * D, -1)
+
+        self.fused = []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            if any(
+                mod.bias is not None
+                for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+            ):
+                self.fused = None  # biased projections: keep the module path
+                return
+            wq, wk = a.q_proj.weight, a.k_proj.weight
+            self.fused.append(
+                (
+                    torch.cat([wq, wk, rot(wq), rot(wk), a.v_proj.weight]).detach(),
+                    torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
+                )
+            )
+
+    def _norm(self, norm, x):
+        """LlamaRMSNorm in one op where the dtype allows (HF normalises in fp32, then scales)."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+        return norm(x)
+
+    def _rope(self, x, cos, sin):
+        return x * cos + _rotate_half(x) * sin
+
+    def _qkv(self, layer, h, shape):
+        a = layer.self_attn
+        q = a.q_proj(h).view(shape)
+        k = a.k_proj(h).view(shape)
+        v = a.v_proj(h).view(shape)
+        return q, k, v
+
+    def check_positions(self, max_pos: int) -> None:
+        if max_pos > self.max_positions:
+            raise ValueError(
+                f"sequence needs position {max_pos - 1} but the model supports {self.max_positions}"
+            )
+
+    # ---- prefill --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, x, positions, *, prefix=None):
+        """x [N, L, H] right-padded rows starting at ``positions`` [N, L].
+
+        ``prefix``: optional (cache, group_ids [N], lp) -- each row first attends to its group's
+        prefix block (valid length prefix_len[group]), then causally to its own tokens.
+        Returns (hidden [N, L, H] after the final norm, [(k, v)] per layer, each [N, heads, L, D]).
+        """
+        N, L, _ = x.shape
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        mask = None
+        if prefix is not None:
+            cache, gid, lp = prefix
+            g = gid.long()
+            dev = x.device
+            see_prefix = (torch.arange(lp, device=dev)[None] < cache.prefix_len[g][:, None])[
+                :, None, :
+            ].expand(N, L, lp)
+            causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()[None].expand(N, L, L)
+            mask = torch.cat([see_prefix, causal], dim=2)[:, None]
+        kvs = []
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, h, (N, L, self.num_heads, self.head_dim)))
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            kvs.append((k, v))
+            if prefix is not None:
+                kk = torch.cat([cache.prefix_k[i].index_select(0, g)[:, :, :lp], k], dim=2)
+                vv = torch.cat([cache.prefix_v[i].index_select(0, g)[:, :, :lp], v], dim=2)
+                o = prefill_attention(q, kk, vv, scale=self.scale, attn_mask=mask)
+            else:
+                o = prefill_attention(q, k, v, scale=self.scale)
+            x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(N, L, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x), kvs
+
+    # ---- decode ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, x, cache, n: int, *, static: bool = False, flat: bool = False):
+        """One token for rows [0, n) of ``cache``: x [n, H] -> final-normed hidden [n, H].
+
+        Writes the token's K/V at each row's suffix end and advances suffix_len. No allocation
+        beyond activations; ``static=True`` keeps shapes fixed for CUDA-graph capture.
+        """
+        pos = cache.positions(n)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [n, 1, D]
+        rows = torch.arange(n, device=x.device)
+        wpos = cache.suffix_len[:n].long()
+        cache.suffix_len[:n] += 1  # the new token is visible to itself
+        attn = DecodeAttention(cache, n, static=static, flat=flat)
+        shape = (n, self.num_heads, self.head_dim)
+        if self.fused is not None:
+            return self._decode_fused(x, cache, n, rows, wpos, cos[:, None], sin[:, None], attn)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(layer, h, shape)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            cache.suffix_k[i, rows, :, wpos] = k
+            cache.suffix_v[i, rows, :, wpos] = v
+            o = attn(q, i, self.scale)
+            x = x + layer.self_attn.o_proj(o.reshape(n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def _decode_fused(self, x, cache, n, rows, wpos, cos, sin, attn):
+        H, D = self.num_heads, self.head_dim
+        hd = H * D
+        for i, (layer, (w_in, w_gu)) in enumerate(zip(self.layers, self.fused)):
+            y = F.linear(self._norm(layer.input_layernorm, x), w_in)  # [n, 5 H D]
+            qk = torch.addcmul(
+                y[:, : 2 * hd].view(n, 2, H, D) * cos, y[:, 2 * hd : 4 * hd].view(n, 2, H, D), sin
+            )
+            cache.suffix_kv[i, 0, rows, :, wpos] = qk[:, 1]
+            cache.suffix_kv[i, 1, rows, :, wpos] = y[:, 4 * hd :].view(n, H, D)
+            o = attn(qk[:, 0], i, self.scale)
+            x = torch.addmm(x, o.reshape(n, hd), layer.self_attn.o_proj.weight.t())
+            gu = F.linear(self._norm(layer.post_attention_layernorm, x), w_gu)
+            f = gu.shape[1] // 2
+            x = torch.addmm(x, layer.mlp.act_fn(gu[:, :f]) * gu[:, f:], layer.mlp.down_proj.weight.t())
+        return self._norm(self.norm, x)

@@ -1,0 +1,97 @@
+"""The rollout's own trunk forward and decode attention against transformers / float64 references."""
+
+import math
+
+import pytest
+import torch
+from test_rollout_generate import one_thread, random_policy  # noqa: F401 (autouse fixture)
+
+from fastbicot.rollout.attention import grouped_decode_attention_torch
+from fastbicot.rollout.kv_cache import KVCache
+from fastbicot.rollout.trunk import Trunk
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_prefill_then_decode_matches_hf_trunk(seed, fused):
+    policy = random_policy(36, 2, 3, seed=seed, dtype=torch.float64, scale=1.0)
+    trunk = Trunk(policy, 64)
+    if fused:
+        trunk.fuse_weights()
+    B, L, steps = 3, 13, 4
+    x = torch.randn(B, L + steps, policy.hidden_size, dtype=torch.float64)
+    # prefill at arbitrary absolute positions (a remainder after a prefix starts past 0)
+    pos = torch.tensor([0, 5, 17])[:, None] + torch.arange(L)[None]
+    torch.testing.assert_close(trunk.prefill(x[:, :L], pos)[0], policy.trunk(x[:, :L], position_ids=pos)[0])
+    # then decode the remaining tokens one at a time from a cache holding the first L tokens
+    pos = torch.arange(L + steps)[None].expand(B, -1)
+    ref = policy.trunk(x, position_ids=pos)[0]
+    _, kvs = trunk.prefill(x[:, :L], pos[:, :L])
+    cache = KVCache(
+        policy.num_layers,
+        policy.num_heads,
+        policy.head_dim,
+        num_prefixes=B,
+        prefix_capacity=L,
+        num_rows=B,
+        suffix_capacity=steps,
+        dtype=torch.float64,
+        device="cpu",
+    )
+    for i, (k, v) in enumerate(kvs):
+        cache.prefix_k[i, :, :, :L] = k
+        cache.prefix_v[i, :, :, :L] = v
+    cache.prefix_len[:] = L
+    cache.group_ids[:] = torch.arange(B, dtype=torch.int32)
+    for t in range(steps):
+        torch.testing.assert_close(trunk.decode(x[:, L + t], cache, B), ref[:, L + t])
+    assert cache.suffix_len.tolist() == [steps] * B
+
+
+def test_decode_positions_follow_prefix_and_suffix(seed):
+    """Rows with different prefix lengths (packed, no padding) equal HF rows run alone."""
+    policy = random_policy(24, 2, 2, seed=seed, dtype=torch.float64, scale=1.0)
+    trunk = Trunk(policy, 64)
+    lens = [1, 9, 4]
+    seqs = [torch.randn(n + 3, policy.hidden_size, dtype=torch.float64) for n in lens]
+    cache = KVCache(
+        policy.num_layers,
+        policy.num_heads,
+        policy.head_dim,
+        num_prefixes=3,
+        prefix_capacity=9,
+        num_rows=3,
+        suffix_capacity=3,
+        dtype=torch.float64,
+        device="cpu",
+    )
+    for b, (n, s) in enumerate(zip(lens, seqs)):
+        _, kvs = trunk.prefill(s[None, :n], torch.arange(n)[None])
+        for i, (k, v) in enumerate(kvs):
+            cache.prefix_k[i, b, :, :n] = k[0]
+            cache.prefix_v[i, b, :, :n] = v[0]
+        cache.prefix_len[b] = n
+    cache.group_ids[:] = torch.arange(3, dtype=torch.int32)
+    for t in range(3):
+        out = trunk.decode(torch.stack([s[n + t] for n, s in zip(lens, seqs)]), cache, 3)
+        for b, (n, s) in enumerate(zip(lens, seqs)):
+            ref = policy.trunk(s[None, : n + t + 1], position_ids=torch.arange(n + t + 1)[None])[0][0, -1]
+            torch.testing.assert_close(out[b], ref)
+
+
+def test_grouped_decode_attention_torch_matches_float64(seed):
+    B, H, D, P = 7, 3, 12, 3
+    q = torch.randn(B, H, D)
+    pk, pv = torch.randn(P, H, 10, D), torch.randn(P, H, 10, D)
+    sk, sv = torch.randn(B, H, 6, D), torch.randn(B, H, 6, D)
+    plen = torch.tensor([10, 0, 3], dtype=torch.int32)  # an empty prefix, a full one
+    gid = torch.randint(0, P, (B,), dtype=torch.int32)
+    slen = torch.randint(1, 7, (B,), dtype=torch.int32)
+    slen[0] = 1
+    gid[0] = 1  # a row that sees only its own token
+    out = grouped_decode_attention_torch(q, pk, pv, plen, gid, sk, sv, slen)
+    for b in range(B):
+        g = int(gid[b])
+        k = torch.cat([pk[g, :, : plen[g]], sk[b, :, : slen[b]]], 1).double()
+        v = torch.cat([pv[g, :, : plen[g]], sv[b, :, : slen[b]]], 1).double()
+        p = torch.softmax(torch.einsum("hd,hld->hl", q[b].double(), k) / math.sqrt(D), -1)
+        torch.testing.assert_close(out[b].double(), torch.einsum("hl,hld->hd", p, v), rtol=1e-5, atol=1e-5)
