@@ -7,3 +7,11 @@ the Triton kernel on CPU tensors when FASTBICOT_FORCE_TRITON=1 (run with TRITON_
 
 from .grpo_loss import grpo_loss, grpo_loss_reference
 from .token_logprobs import token_logprobs, token_logprobs_reference
+from .decode_attention import (
+    group_layout,
+    grouped_decode_attention,
+    grouped_decode_attention_reference,
+    merge_attention,
+    prefix_attention,
+    suffix_attention,
+)
