@@ -7,6 +7,7 @@ the Triton kernel on CPU tensors when FASTBICOT_FORCE_TRITON=1 (run with TRITON_
 
 from .grpo_loss import grpo_loss, grpo_loss_reference
 from .token_logprobs import token_logprobs, token_logprobs_reference
+from .cfg_sample import cfg_probs_reference, cfg_sample, cfg_sample_reference
 from .decode_attention import (
     group_layout,
     grouped_decode_attention,

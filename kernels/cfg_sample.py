@@ -1,0 +1,441 @@
+"""Fused classifier-free-guidance sampling: one launch per decode step (DESIGN.md §4).
+
+    cfg_sample(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0,
+               top_k=0, top_p=1.0, seed=0, offset=0, return_logprobs=False, check_nan=True)
+
+Per row: z = (u + w (c - u)) / T; keep z >= the k-th largest z (top_k); p = softmax(z); keep the
+tokens whose probability is >= the smallest probability of the shortest most-probable prefix
+whose mass reaches top_p; renormalise; draw one token. Tie rule: every token tied with the last
+kept value is kept (so top_k=5 with a 3-way tie at the 5th value keeps 7 tokens), for both top-k
+and top-p. A token that is -inf in the conditional or (with guidance) the unconditional logits is
+never drawn. temperature == 0 is greedy: argmax of the guided logits (lowest index on ties), whose
+log-prob under the final (point-mass) distribution is 0.
+
+The Triton kernel keeps each row on chip and never sorts. Both thresholds are found by bisection
+over the order-preserving integer image of the fp32 scores: 32 halvings of the int32 range
+always land on an existing score, so the kept sets are exact, not approximations. top-k counts the
+scores >= the candidate; top-p sums exp(score) over the scores >= the candidate. The draw is
+Gumbel-max, argmax(score + Gumbel), with Philox keyed by `seed` and counter (token, row, offset):
+rows are independent and (seed, offset) reproduces a step. seed/offset may be int64 0-dim device
+tensors that the kernel reads from memory, so a captured CUDA graph can advance them in place.
+
+Rows with V <= 16384 run one program per row (several short rows per program), held in registers;
+longer rows (text vocab, V = 102400) run a tiled kernel that streams the row once per pass.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_BLOCK = 16384  # widest row held in registers by one program
+_TILE = 4096  # chunk width of the tiled kernel for longer rows
+_NEG_INF_KEY = tl.constexpr(-2139095041)  # _ordered_key(-inf): 0xff800000 ^ 0x7fffffff as int32
+_BISECT_STEPS = tl.constexpr(32)  # halves a span of < 2**32 keys down to one key
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _guided(c_ptr, u_ptr, rows, cols, row_ok, V, stride_c, stride_u, w, HAS_U: tl.constexpr):
+    """fp32 guided logits of a [R, C] tile; -inf outside the row and on tokens banned in a branch."""
+    col_ok = cols[None, :] < V
+    ld = row_ok[:, None] & col_ok
+    c = tl.load(c_ptr + rows[:, None].to(tl.int64) * stride_c + cols[None, :], mask=ld, other=0.0)
+    z = c.to(tl.float32)
+    if HAS_U:
+        u = tl.load(u_ptr + rows[:, None].to(tl.int64) * stride_u + cols[None, :], mask=ld, other=0.0)
+        u = u.to(tl.float32)
+        # -inf in either branch bans the token (u + w(c-u) would be NaN or +inf there).
+        banned = (z == float("-inf")) | (u == float("-inf"))
+        z = tl.where(banned, 0.0, z)  # zeroed first so no inf - inf is ever evaluated
+        u = tl.where(banned, 0.0, u)
+        z = tl.where(banned, float("-inf"), u + w * (z - u))
+    return tl.where(col_ok, z, float("-inf"))
+
+
+@triton.jit
+def _ordered_key(x):
+    """int32 with the same order as the fp32 x (x must not be NaN; -0.0 and +0.0 both map to 0)."""
+    x = x + 0.0  # -0.0 -> +0.0, so equal floats get equal keys
+    i = x.to(tl.int32, bitcast=True)
+    return i ^ ((i >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _midpoint(lo, hi):
+    """floor((lo + hi) / 2) without int32 overflow."""
+    return (lo >> 1) + (hi >> 1) + (lo & hi & 1)
+
+
+@triton.jit
+def _gumbel(seed, offset, rows, cols):
+    """Gumbel(0, 1) noise from Philox with counter (token, row, offset low, offset high)."""
+    c0 = cols[None, :].to(tl.uint32) + tl.zeros_like(rows[:, None]).to(tl.uint32)
+    c1 = rows[:, None].to(tl.uint32) + tl.zeros_like(cols[None, :]).to(tl.uint32)
+    c2 = offset.to(tl.uint32) + tl.zeros_like(c0)  # truncates to the low 32 bits
+    c3 = (offset >> 32).to(tl.uint32) + tl.zeros_like(c0)
+    r, _, _, _ = tl.random.philox(seed, c0, c1, c2, c3)
+    # u in [0, 1); clamping away 0 keeps the noise finite (u == 0 has probability 2**-31).
+    u = tl.maximum(tl.random.uint_to_uniform_float(r), 1.0e-30)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _read_rng(seed_ptr, offset_ptr, seed, offset, RNG_IN_MEMORY: tl.constexpr):
+    if RNG_IN_MEMORY:  # 0-dim device tensors: a captured CUDA graph sees their current values
+        seed = tl.load(seed_ptr)
+        offset = tl.load(offset_ptr)
+    return seed.to(tl.int64), offset.to(tl.int64)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _cfg_sample_block_kernel(
+    c_ptr, u_ptr, tok_ptr, lp_ptr, seed_ptr, offset_ptr,
+    B, V, stride_c, stride_u, w, temperature, top_k, top_p, seed, offset,
+    HAS_U: tl.constexpr, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr, DO_TOPP: tl.constexpr,
+    RNG_IN_MEMORY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """BLOCK_R whole rows per program, each held in registers for every pass."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
+    cols = tl.arange(0, BLOCK_V)
+    z = _guided(c_ptr, u_ptr, rows, cols, row_ok, V, stride_c, stride_u, w, HAS_U)
+    if GREEDY:
+        tok = tl.argmax(z, axis=1)
+        lp = tl.zeros([BLOCK_R], tl.float32)
+    else:
+        m = tl.max(z, axis=1)
+        m = tl.where(m == float("-inf"), 0.0, m)  # fully banned row: keep NaN out of the scores
+        s = (z - m[:, None]) / temperature  # <= 0, max exactly 0: no overflow for tiny T
+        key = _ordered_key(s)
+        if DO_TOPK:  # largest key t with #(key >= t) >= k, i.e. the k-th largest score
+            lo = tl.full([BLOCK_R], _NEG_INF_KEY, tl.int32)
+            hi = tl.full([BLOCK_R], 1, tl.int32)  # _ordered_key(0.0) + 1: nothing is >= hi
+            for _ in range(_BISECT_STEPS):
+                mid = _midpoint(lo, hi)
+                ok = tl.sum((key >= mid[:, None]).to(tl.int32), axis=1) >= top_k
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid)
+            s = tl.where(key >= lo[:, None], s, float("-inf"))
+        e = tl.exp(s)
+        total = tl.sum(e, axis=1)
+        if DO_TOPP:  # largest key t whose tokens with key >= t hold >= top_p of the mass
+            need = top_p * total
+            lo = tl.full([BLOCK_R], _NEG_INF_KEY, tl.int32)
+            hi = tl.full([BLOCK_R], 1, tl.int32)
+            for _ in range(_BISECT_STEPS):
+                mid = _midpoint(lo, hi)
+                ok = tl.sum(tl.where(key >= mid[:, None], e, 0.0), axis=1) >= need
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid)
+            keep = key >= lo[:, None]
+            s = tl.where(keep, s, float("-inf"))
+            total = tl.sum(tl.where(keep, e, 0.0), axis=1)
+        seed, offset = _read_rng(seed_ptr, offset_ptr, seed, offset, RNG_IN_MEMORY)
+        tok = tl.argmax(s + _gumbel(seed, offset, rows, cols), axis=1)
+        s_tok = tl.sum(tl.where(cols[None, :] == tok[:, None], s, 0.0), axis=1)
+        lp = s_tok - tl.log(total)
+    tl.store(tok_ptr + rows, tok.to(tl.int64), mask=row_ok)
+    tl.store(lp_ptr + rows, lp, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _cfg_sample_tiled_kernel(
+    c_ptr, u_ptr, tok_ptr, lp_ptr, seed_ptr, offset_ptr,
+    B, V, stride_c, stride_u, w, temperature, top_k, top_p, seed, offset,
+    HAS_U: tl.constexpr, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr, DO_TOPP: tl.constexpr,
+    RNG_IN_MEMORY: tl.constexpr, BLOCK_R: tl.constexpr, TILE: tl.constexpr,
+):
+    """Rows longer than one block, streamed in TILE-wide chunks; same algorithm as the block kernel.
+
+    Scores are recomputed from the logits on every pass (cheap, L2-resident) rather than staged
+    in a scratch buffer.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
+    cols0 = tl.arange(0, TILE)
+    # pass 1: row max and (greedy) its first position
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    arg = tl.zeros([BLOCK_R], tl.int32)
+    for start in range(0, V, TILE):
+        z = _guided(c_ptr, u_ptr, rows, start + cols0, row_ok, V, stride_c, stride_u, w, HAS_U)
+        zm = tl.max(z, axis=1)
+        arg = tl.where(zm > m, tl.argmax(z, axis=1) + start, arg)  # strict: earlier chunks win ties
+        m = tl.maximum(m, zm)
+    if GREEDY:
+        tok = arg
+        lp = tl.zeros([BLOCK_R], tl.float32)
+    else:
+        m = tl.where(m == float("-inf"), 0.0, m)[:, None]
+        lo = tl.full([BLOCK_R], _NEG_INF_KEY, tl.int32)  # kept iff key >= lo (all kept so far)
+        if DO_TOPK:
+            hi = tl.full([BLOCK_R], 1, tl.int32)
+            for _ in range(_BISECT_STEPS):
+                mid = _midpoint(lo, hi)
+                cnt = tl.zeros([BLOCK_R], tl.int32)
+                for start in range(0, V, TILE):
+                    z = _guided(c_ptr, u_ptr, rows, start + cols0, row_ok, V, stride_c, stride_u, w, HAS_U)
+                    cnt += tl.sum((_ordered_key((z - m) / temperature) >= mid[:, None]).to(tl.int32), axis=1)
+                ok = cnt >= top_k
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid)
+        if DO_TOPP:
+            total = tl.zeros([BLOCK_R], tl.float32)
+            for start in range(0, V, TILE):
+                z = _guided(c_ptr, u_ptr, rows, start + cols0, row_ok, V, stride_c, stride_u, w, HAS_U)
+                s = (z - m) / temperature
+                total += tl.sum(tl.where(_ordered_key(s) >= lo[:, None], tl.exp(s), 0.0), axis=1)
+            need = top_p * total
+            hi = tl.full([BLOCK_R], 1, tl.int32)
+            for _ in range(_BISECT_STEPS):
+                mid = _midpoint(lo, hi)
+                mass = tl.zeros([BLOCK_R], tl.float32)
+                for start in range(0, V, TILE):
+                    z = _guided(c_ptr, u_ptr, rows, start + cols0, row_ok, V, stride_c, stride_u, w, HAS_U)
+                    s = (z - m) / temperature
+                    mass += tl.sum(tl.where(_ordered_key(s) >= mid[:, None], tl.exp(s), 0.0), axis=1)
+                ok = mass >= need
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid)
+        seed, offset = _read_rng(seed_ptr, offset_ptr, seed, offset, RNG_IN_MEMORY)
+        best = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        tok = tl.zeros([BLOCK_R], tl.int32)
+        s_tok = tl.zeros([BLOCK_R], tl.float32)
+        kept = tl.zeros([BLOCK_R], tl.float32)
+        for start in range(0, V, TILE):
+            cols = start + cols0
+            z = _guided(c_ptr, u_ptr, rows, cols, row_ok, V, stride_c, stride_u, w, HAS_U)
+            s = (z - m) / temperature
+            s = tl.where(_ordered_key(s) >= lo[:, None], s, float("-inf"))
+            kept += tl.sum(tl.exp(s), axis=1)
+            r = s + _gumbel(seed, offset, rows, cols)
+            rm = tl.max(r, axis=1)
+            ra = tl.argmax(r, axis=1)
+            better = rm > best
+            tok = tl.where(better, ra + start, tok)
+            s_tok = tl.where(better, tl.sum(tl.where(cols0[None, :] == ra[:, None], s, 0.0), axis=1), s_tok)
+            best = tl.maximum(best, rm)
+        lp = s_tok - tl.log(kept)
+    tl.store(tok_ptr + rows, tok.to(tl.int64), mask=row_ok)
+    tl.store(lp_ptr + rows, lp, mask=row_ok)
+
+
+def _as_int64(x):
+    """Python int -> the int64 with the same low 64 bits (any int is a valid seed/offset)."""
+    return (int(x) + 2**63) % 2**64 - 2**63
+
+
+def _cfg_sample_triton(c, u, w, temperature, top_k, top_p, seed, offset):
+    B, V = c.shape
+    tok = torch.empty(B, dtype=torch.int64, device=c.device)
+    lp = torch.empty(B, dtype=torch.float32, device=c.device)
+    in_memory = torch.is_tensor(seed) or torch.is_tensor(offset)
+    if in_memory:
+        seed_t = torch.as_tensor(seed, dtype=torch.int64, device=c.device)
+        offset_t = torch.as_tensor(offset, dtype=torch.int64, device=c.device)
+        seed, offset = 0, 0
+    else:
+        seed_t = offset_t = tok  # unused pointer arguments
+        seed, offset = _as_int64(seed), _as_int64(offset)
+    has_u = u is not None
+    u_arg = u if has_u else c
+    common = {
+        "HAS_U": has_u, "GREEDY": temperature == 0, "DO_TOPK": 0 < top_k < V, "DO_TOPP": top_p < 1.0,
+        "RNG_IN_MEMORY": in_memory,
+    }
+    args = (c, u_arg, tok, lp, seed_t, offset_t, B, V, c.stride(0), u_arg.stride(0), float(w),
+            float(temperature) or 1.0, int(top_k), float(top_p), int(seed), int(offset))
+    block_v = min(triton.next_power_of_2(V), _MAX_BLOCK if V <= _MAX_BLOCK else _TILE)
+    # Short rows share a program so small vocabularies still fill the machine; the CPU
+    # interpreter pays per program, not per element, so it takes far more rows at once.
+    block_r = min(triton.next_power_of_2(B), max(1, (4096 if c.is_cuda else 65536) // block_v))
+    num_warps = max(1, min(16, block_r * block_v // 1024))
+    grid = (triton.cdiv(B, block_r),)
+    if V <= _MAX_BLOCK:
+        _cfg_sample_block_kernel[grid](*args, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps, **common)
+    else:
+        _cfg_sample_tiled_kernel[grid](*args, BLOCK_R=block_r, TILE=block_v, num_warps=num_warps, **common)
+    return tok, lp
+
+
+# ----------------------------------------------------------------------------------------------
+# torch
+# ----------------------------------------------------------------------------------------------
+
+
+def _guided_torch(c, u, w, dtype):
+    z = c.to(dtype)
+    if u is None:
+        return z
+    u = u.to(dtype)
+    banned = (z == -math.inf) | (u == -math.inf)
+    return torch.where(banned, -math.inf, u + w * (z - u))
+
+
+def _mix64(x):
+    """splitmix64 finaliser: a bijection of 64-bit ints that scatters nearby inputs."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB % 2**64
+    return x ^ (x >> 31)
+
+
+def _generator(seed, offset):
+    """A CPU generator for step (seed, offset) of the torch paths (its stream differs from Philox).
+
+    torch's CPU generator keeps only 32 seed bits, so all 128 input bits are hashed into them.
+    """
+    h = _mix64(_mix64(int(seed) % 2**64) ^ (int(offset) % 2**64))
+    return torch.Generator().manual_seed((h ^ (h >> 32)) & 0xFFFFFFFF)
+
+
+def cfg_probs_reference(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0,
+                        top_k=0, top_p=1.0):
+    """float64 [B, V]: the exact final distribution of cfg_sample, by sorting each row."""
+    z = _guided_torch(cond_logits, uncond_logits if guidance_scale != 1.0 else None,
+                      guidance_scale, torch.float64)
+    if temperature == 0:
+        return torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).double()
+    z = z / temperature
+    out = torch.zeros_like(z)
+    for b in range(z.shape[0]):
+        row = z[b]
+        if 0 < top_k < row.numel():
+            kth = row.sort(descending=True).values[top_k - 1]
+            row = torch.where(row >= kth, row, -math.inf)
+        p = torch.softmax(row, -1)
+        if top_p < 1.0:
+            sorted_p = p.sort(descending=True).values
+            last = int((sorted_p.cumsum(0) < top_p).sum().clamp(max=p.numel() - 1))
+            p = torch.where(p >= sorted_p[last], p, 0.0)
+        out[b] = p / p.sum()
+    return out
+
+
+def cfg_sample_reference(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0,
+                         top_k=0, top_p=1.0, seed=0, offset=0, return_logprobs=False):
+    """cfg_sample by sorting in float64 and torch.multinomial (same law, different random stream)."""
+    p = cfg_probs_reference(cond_logits, uncond_logits, guidance_scale=guidance_scale,
+                            temperature=temperature, top_k=top_k, top_p=top_p).cpu()
+    tok = torch.multinomial(p, 1, generator=_generator(seed, offset)).squeeze(1)
+    tok = tok.to(cond_logits.device)
+    if not return_logprobs:
+        return tok
+    return tok, p.gather(1, tok.cpu()[:, None]).squeeze(1).log().float().to(cond_logits.device)
+
+
+def _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_logprobs):
+    """Batched fp32 torch path: top-k by torch.topk, top-p by a sort (of the top-k only when
+    top-k is on), then one inverse-CDF draw per row."""
+    z = c.float()
+    if u is not None:
+        # lerp = u + w(c - u); inf - inf (NaN) or a +inf marks a token banned in one branch
+        z = torch.lerp(u.float(), z, w).nan_to_num_(nan=-math.inf, posinf=-math.inf)
+    if temperature == 0:
+        tok = z.argmax(-1)
+        return tok, torch.zeros(tok.shape, dtype=torch.float32, device=c.device)
+    m = z.amax(-1, keepdim=True)
+    s = (z - m.masked_fill_(m == -math.inf, 0.0)).div_(temperature)  # <= 0: no overflow
+    V = s.shape[-1]
+    top = None  # scores sorted descending, enough of them to locate the top-p cut
+    if 0 < top_k < V:
+        top = s.topk(top_k, -1).values
+        s = s.masked_fill_(s < top[:, -1:], -math.inf)  # ties with the k-th stay
+    if top_p < 1.0:
+        top = s.sort(-1, descending=True).values if top is None else top
+        cum = (top - s.logsumexp(-1, keepdim=True)).exp_().cumsum_(-1)
+        last = (cum < top_p).sum(-1, keepdim=True).clamp_(max=top.shape[-1] - 1)
+        s = s.masked_fill_(s < top.gather(-1, last), -math.inf)
+    logp = s.log_softmax(-1)
+    # Inverse CDF in float64 (torch.multinomial is ~10x slower here): the first token whose
+    # cumulative mass exceeds r ~ U[0, total), capped at the last positive-mass token in case
+    # r rounds up to the total.
+    prob = logp.exp()
+    cum = prob.cumsum(-1, dtype=torch.float64)
+    r = torch.rand(cum.shape[0], 1, dtype=torch.float64, generator=_generator(seed, offset)) * cum[:, -1:]
+    last = V - 1 - (prob > 0).flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
+    tok = torch.searchsorted(cum, r, right=True).minimum(last).squeeze(1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(1) if return_logprobs else None
+
+
+# ----------------------------------------------------------------------------------------------
+# public
+# ----------------------------------------------------------------------------------------------
+
+
+def _check(c, u, w, temperature, top_k, top_p, seed, offset, check_nan):
+    if c.dim() != 2:
+        raise ValueError(f"cond_logits must be [B, V], got shape {tuple(c.shape)}")
+    if c.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"cond_logits must be float32/float16/bfloat16, got {c.dtype}")
+    if c.shape[0] == 0 or c.shape[1] == 0:
+        raise ValueError(f"cond_logits must have at least one row and one token, got {tuple(c.shape)}")
+    if u is not None:
+        if u.shape != c.shape:
+            raise ValueError(f"uncond_logits shape {tuple(u.shape)} != cond_logits shape {tuple(c.shape)}")
+        if u.dtype != c.dtype or u.device != c.device:
+            raise ValueError(f"uncond_logits ({u.dtype}, {u.device}) must match cond_logits "
+                             f"({c.dtype}, {c.device})")
+    if not math.isfinite(w):
+        raise ValueError(f"guidance_scale must be finite, got {w}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 disables), got {top_k!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 disables), got {top_p}")
+    for name, v in (("seed", seed), ("offset", offset)):
+        if torch.is_tensor(v) and (v.dim() != 0 or v.dtype != torch.int64):
+            raise ValueError(f"{name} tensor must be a 0-dim int64 tensor, got {v.dtype} {tuple(v.shape)}")
+        if torch.is_tensor(v) and v.device != c.device:
+            raise ValueError(f"{name} tensor is on {v.device}, logits on {c.device}")
+    if not check_nan:
+        return
+    if w == 1.0:
+        u = None  # not read: no guidance
+    for name, x in (("cond_logits", c), ("uncond_logits", u)):
+        if x is not None and bool((x.isnan() | (x == math.inf)).any()):
+            raise ValueError(f"{name} contains NaN or +inf")
+    banned = c == -math.inf
+    if u is not None:
+        banned |= u == -math.inf
+    if bool(banned.all(-1).any()):
+        raise ValueError("a row has no token that is finite in every guidance branch (all -inf)")
+
+
+def cfg_sample(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0,
+               top_k=0, top_p=1.0, seed=0, offset=0, return_logprobs=False, check_nan=True):
+    """Draw one token per row from the guided, tempered, top-k/top-p filtered distribution.
+
+    cond_logits, uncond_logits: [B, V] float32/float16/bfloat16 (math in fp32). uncond_logits=None
+    or guidance_scale == 1 means no guidance (uncond is then not read). Any finite guidance_scale is
+    accepted (w < 1 moves towards the unconditional logits, w = 0 samples from them alone).
+    seed/offset: ints or 0-dim int64 tensors on the logits' device (CUDA-graph friendly).
+    check_nan: reject NaN / +inf logits and rows without any allowed token. It reads the inputs
+    once more and synchronises with the device, so turn it off inside CUDA graphs / hot loops;
+    unchecked, such rows give an unspecified token and log-prob.
+    Returns int64 tokens [B], and float32 log-probs [B] of them under the final distribution
+    when return_logprobs=True.
+    """
+    c, u, w = cond_logits, uncond_logits, float(guidance_scale)
+    _check(c, u, w, temperature, top_k, top_p, seed, offset, check_nan)
+    temperature, top_p = float(temperature), float(top_p)
+    if w == 1.0:
+        u = None
+    if c.stride(-1) != 1:
+        c = c.contiguous()
+    if u is not None and u.stride(-1) != 1:
+        u = u.contiguous()
+    if c.is_cuda or os.environ.get("FASTBICOT_FORCE_TRITON") == "1":
+        if not c.is_cuda and type(_cfg_sample_block_kernel).__name__ != "InterpretedFunction":
+            raise RuntimeError("FASTBICOT_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 set "
+                               "before triton is first imported (it is read when kernels are defined)")
+        tok, lp = _cfg_sample_triton(c, u, w, temperature, top_k, top_p, seed, offset)
+    else:
+        tok, lp = _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_logprobs)
+    return (tok, lp) if return_logprobs else tok

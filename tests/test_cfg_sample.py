@@ -1,0 +1,245 @@
+"""cfg_sample: exact sampling law (chi-square against the float64 sort-based reference),
+reproducibility, row independence, log-probs, greedy, validation — on the CPU torch path and on
+the Triton kernel (CUDA, or the interpreter on CPU via FASTBICOT_FORCE_TRITON=1)."""
+
+import math
+
+import pytest
+import torch
+
+import fastbicot.kernels.cfg_sample as cs
+from fastbicot.kernels.cfg_sample import cfg_probs_reference, cfg_sample
+
+ALPHA = 1e-5  # chi-square significance: a correct sampler fails a given check once in 100k runs
+
+
+@pytest.fixture(params=["torch", "triton"])
+def device(request, monkeypatch):
+    """Device for the inputs; the 'triton' param routes CPU tensors through the interpreted kernel."""
+    if request.param == "torch":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if type(cs._cfg_sample_block_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("Triton kernels were defined without TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTBICOT_FORCE_TRITON", "1")
+    return "cpu"
+
+
+def interpreted():
+    """True when CPU tensors go through the interpreted Triton kernel."""
+    return cs.os.environ.get("FASTBICOT_FORCE_TRITON") == "1" and not torch.cuda.is_available()
+
+
+def chi2_pvalue(tokens, probs):
+    """p-value of the draws `tokens` under `probs` [V]; draws outside the support fail outright."""
+    counts = torch.bincount(tokens.cpu(), minlength=probs.numel()).double()
+    assert counts[probs == 0].sum() == 0, f"drew tokens of probability 0: {(counts * (probs == 0)).nonzero()}"
+    expected = counts.sum() * probs[probs > 0]
+    counts = counts[probs > 0]
+    order = expected.argsort()  # pool the rarest cells until the pool expects >= 5 draws
+    expected, counts = expected[order], counts[order]
+    cut = int((expected.cumsum(0) < 5).sum()) + 1
+    exp = torch.cat([expected[:cut].sum()[None], expected[cut:]])
+    obs = torch.cat([counts[:cut].sum()[None], counts[cut:]])
+    if exp.numel() < 2:
+        return 1.0
+    stat = ((obs - exp) ** 2 / exp).sum()
+    return float(torch.special.gammaincc(torch.tensor((exp.numel() - 1) / 2.0, dtype=torch.float64), stat / 2))
+
+
+def draw_many(c, u, rows, offsets, **kw):
+    """rows x offsets draws of the single row (c[0], u[0]) by repeating it in one batch per offset."""
+    cb = c.expand(rows, -1).contiguous()
+    ub = None if u is None else u.expand(rows, -1).contiguous()
+    return torch.cat([cfg_sample(cb, ub, seed=11, offset=o, **kw) for o in range(offsets)])
+
+
+SETTINGS = [
+    {},
+    {"guidance_scale": 3.0, "temperature": 0.7, "top_k": 5, "top_p": 0.8},
+    {"guidance_scale": 1.5, "top_k": 10},
+    {"guidance_scale": 0.5, "temperature": 1.3, "top_p": 0.6},
+    {"guidance_scale": 1.0, "top_p": 0.9},  # uncond given but ignored
+    {"top_k": 1},
+    {"top_p": 1e-6, "temperature": 2.0},
+]
+
+
+@pytest.mark.parametrize("kw", SETTINGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+def test_distribution(device, seed, kw):
+    V = 37
+    c = (torch.randn(1, V) * 2).to(device)
+    u = torch.randn(1, V).to(device)
+    c[0, 3] = u[0, 5] = -math.inf  # banned in one branch: never drawn (with guidance)
+    if "guidance_scale" not in kw:
+        u = None  # no guidance at all; guidance_scale=1.0 passes uncond, which must be ignored
+    p = cfg_probs_reference(c, u, **kw)[0].cpu()
+    assert chi2_pvalue(draw_many(c, u, 8192, 4, **kw), p) > ALPHA
+
+
+def test_distribution_ties_bf16(device, seed):
+    """Integer-valued bf16 logits: many ties at the top-k and top-p cut-offs (all tied tokens kept)."""
+    V = 100
+    c = torch.randint(-3, 4, (1, V)).to(torch.bfloat16).to(device)
+    u = torch.randint(-3, 4, (1, V)).to(torch.bfloat16).to(device)
+    kw = {"guidance_scale": 2.0, "top_k": 7, "top_p": 0.7}
+    p = cfg_probs_reference(c, u, **kw)[0].cpu()
+    assert chi2_pvalue(draw_many(c, u, 4096, 2, **kw), p) > ALPHA
+
+
+def test_tie_rule_reference():
+    """The documented tie rule, on a hand-checked row: every token tied with the cut-off is kept."""
+    z = torch.tensor([[5.0, 4.0, 4.0, 4.0, 1.0, 0.0]])
+    assert (cfg_probs_reference(z, top_k=2)[0] > 0).tolist() == [True] * 4 + [False] * 2
+    # p(5) = 0.470 < 0.6, so the 4's are needed, and all three come in together
+    assert (cfg_probs_reference(z, top_p=0.6)[0] > 0).tolist() == [True] * 4 + [False] * 2
+    assert (cfg_probs_reference(z, top_p=0.45)[0] > 0).tolist() == [True] + [False] * 5
+
+
+def test_tie_rule(device):
+    z = torch.tensor([[5.0, 4.0, 4.0, 4.0, 1.0, 0.0]]).expand(256, -1).to(device)
+    for kw in ({"top_k": 2}, {"top_p": 0.6}):
+        tok = torch.cat([cfg_sample(z, seed=0, offset=o, **kw) for o in range(4)]).cpu()
+        assert set(tok.tolist()) == {0, 1, 2, 3}
+
+
+def test_tiled_kernel_distribution(device, seed, monkeypatch):
+    """The long-row (tiled) kernel on a short row, by shrinking its tile: same law as the reference."""
+    if device == "cpu" and not interpreted():
+        pytest.skip("tiled kernel is Triton-only")
+    monkeypatch.setattr(cs, "_MAX_BLOCK", 16)
+    monkeypatch.setattr(cs, "_TILE", 16)
+    V = 45
+    c, u = (torch.randn(1, V) * 2).to(device), torch.randn(1, V).to(device)
+    c[0, 40] = -math.inf
+    kw = {"guidance_scale": 2.0, "temperature": 0.8, "top_k": 9, "top_p": 0.85}
+    p = cfg_probs_reference(c, u, **kw)[0].cpu()
+    assert chi2_pvalue(draw_many(c, u, 4096, 2, **kw), p) > ALPHA
+    # greedy picks the first maximum even when it sits in a later tile
+    z = torch.zeros(2, V, device=device)
+    z[:, 20] = z[:, 33] = 1.0
+    assert cfg_sample(z, temperature=0).tolist() == [20, 20]
+
+
+def test_rows_independent(device, seed):
+    """Adjacent identical rows: the joint law of (row 2i, row 2i+1) is the product of marginals."""
+    c = torch.tensor([[0.0, 0.5, 1.0]]).expand(1024, -1).contiguous().to(device)
+    tok = torch.cat([cfg_sample(c, seed=3, offset=o) for o in range(8)]).cpu()
+    p = torch.softmax(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), 0)
+    assert chi2_pvalue(tok[0::2] * 3 + tok[1::2], torch.outer(p, p).flatten()) > ALPHA
+    # a row's draw does not depend on the other rows' logits
+    x = torch.randn(6, 50, device=device)
+    y = x.clone()
+    y[1:] = torch.randn(5, 50, device=device)
+    assert cfg_sample(x, seed=5, offset=2)[0] == cfg_sample(y, seed=5, offset=2)[0]
+
+
+def test_reproducible(device, seed):
+    c, u = torch.randn(64, 300, device=device), torch.randn(64, 300, device=device)
+    kw = {"guidance_scale": 2.0, "top_p": 0.95}
+    a = cfg_sample(c, u, seed=7, offset=3, **kw)
+    assert torch.equal(a, cfg_sample(c, u, seed=7, offset=3, **kw))
+    assert not torch.equal(a, cfg_sample(c, u, seed=7, offset=4, **kw))
+    assert not torch.equal(a, cfg_sample(c, u, seed=8, offset=3, **kw))
+    # 0-dim int64 tensors (what a captured CUDA graph advances) act as the same numbers
+    t = cfg_sample(c, u, seed=torch.tensor(7, device=device), offset=torch.tensor(3, device=device), **kw)
+    assert torch.equal(a, t)
+    # offsets beyond 32 bits still change the stream
+    assert not torch.equal(cfg_sample(c, seed=7, offset=2**40), cfg_sample(c, seed=7, offset=2**41))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_logprobs_match_reference(device, seed, dtype):
+    B, V = 8, 1000
+    c = (torch.randn(B, V) * 3).to(dtype).to(device)
+    u = (torch.randn(B, V) * 3).to(dtype).to(device)
+    c[:, :10] = -math.inf
+    for kw in ({}, {"guidance_scale": 4.0, "temperature": 0.6, "top_k": 40, "top_p": 0.9}, {"top_p": 0.3}):
+        tok, lp = cfg_sample(c, u, return_logprobs=True, seed=1, offset=2, **kw)
+        assert tok.dtype == torch.int64 and lp.dtype == torch.float32 and tok.shape == lp.shape == (B,)
+        ref = cfg_probs_reference(c, u, **kw).cpu().gather(1, tok.cpu()[:, None]).squeeze(1)
+        assert (ref > 0).all()
+        torch.testing.assert_close(lp.cpu().double(), ref.log(), atol=1e-4, rtol=1e-5)
+
+
+def test_greedy_is_argmax(device, seed):
+    c = torch.randn(16, 301, device=device).to(torch.bfloat16)
+    u = torch.randn(16, 301, device=device).to(torch.bfloat16)
+    c[3, 7] = c[3, 9] = 100.0  # tie: the first index wins
+    u[3, 7] = u[3, 9] = 0.0
+    g = u.float() + 2.5 * (c.float() - u.float())
+    tok, lp = cfg_sample(c, u, guidance_scale=2.5, temperature=0, top_k=3, top_p=0.5, return_logprobs=True)
+    assert torch.equal(tok.cpu(), g.argmax(-1).cpu()) and tok[3] == 7
+    assert torch.equal(lp.cpu(), torch.zeros(16))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # -3e38 - 3e38 = -inf, in the interpreter
+def test_extreme_and_awkward(device, seed):
+    # V = 1: the only token, log-prob 0
+    tok, lp = cfg_sample(torch.randn(3, 1, device=device), return_logprobs=True)
+    assert tok.tolist() == [0, 0, 0] and lp.abs().max() < 1e-6
+    # huge logits and tiny temperature do not overflow; only the single finite token is drawable
+    c = torch.full((4, 100), -math.inf, device=device)
+    c[:, 17] = 3e38
+    c[0, 18] = -3e38
+    tok, lp = cfg_sample(c, temperature=1e-3, return_logprobs=True)
+    assert tok.tolist() == [17] * 4 and lp.abs().max() < 1e-6
+    # strided rows (a slice of a wider buffer) are read in place correctly
+    wide = torch.randn(5, 400, device=device)
+    assert torch.equal(cfg_sample(wide[:, :300], temperature=0), wide[:, :300].argmax(-1))
+
+
+def test_large_vocab(device, seed):
+    """V > 16384 takes the tiled kernel: drawn tokens are in the support with exact log-probs."""
+    B, V = 2, 20000
+    c, u = torch.randn(B, V, device=device) * 3, torch.randn(B, V, device=device) * 3
+    for kw in ({"guidance_scale": 2.0, "top_k": 50, "top_p": 0.9}, {"temperature": 0}):
+        tok, lp = cfg_sample(c, u, return_logprobs=True, seed=3, offset=1, **kw)
+        ref = cfg_probs_reference(c, u, **kw).cpu().gather(1, tok.cpu()[:, None]).squeeze(1)
+        assert (ref > 0).all()
+        torch.testing.assert_close(lp.cpu().double(), ref.log(), atol=1e-4, rtol=1e-5)
+
+
+def test_validation():
+    c = torch.randn(2, 10)
+    with pytest.raises(ValueError, match="NaN"):
+        cfg_sample(torch.where(torch.arange(10) == 4, math.nan, c))
+    with pytest.raises(ValueError, match="NaN"):
+        cfg_sample(c, c.clone().fill_(math.nan), guidance_scale=2.0)
+    with pytest.raises(ValueError, match=r"\+inf"):
+        cfg_sample(torch.where(torch.arange(10) == 4, math.inf, c))
+    banned = c.clone()
+    banned[1, :5] = -math.inf
+    u = c.clone()
+    u[1, 5:] = -math.inf
+    with pytest.raises(ValueError, match="all -inf"):
+        cfg_sample(banned, u, guidance_scale=2.0)
+    cfg_sample(banned, u, guidance_scale=1.0)  # without guidance uncond is not consulted
+    for kwargs, msg in [
+        ({"uncond_logits": torch.randn(2, 11)}, "shape"),
+        ({"uncond_logits": c.half()}, "must match"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.0}, "top_k"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"guidance_scale": math.inf}, "guidance_scale"),
+        ({"seed": torch.tensor([1])}, "0-dim int64"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            cfg_sample(c, **kwargs)
+    with pytest.raises(ValueError, match=r"\[B, V\]"):
+        cfg_sample(torch.randn(10))
+    with pytest.raises(ValueError, match="float32"):
+        cfg_sample(torch.zeros(2, 10, dtype=torch.int64))
+
+
+def test_sample_reference(seed):
+    """The multinomial reference sampler follows its own distribution and reports its log-probs."""
+    c, u = torch.randn(1, 23).expand(2000, -1), torch.randn(1, 23).expand(2000, -1)
+    kw = {"guidance_scale": 2.0, "top_k": 12, "top_p": 0.9}
+    tok, lp = cs.cfg_sample_reference(c, u, seed=1, offset=2, return_logprobs=True, **kw)
+    p = cfg_probs_reference(c[:1], u[:1], **kw)[0]
+    assert chi2_pvalue(tok, p) > ALPHA
+    torch.testing.assert_close(lp.double(), p[tok].log(), atol=1e-6, rtol=1e-6)
