@@ -23,8 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels.grpo_loss import grpo_loss
-from kernels.token_logprobs import token_logprobs
+from fastbicot.kernels.grpo_loss import grpo_loss
+from fastbicot.kernels.token_logprobs import token_logprobs
 
 BETA = 0.01
 
