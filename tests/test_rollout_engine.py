@@ -84,12 +84,17 @@ def test_sampler_logprobs_match_teacher_forced(seed, mode, uncond, w, flatten, t
 
 
 def test_per_row_stop_and_sample_layout(seed):
-    policy = eos_prone_policy(seed)
-    eng = RolloutEngine(policy, **SHORT, max_new_tokens=12)
-    batch = eng.generate(PROMPTS, num_generations=4, seed=seed)
-    eos, pad, boi, bos = IDS["eos"], IDS["pad"], IDS["boi"], IDS["bos"]
-    lengths = [len(s.cot_ids) for s in batch.samples]
+    # The scaled EOS row has a random sign, so for some weights EOS is never likely; a lock-step
+    # engine gives equal lengths for *every* policy, so trying a few random policies keeps the check.
+    for attempt in range(4):
+        policy = eos_prone_policy(seed + attempt)
+        eng = RolloutEngine(policy, **SHORT, max_new_tokens=12)
+        batch = eng.generate(PROMPTS, num_generations=4, seed=seed)
+        lengths = [len(s.cot_ids) for s in batch.samples]
+        if len(set(lengths)) > 1:
+            break
     assert len(set(lengths)) > 1, "rows should stop independently (EOS is likely at every step)"
+    eos, pad, boi, bos = IDS["eos"], IDS["pad"], IDS["boi"], IDS["bos"]
     for i, s in enumerate(batch.samples):
         assert s.prompt_index == i // 4 and s.prompt == PROMPTS[i // 4]
         assert 1 <= len(s.cot_ids) <= 12 and eos not in s.cot_ids[:-1]

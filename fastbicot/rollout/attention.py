@@ -31,7 +31,7 @@ def attention_backend(device: torch.device, flatten: bool = False) -> str:
     """Name of the decode-attention implementation used on ``device`` (reported by the bench)."""
     if uses_decode_kernel(device):
         return "triton-grouped"
-    return "torch-sdpa-flat" if flatten else "torch-grouped"
+    return "torch-matmul-flat" if flatten else "torch-grouped"
 
 
 def grouped_decode_attention_torch(

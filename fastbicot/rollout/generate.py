@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from .attention import uses_decode_kernel
 from .kv_cache import KVCache
@@ -121,7 +122,14 @@ class ImageDecoder:
     """The image decode loop over cache rows [0, rows): trunk step + image head + CFG + sampler +
     embedding of the drawn token, all into static buffers. On CUDA the step is captured once in a
     CUDA graph and replayed (the step counter and sampler offset are device tensors advanced
-    inside the graph); on CPU it runs eagerly with the same buffers."""
+    inside the graph); on CPU it runs eagerly with the same buffers.
+
+    On CPU a decode step of a small model is bound by the number of torch ops, so the CPU step is
+    lean: the fused-weight trunk step over flattened rows (Trunk.decode_flat, RoPE rows and the
+    K/V write index advanced once per step, not per layer), CFG as one lerp on the head's hidden,
+    the temperature folded into the head's last Linear, and plain temperature sampling (no top-k /
+    top-p) as Gumbel-max with the noise of many steps drawn at once (_plain_noise).
+    """
 
     def __init__(
         self,
@@ -152,24 +160,110 @@ class ImageDecoder:
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
         self.use_graph = cuda_graph and dev.type == "cuda"
         self.graph = None
+        # The image-token embedding (generation embedding + aligner MLP) is a pure function of
+        # the id: one [V_img, H] table per rollout (weights change between rollouts), one
+        # index_select per step.
+        with torch.no_grad():
+            self.table = policy.embed_image(torch.arange(policy.image_vocab_size, device=dev))
+        cpu = dev.type == "cpu"
+        self.lean = cpu and flat and trunk.fused is not None
+        self.plain = cpu and top_k == 0 and top_p == 1.0  # sampled by _draw_plain
+        head = policy.image_head_linear
+        t = float(temperature) if self.plain and temperature > 0 else 1.0
+        self.head_w = head.weight.detach() / t  # logits / T in the head's own matmul
+        self.head_b = None if head.bias is None else head.bias.detach() / t
 
+    # ---- CPU: plain temperature sampling -------------------------------------------------------
+    def _plain_noise(self, step):
+        """log E, E ~ Exp(1), for steps [step, step + chunk): argmax(log p - log E) draws from p.
+
+        Drawn a chunk of steps at a time (one op instead of one per step) from a generator keyed
+        by (seed, first step), so a rollout is a function of its seed.
+        """
+        V = self.table.shape[0]
+        chunk = max(1, min(self.num_tokens - step, (1 << 22) // (self.n * V)))
+        key = (self.sampler.seed * 0x9E3779B97F4A7C15 + IMAGE_OFFSET + step) % (1 << 63)
+        g = torch.Generator().manual_seed(key)
+        e = torch.empty(chunk, self.n, V, dtype=self.table.dtype).exponential_(generator=g)
+        return e.log_(), step
+
+    def _draw_plain(self, s, t):
+        """s [n, V]: guided logits / T -> tokens[t], logprobs[t] (buffers laid out [steps, n])."""
+        if self.temperature == 0:
+            torch.argmax(s, -1, out=self.tokens_t[t])  # greedy: log-prob 0 (buffer is zeros)
+            return self.tokens_t[t]
+        logp = torch.log_softmax(s, -1)
+        if t - self.noise[1] >= self.noise[0].shape[0]:
+            self.noise = self._plain_noise(t)
+        tok = torch.argmax(logp - self.noise[0][t - self.noise[1]], -1, out=self.tokens_t[t])
+        torch.gather(logp, 1, tok[:, None], out=self.logprobs_t[t][:, None])
+        return tok
+
+    def _lean_step(self, t):
+        n, p = self.n, self.policy
+        ls = self.ls0 + t + 1
+        hidden = None if self.lim is None else self.keys[:ls] >= self.lim + t
+        h = self.trunk.decode_flat(self.x, self.cache, self.widx0 + t, self.cos_sin[t], ls, hidden)
+        z = p.image_head_hidden(h)
+        if self.cfg:  # the head's last layer is linear: CFG on its input == CFG on the logits
+            z = torch.lerp(z[n:], z[:n], self.w)
+        s = F.linear(z, self.head_w, self.head_b)
+        tok = self._draw_plain(s, t) if self.plain else self._draw(s, t)
+        torch.index_select(self.table, 0, tok, out=self.x[:n])
+        if self.cfg:
+            self.x[n:].copy_(self.x[:n])
+
+    def _lean_setup(self):
+        """Per-rollout tables of the lean CPU step: RoPE rows of every step, the K/V write index,
+        the key mask of rows shorter than the longest (None when all rows are equally long)."""
+        c, R, N = self.cache, self.rows, self.num_tokens
+        dev = self.x.device
+        s0 = c.suffix_len[:R].long()  # flattened: a row's suffix is its whole context
+        steps = torch.arange(N, device=dev)
+        self.cos_sin = self.trunk.cos_sin[c.positions(R)[None] + steps[:, None]]  # [N, R, 2D]
+        H, Ls = c.suffix_kv.shape[3], c.suffix_kv.shape[4]
+        kv_t, row, head = torch.meshgrid(
+            torch.arange(2, device=dev), torch.arange(R, device=dev), torch.arange(H, device=dev), indexing="ij"
+        )
+        self.widx0 = (((kv_t * c.num_rows + row) * H + head) * Ls + s0[None, :, None]).reshape(-1)
+        self.ls0 = int(s0.max())
+        self.lim = None if int(s0.min()) == self.ls0 else (s0 + 1)[:, None, None, None]
+        self.keys = torch.arange(Ls, device=dev)
+        self.tokens_t = torch.zeros(N, self.n, dtype=torch.long, device=dev)
+        self.logprobs_t = torch.zeros(N, self.n, dtype=self.table.dtype, device=dev)
+        self.noise = (self.table.new_empty(0, self.n, 1), 0)
+
+    def _draw(self, s, t):
+        """Any other sampling setting (top-k / top-p): the fused sampler, into the same buffers."""
+        tok, lp = self.sampler(
+            s, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, offset=t + IMAGE_OFFSET
+        )
+        self.tokens_t[t] = tok
+        self.logprobs_t[t] = lp
+        return tok
+
+    # ---- the general step (CUDA graph, grouped CPU layout) --------------------------------------
     def _step(self):
         n, p = self.n, self.policy
         h = self.trunk.decode(self.x, self.cache, self.rows, static=self.use_graph, flat=self.flat)
         z = p.image_head_hidden(h)
         if self.cfg:  # the head's last layer is linear: CFG on its input == CFG on the logits
             z = z[n:] + self.w * (z[:n] - z[n:])
-        logits = p.image_head_linear(z)
-        tok, lp = self.sampler(
-            logits,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            offset=self.step_idx[0] + IMAGE_OFFSET,
-        )
-        self.tokens.index_copy_(1, self.step_idx, tok[:, None])
-        self.logprobs.index_copy_(1, self.step_idx, lp.float()[:, None])
-        e = p.embed_image(tok)
+        logits = F.linear(z, self.head_w, self.head_b)
+        if self.plain:
+            tok = self._draw_plain(logits, self.step_i)
+            self.step_i += 1
+        else:
+            tok, lp = self.sampler(
+                logits,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                offset=self.step_idx[0] + IMAGE_OFFSET,
+            )
+            self.tokens.index_copy_(1, self.step_idx, tok[:, None])
+            self.logprobs.index_copy_(1, self.step_idx, lp.float()[:, None])
+        e = self.table.index_select(0, tok)
         self.x[:n] = e
         if self.cfg:
             self.x[n:] = e
@@ -198,19 +292,30 @@ class ImageDecoder:
             self._step()
         restore()
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference_mode: the tokens are used by the training step's autograd
     def run(self, first_inputs, progress=None):
         """first_inputs [rows, H]: embeddings of each row's last context token (BOI)."""
         self.x.copy_(first_inputs)
         if self.use_graph:
             self._capture()
-        for _ in range(self.num_tokens):
+        if self.lean:
+            self._lean_setup()
+        elif self.plain:  # CPU, grouped layout: the general trunk step, the plain sampler
+            self._lean_setup()
+            self.step_i = 0
+        for t in range(self.num_tokens):
             if self.graph is not None:
                 self.graph.replay()
+            elif self.lean:
+                self._lean_step(t)
             else:
                 self._step()
             if progress is not None:
                 progress.update(1)
+        if self.lean:
+            self.cache.suffix_len[: self.rows] += self.num_tokens
+        if self.lean or self.plain:
+            return self.tokens_t.t().contiguous(), self.logprobs_t.t().float()
         return self.tokens, self.logprobs
 
 

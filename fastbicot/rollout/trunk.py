@@ -31,6 +31,7 @@ class Trunk:
         if self.num_kv_heads != self.num_heads:
             raise NotImplementedError("the rollout trunk supports multi-head attention (Janus-Pro); got GQA")
         self.scale = self.layers[0].self_attn.scaling
+        self.eps = self.layers[0].input_layernorm.variance_epsilon
         self.fused = None  # see fuse_weights
         self.max_positions = max_positions
         # RoPE tables for every position, computed once by the model's own rotary embedding.
@@ -39,15 +40,18 @@ class Trunk:
             pos = torch.arange(max_positions, device=dev)[None]
             cos, sin = lm.rotary_emb(torch.empty(1, dtype=dt, device=dev), pos)
         self.cos, self.sin = cos[0], sin[0]  # [max_positions, D]
+        self.cos_sin = torch.cat([self.cos, self.sin], dim=-1)  # one gather per step for both
 
     def fuse_weights(self) -> None:
         """CPU decode: one matmul for [q, k, rot(q), rot(k), v] and one for [gate, up].
 
         On CPU a decode step of a small model is dominated by per-op overhead, so fewer, larger
         ops win. rot(W) holds W's rows permuted and negated as rotate_half does, so
-        ``W_q h * cos + rot(W_q) h * sin`` is RoPE exactly. Rebuilt on every rollout (weights
-        change between training steps); never on CUDA, where the CUDA graph removes the overhead
-        and the copies would cost memory.
+        ``W_q h * cos + rot(W_q) h * sin`` is RoPE exactly. The RMSNorm weight in front of each
+        matmul and the attention scale (q rows) are folded into the fused weights, so the step
+        runs a weightless norm and unscaled attention. Rebuilt on every rollout (weights change
+        between training steps); never on CUDA, where the CUDA graph removes the overhead and
+        the copies would cost memory.
         """
         H, D = self.num_heads, self.head_dim
 
@@ -64,19 +68,23 @@ class Trunk:
             ):
                 self.fused = None  # biased projections: keep the module path
                 return
-            wq, wk = a.q_proj.weight, a.k_proj.weight
-            self.fused.append(
-                (
-                    torch.cat([wq, wk, rot(wq), rot(wk), a.v_proj.weight]).detach(),
-                    torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
-                )
-            )
+            wq, wk = a.q_proj.weight * self.scale, a.k_proj.weight
+            w_in = torch.cat([wq, wk, rot(wq), rot(wk), a.v_proj.weight]) * layer.input_layernorm.weight
+            w_gu = torch.cat([m.gate_proj.weight, m.up_proj.weight]) * layer.post_attention_layernorm.weight
+            self.fused.append((w_in.detach(), w_gu.detach()))
 
     def _norm(self, norm, x):
         """LlamaRMSNorm in one op where the dtype allows (HF normalises in fp32, then scales)."""
         if x.dtype == torch.float32:
             return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
         return norm(x)
+
+    def _rms(self, x):
+        """LlamaRMSNorm without its weight (folded into the next matmul by fuse_weights)."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), None, self.eps)
+        xf = x.float()  # HF normalises in fp32 whatever the dtype
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     def _rope(self, x, cos, sin):
         return x * cos + _rotate_half(x) * sin
@@ -163,15 +171,45 @@ class Trunk:
         H, D = self.num_heads, self.head_dim
         hd = H * D
         for i, (layer, (w_in, w_gu)) in enumerate(zip(self.layers, self.fused)):
-            y = F.linear(self._norm(layer.input_layernorm, x), w_in)  # [n, 5 H D]
+            y = F.linear(self._rms(x), w_in)  # [n, 5 H D]
             qk = torch.addcmul(
                 y[:, : 2 * hd].view(n, 2, H, D) * cos, y[:, 2 * hd : 4 * hd].view(n, 2, H, D), sin
             )
             cache.suffix_kv[i, 0, rows, :, wpos] = qk[:, 1]
             cache.suffix_kv[i, 1, rows, :, wpos] = y[:, 4 * hd :].view(n, H, D)
-            o = attn(qk[:, 0], i, self.scale)
+            o = attn(qk[:, 0], i, 1.0)  # q carries the attention scale (fuse_weights)
             x = torch.addmm(x, o.reshape(n, hd), layer.self_attn.o_proj.weight.t())
-            gu = F.linear(self._norm(layer.post_attention_layernorm, x), w_gu)
+            gu = F.linear(self._rms(x), w_gu)
             f = gu.shape[1] // 2
             x = torch.addmm(x, layer.mlp.act_fn(gu[:, :f]) * gu[:, f:], layer.mlp.down_proj.weight.t())
+        return self._norm(self.norm, x)
+
+    @torch.no_grad()
+    def decode_flat(self, x, cache, write_index, cos_sin, ls, hidden=None):
+        """The CPU image loop's step over flattened rows [0, n) (fused weights, no prefix blocks).
+
+        x [n, Hd]; write_index [2 n H]: rows of ``cache.suffix_kv[layer].view(-1, D)`` that take
+        this token's K and V (the caller advances it by one per step); cos_sin [n, 2 D]: RoPE of
+        this step's positions; ls: keys to read (the longest row, new token included); hidden:
+        optional bool [n, 1, 1, ls], True at keys a shorter row must not see. Attention is two
+        batched matmuls + a softmax: at decode sizes SDPA's CPU kernel costs more than that.
+        The caller advances ``cache.suffix_len`` when its loop ends.
+        """
+        n, H, D = x.shape[0], self.num_heads, self.head_dim
+        hd = H * D
+        cos, sin = cos_sin[:, None, None, :D], cos_sin[:, None, None, D:]
+        for i, (layer, (w_in, w_gu)) in enumerate(zip(self.layers, self.fused)):
+            y = F.linear(self._rms(x), w_in)  # [n, 5 H D]: q, k, rot(q), rot(k), v
+            qk = (y[:, : 2 * hd].view(n, 2, H, D) * cos).addcmul_(y[:, 2 * hd : 4 * hd].view(n, 2, H, D), sin)
+            new_kv = torch.stack([qk[:, 1], y[:, 4 * hd :].view(n, H, D)])  # [2, n, H, D]
+            kv = cache.suffix_kv[i]
+            kv.view(-1, D).index_copy_(0, write_index, new_kv.view(-1, D))
+            s = torch.matmul(qk[:, 0, :, None], kv[0, :n, :, :ls].transpose(-1, -2))  # [n, H, 1, ls]
+            if hidden is not None:
+                s.masked_fill_(hidden, float("-inf"))
+            o = torch.matmul(torch.softmax(s, -1), kv[1, :n, :, :ls])  # [n, H, 1, D]
+            x = torch.addmm(x, o.view(n, hd), layer.self_attn.o_proj.weight.t())
+            gu = F.linear(self._rms(x), w_gu)
+            f = gu.shape[1] // 2
+            x = torch.addmm(x, layer.mlp.act_fn(gu[:, :f]).mul_(gu[:, f:]), layer.mlp.down_proj.weight.t())
         return self._norm(self.norm, x)
