@@ -55,7 +55,7 @@ def _extensions():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         warnings.warn("fastbicot: no C++ compiler found; fastbicot._C not built (pure-torch fallback).")
         return [], {}
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # BuildExtension picks the C++ standard that matches torch (C++20 for torch >= 2.10)
     want_cuda = os.environ.get("FASTBICOT_FORCE_CUDA") == "1" or (
         torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None
     )
@@ -65,7 +65,7 @@ def _extensions():
             "fastbicot._C",
             sources + cu,
             define_macros=[("FASTBICOT_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
         )
     else:
         ext = CppExtension("fastbicot._C", sources, extra_compile_args={"cxx": cxx})
