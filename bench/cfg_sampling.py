@@ -128,6 +128,7 @@ def main():
                     print(f"{name:<10} {B:>5} {r['method']:<14} {r['median_ms']:>9.3f} {mem:>9} {sp:>9}")
     if args.json:
         meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
 

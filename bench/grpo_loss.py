@@ -165,6 +165,7 @@ def main():
         else:
             print(f"{r['head']:6} {r['method']:14} {r['V']:>7} {r['ms']:>10.2f} {r['peak_mib']:>9.1f}")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(device=device_name, dtype=str(dtype), torch=torch.__version__, rows=rows), f, indent=1)
 

@@ -209,6 +209,7 @@ def main(argv=None):
             if other in base:
                 print(f"fastbicot / {other}: {base['fastbicot'] / base[other]:.2f}x")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return out

@@ -13,6 +13,7 @@ fastbicot output from the HF output of the same dtype.
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -147,6 +148,7 @@ def main():
             "torch": torch.__version__,
             "extension": _ext.status(),
         }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=1)
         print(f"wrote {args.json}")
