@@ -27,7 +27,7 @@ from fastbicot.models import JanusPolicy
 from fastbicot.rollout import generate_images
 from fastbicot.rollout.attention import attention_backend
 from fastbicot.rollout.generate import default_flatten
-from fastbicot.rollout.seed_loop import seed_generate_images
+from fastbicot.rollout.seed_loop import hf_generate_images, seed_generate_images
 
 HBM_GBS = {"H100": 3350.0, "H200": 4800.0, "B200": 8000.0, "A100": 2039.0}
 
@@ -144,9 +144,7 @@ def main(argv=None):
     impls = {
         "seed_loop": (lambda: seed_generate_images(policy, ids, guidance_scale=w), "eager-sdpa+DynamicCache"),
         "hf_generate": (
-            lambda: policy.hf_model.generate(
-                ids, attention_mask=mask, generation_mode="image", do_sample=True, guidance_scale=w
-            ),
+            lambda: hf_generate_images(policy, ids, attention_mask=mask, do_sample=True, guidance_scale=w),
             "hf-sdpa+StaticCache",
         ),
         "fastbicot": (

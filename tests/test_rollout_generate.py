@@ -7,7 +7,7 @@ from transformers import JanusConfig, JanusForConditionalGeneration
 from fastbicot.models import JanusPolicy
 from fastbicot.models.tokenizer import build_byte_tokenizer
 from fastbicot.rollout import generate_images
-from fastbicot.rollout.seed_loop import seed_generate_images
+from fastbicot.rollout.seed_loop import hf_generate_images, seed_generate_images
 
 IDS = {"bos": 256, "eos": 257, "pad": 258, "boi": 259, "eoi": 260, "image": 261}
 
@@ -96,10 +96,7 @@ def prompt(length, gen):
 
 
 def hf_greedy(policy, rows, w):
-    ids = torch.tensor(rows)
-    return policy.hf_model.generate(
-        ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=False, guidance_scale=w
-    )
+    return hf_generate_images(policy, torch.tensor(rows), do_sample=False, guidance_scale=w)
 
 
 POLICIES = {

@@ -50,3 +50,23 @@ def seed_generate_images(policy, input_ids, *, guidance_scale=5.0, temperature=1
         embeds = policy.embed_image(torch.stack([nxt, nxt], dim=1).view(-1))[:, None]
         mask = torch.cat([mask, mask.new_ones(2 * B, 1)], dim=1)
     return out
+
+
+@torch.no_grad()
+def hf_generate_images(policy, ids, attention_mask=None, **kwargs):
+    """transformers' own ``JanusForConditionalGeneration.generate(generation_mode="image")``.
+
+    transformers 5.17's Janus generate calls ``_prepare_static_cache`` without its
+    ``prefill_chunk_size`` argument and raises TypeError; there we hand it a DynamicCache, which
+    skips that call (same tokens, HF's own loop).
+    """
+    model = policy.hf_model
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    try:
+        return model.generate(ids, attention_mask=mask, generation_mode="image", **kwargs)
+    except TypeError as e:
+        if "prefill_chunk_size" not in str(e):
+            raise
+    from transformers import DynamicCache
+
+    return model.generate(ids, attention_mask=mask, generation_mode="image", past_key_values=DynamicCache(), **kwargs)
