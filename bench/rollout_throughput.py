@@ -25,8 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastbicot.models import JanusPolicy
 from fastbicot.rollout import generate_images
-from fastbicot.rollout.attention import attention_backend
-from fastbicot.rollout.generate import default_flatten
+from fastbicot.rollout.generate import decode_backend
 from fastbicot.rollout.seed_loop import hf_generate_images, seed_generate_images
 
 HBM_GBS = {"H100": 3350.0, "H200": 4800.0, "B200": 8000.0, "A100": 2039.0}
@@ -149,7 +148,7 @@ def main(argv=None):
         ),
         "fastbicot": (
             lambda: generate_images(policy, ids, guidance_scale=w, seed=0),
-            attention_backend(device, default_flatten(policy)),
+            decode_backend(policy),
         ),
     }
     bw = device_bandwidth_gbs(device, args.bandwidth_gbs)

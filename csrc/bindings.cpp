@@ -3,6 +3,7 @@
 
 #include <optional>
 
+#include "decode_ops.h"
 #include "vq_ops.h"
 
 namespace {
@@ -16,7 +17,7 @@ bool has_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastbicot C++/CUDA ops for VQ decoding (DESIGN.md section 6)";
+  m.doc() = "fastbicot C++/CUDA ops: VQ decoding (DESIGN.md section 6), the CPU decode step (section 5)";
   m.def("has_cuda", &has_cuda, "True when the CUDA kernels were compiled in");
   m.def(
       "vq_build_table",
@@ -28,5 +29,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("table"), py::arg("tokens"));
   m.def("group_norm_silu", &fastbicot::group_norm_silu, "GroupNorm (+ SiLU) over channels-last activations",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("groups"), py::arg("eps"), py::arg("silu"));
+  m.def("decode_step_cpu", &fastbicot::decode_step_cpu,
+        "one image-decode step through every trunk layer (fused weights; CPU float32/float64)", py::arg("x"),
+        py::arg("w_in"), py::arg("w_o"), py::arg("w_gu"), py::arg("w_down"), py::arg("norm_weight"), py::arg("kv"),
+        py::arg("pos"), py::arg("cos_sin"), py::arg("eps"));
   m.def("to_uint8_image", &fastbicot::to_uint8_image, "[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C]", py::arg("x"));
 }

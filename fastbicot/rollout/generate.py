@@ -13,7 +13,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .attention import uses_decode_kernel
+from .attention import attention_backend, uses_decode_kernel
 from .kv_cache import KVCache
 from .sampling import Sampler, check_sampling_args
 from .trunk import Trunk
@@ -202,8 +202,11 @@ class ImageDecoder:
     def _lean_step(self, t):
         n, p = self.n, self.policy
         ls = self.ls0 + t + 1
-        hidden = None if self.lim is None else self.keys[:ls] >= self.lim + t
-        h = self.trunk.decode_flat(self.x, self.cache, self.widx0 + t, self.cos_sin[t], ls, hidden)
+        hidden = None if self.lim is None or self.native else self.keys[:ls] >= self.lim + t
+        if self.native:
+            h = self.trunk.decode_flat_native(self.x, self.cache, self.wpos[t], self.cos_sin[t])
+        else:
+            h = self.trunk.decode_flat(self.x, self.cache, self.widx0 + t, self.cos_sin[t], ls, hidden)
         z = p.image_head_hidden(h)
         if self.cfg:  # the head's last layer is linear: CFG on its input == CFG on the logits
             z = torch.lerp(z[n:], z[:n], self.w)
@@ -229,6 +232,8 @@ class ImageDecoder:
         self.ls0 = int(s0.max())
         self.lim = None if int(s0.min()) == self.ls0 else (s0 + 1)[:, None, None, None]
         self.keys = torch.arange(Ls, device=dev)
+        self.wpos = s0[None] + steps[:, None]  # [N, R]: the slot each row writes at each step
+        self.native = self.lean and self.trunk.native_ok(self.x)
         self.tokens_t = torch.zeros(N, self.n, dtype=torch.long, device=dev)
         self.logprobs_t = torch.zeros(N, self.n, dtype=self.table.dtype, device=dev)
         self.noise = (self.table.new_empty(0, self.n, 1), 0)
@@ -322,6 +327,17 @@ class ImageDecoder:
 def default_flatten(policy, flatten=None) -> bool:
     """Flatten prefixes into rows (KVCache.flatten) unless the grouped decode kernel is in use."""
     return (not uses_decode_kernel(policy.device)) if flatten is None else bool(flatten)
+
+
+def decode_backend(policy) -> str:
+    """Which decode step generate_images runs on ``policy`` (reported by the bench):
+    "cpp-decode-step" (fastbicot._C.decode_step_cpu, CPU), else the attention backend's name."""
+    flat = default_flatten(policy)
+    if policy.device.type == "cpu" and flat:
+        trunk = trunk_for(policy)
+        if trunk.fused is not None and trunk.native_ok(torch.empty(0, dtype=policy.dtype)):
+            return "cpp-decode-step"
+    return attention_backend(policy.device, flat)
 
 
 def image_cache(policy, num_prefixes, prefix_capacity, num_rows, suffix_capacity) -> KVCache:
