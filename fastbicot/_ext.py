@@ -1,4 +1,5 @@
-"""Loads the compiled extension ``fastbicot._C`` and says which path VQ decoding takes.
+"""Loads the compiled extension ``fastbicot._C`` and says which paths VQ decoding and the CPU
+image-decode step take.
 
 ``python -m fastbicot._ext`` prints the status. FASTBICOT_DISABLE_EXT=1 makes the package behave as
 if the extension had not been built (every op then runs its pure-torch path).
@@ -46,4 +47,7 @@ if __name__ == "__main__":
             f"fastbicot._C loaded from {s['file']}: CPU kernels yes, CUDA kernels {'yes' if s['cuda'] else 'no'}"
         )
     else:
-        print(f"fastbicot._C not loaded ({s['error']}): vq_decode uses the pure-torch path")
+        print(
+            f"fastbicot._C not loaded ({s['error']}): vq_decode and the CPU decode step use their "
+            "pure-torch paths"
+        )

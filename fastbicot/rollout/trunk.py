@@ -201,6 +201,7 @@ class Trunk:
         return (
             self.native is not None
             and _ext.available("cpu")
+            and hasattr(_ext._C, "decode_step_cpu")  # an extension built before this op: fall back
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64)
             and getattr(self.policy.config.text_config, "hidden_act", None) in ("silu", "swish")
