@@ -201,11 +201,11 @@ class ImageDecoder:
 
     def _lean_step(self, t):
         n, p = self.n, self.policy
-        ls = self.ls0 + t + 1
-        hidden = None if self.lim is None or self.native else self.keys[:ls] >= self.lim + t
         if self.native:
             h = self.trunk.decode_flat_native(self.x, self.cache, self.wpos[t], self.cos_sin[t])
         else:
+            ls = self.ls0 + t + 1
+            hidden = None if self.lim is None else self.keys[:ls] >= self.lim + t
             h = self.trunk.decode_flat(self.x, self.cache, self.widx0 + t, self.cos_sin[t], ls, hidden)
         z = p.image_head_hidden(h)
         if self.cfg:  # the head's last layer is linear: CFG on its input == CFG on the logits
@@ -233,7 +233,7 @@ class ImageDecoder:
         self.lim = None if int(s0.min()) == self.ls0 else (s0 + 1)[:, None, None, None]
         self.keys = torch.arange(Ls, device=dev)
         self.wpos = s0[None] + steps[:, None]  # [N, R]: the slot each row writes at each step
-        self.native = self.lean and self.trunk.native_ok(self.x)
+        self.native = self.lean and self.trunk.native_ok()
         self.tokens_t = torch.zeros(N, self.n, dtype=torch.long, device=dev)
         self.logprobs_t = torch.zeros(N, self.n, dtype=self.table.dtype, device=dev)
         self.noise = (self.table.new_empty(0, self.n, 1), 0)
@@ -333,10 +333,8 @@ def decode_backend(policy) -> str:
     """Which decode step generate_images runs on ``policy`` (reported by the bench):
     "cpp-decode-step" (fastbicot._C.decode_step_cpu, CPU), else the attention backend's name."""
     flat = default_flatten(policy)
-    if policy.device.type == "cpu" and flat:
-        trunk = trunk_for(policy)
-        if trunk.fused is not None and trunk.native_ok(torch.empty(0, dtype=policy.dtype)):
-            return "cpp-decode-step"
+    if policy.device.type == "cpu" and flat and trunk_for(policy).native_ok():
+        return "cpp-decode-step"
     return attention_backend(policy.device, flat)
 
 

@@ -193,17 +193,17 @@ class Trunk:
             x = torch.addmm(x, layer.mlp.act_fn(gu[:, :f]) * gu[:, f:], layer.mlp.down_proj.weight.t())
         return self._norm(self.norm, x)
 
-    def native_ok(self, x) -> bool:
+    def native_ok(self) -> bool:
         """True when decode_flat_native can run: the C++ extension is built, fused weights of a
-        plain SiLU Llama MLP, float32/float64 on CPU."""
+        plain SiLU Llama MLP, a float32/float64 policy on CPU."""
         from fastbicot import _ext
 
         return (
             self.native is not None
             and _ext.available("cpu")
             and hasattr(_ext._C, "decode_step_cpu")  # an extension built before this op: fall back
-            and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
+            and self.cos.device.type == "cpu"
+            and self.cos.dtype in (torch.float32, torch.float64)
             and getattr(self.policy.config.text_config, "hidden_act", None) in ("silu", "swish")
         )
 
