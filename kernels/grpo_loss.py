@@ -31,6 +31,8 @@ differentiated by autograd. CPU tensors take the same formulas in torch unless
 FASTBICOT_FORCE_TRITON=1 (with TRITON_INTERPRET=1 set before triton is imported).
 """
 
+import math
+import numbers
 import os
 
 import torch
@@ -38,6 +40,32 @@ import triton
 import triton.language as tl
 
 __all__ = ["grpo_loss", "grpo_loss_reference"]
+
+
+def _check_scalar(fn, name, value, *, low=None, high=None, low_open=False, high_open=False):
+    """Inline argument check (this file stays self-contained: no fastbicot import). A real number,
+    not a bool, finite, inside the bounds; a one-element tensor is read with .item(). -> float"""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {value!r} ({type(value).__name__})")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{fn}: {name} must be finite, got {x}")
+    if (low is not None and (x <= low if low_open else x < low)) or (
+            high is not None and (x >= high if high_open else x > high)):
+        bounds = " and ".join(
+            ([f"{'>' if low_open else '>='} {low}"] if low is not None else [])
+            + ([f"{'<' if high_open else '<='} {high}"] if high is not None else []))
+        raise ValueError(f"{fn}: {name} must be {bounds}, got {x}")
+    return x
+
+
+def _check_tensor(fn, name, value, optional=False):
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 LOSS_TYPES = ("token_mean", "seq_mean", "dr_grpo")
 _BLOCK = 1024
@@ -179,9 +207,25 @@ class _PerTokenLoss(torch.autograd.Function):
 
 
 def _check(logprobs, advantages, seq_ids, old_logprobs, ref_logprobs, token_weights, loss_type,
-           eps_low, eps_high, beta):
-    if loss_type not in LOSS_TYPES:
+           eps_low, eps_high, beta, max_tokens):
+    """Validates every argument; returns (beta, eps_low, eps_high, max_tokens) as Python numbers."""
+    fn = "grpo_loss"
+    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"grpo_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    for name, t, opt in (("logprobs", logprobs, False), ("advantages", advantages, False),
+                         ("seq_ids", seq_ids, False), ("old_logprobs", old_logprobs, True),
+                         ("ref_logprobs", ref_logprobs, True), ("token_weights", token_weights, True)):
+        _check_tensor(fn, name, t, optional=opt)
+    beta = _check_scalar(fn, "beta", beta, low=0.0)
+    eps_low = _check_scalar(fn, "eps_low", eps_low, low=0.0, high=1.0, high_open=True)
+    eps_high = _check_scalar(fn, "eps_high", eps_high, low=0.0)
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral):
+            raise TypeError(f"grpo_loss: max_tokens must be a positive integer or None, got {max_tokens!r} "
+                             f"({type(max_tokens).__name__})")
+        max_tokens = int(max_tokens)
+        if max_tokens <= 0:
+            raise ValueError(f"grpo_loss: max_tokens must be positive, got {max_tokens}")
     if logprobs.dim() != 1 or not logprobs.is_floating_point():
         raise ValueError(f"grpo_loss: logprobs must be a 1-D float tensor [N], got {logprobs.dtype} "
                          f"{tuple(logprobs.shape)}")
@@ -191,34 +235,37 @@ def _check(logprobs, advantages, seq_ids, old_logprobs, ref_logprobs, token_weig
     if seq_ids.shape != (n,) or seq_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"grpo_loss: seq_ids must be int32/int64 of shape ({n},), got {seq_ids.dtype} "
                          f"{tuple(seq_ids.shape)}")
-    if advantages.dim() != 1 or advantages.numel() == 0:
-        raise ValueError(f"grpo_loss: advantages must be 1-D, per sequence [S] or per token [{n}], got "
-                         f"{tuple(advantages.shape)}")
+    if advantages.dim() != 1 or advantages.numel() == 0 or not advantages.is_floating_point():
+        raise ValueError(f"grpo_loss: advantages must be a 1-D float tensor, per sequence [S] or per token "
+                         f"[{n}], got {advantages.dtype} {tuple(advantages.shape)}")
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
                     ("token_weights", token_weights)):
         if t is not None and t.shape != (n,):
             raise ValueError(f"grpo_loss: {name} must have shape ({n},), got {tuple(t.shape)}")
+        if t is not None and not (t.is_floating_point() or (name == "token_weights" and t.dtype == torch.bool)):
+            raise ValueError(f"grpo_loss: {name} must be a float tensor, got {t.dtype}")
     tensors = [t for t in (advantages, seq_ids, old_logprobs, ref_logprobs, token_weights) if t is not None]
     if any(t.device != logprobs.device for t in tensors):
         raise ValueError("grpo_loss: all tensors must be on one device")
-    if not (0.0 <= eps_low < 1.0 and eps_high >= 0.0):
-        raise ValueError(f"grpo_loss: need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
-    if beta < 0:
-        raise ValueError(f"grpo_loss: beta must be >= 0, got {beta}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("grpo_loss: beta > 0 needs ref_logprobs")
     per_seq = advantages.numel() != n
-    if per_seq and seq_ids.device.type == "cpu":  # cheap here; a host sync on GPU
-        if not bool(((seq_ids >= 0) & (seq_ids < advantages.numel())).all()):
+    if seq_ids.device.type == "cpu":  # cheap here; a host sync on GPU
+        if per_seq and not bool(((seq_ids >= 0) & (seq_ids < advantages.numel())).all()):
             raise ValueError(f"grpo_loss: seq_ids must lie in [0, {advantages.numel()}) = one entry of "
                              f"per-sequence advantages each")
+        if not per_seq and loss_type != "token_mean" and bool((seq_ids < 0).any()):
+            raise ValueError("grpo_loss: seq_ids must be >= 0")
+        if token_weights is not None and bool((token_weights < 0).any()):
+            raise ValueError("grpo_loss: token_weights must be >= 0")
+    return beta, eps_low, eps_high, max_tokens
 
 
 def grpo_loss(logprobs, advantages, seq_ids, *, old_logprobs=None, ref_logprobs=None, beta=0.0,
               eps_low=0.2, eps_high=0.2, loss_type="token_mean", token_weights=None, max_tokens=None):
     """GRPO loss over packed tokens; returns (loss fp32 0-dim, stats dict). See the module docstring."""
-    _check(logprobs, advantages, seq_ids, old_logprobs, ref_logprobs, token_weights, loss_type,
-           eps_low, eps_high, beta)
+    beta, eps_low, eps_high, max_tokens = _check(logprobs, advantages, seq_ids, old_logprobs, ref_logprobs,
+                                                 token_weights, loss_type, eps_low, eps_high, beta, max_tokens)
     n = logprobs.numel()
     per_token_adv = advantages.numel() == n
     # S is needed only where it changes the result (seq_mean / dr_grpo with per-token advantages).
@@ -246,8 +293,6 @@ def grpo_loss(logprobs, advantages, seq_ids, *, old_logprobs=None, ref_logprobs=
     else:
         if max_tokens is None:
             max_tokens = int(torch.bincount(seq_ids.long(), minlength=num_seq).max()) if n else 1
-        if max_tokens <= 0:
-            raise ValueError(f"grpo_loss: max_tokens must be positive, got {max_tokens}")
         loss = wl.sum() / (num_seq * max_tokens)
     with torch.no_grad():
         stats = {"kl": (w * kl).sum() / w_den, "clip_fraction": (w * clip).sum() / w_den,

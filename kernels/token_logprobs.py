@@ -31,6 +31,7 @@ TRITON_INTERPRET=1 must be set before triton is first imported (triton 3.x reads
 """
 
 import math
+import numbers
 import os
 
 import torch
@@ -38,6 +39,32 @@ import triton
 import triton.language as tl
 
 __all__ = ["token_logprobs", "token_logprobs_reference"]
+
+
+def _check_scalar(fn, name, value, *, low=None, high=None, low_open=False, high_open=False):
+    """Inline argument check (this file stays self-contained: no fastbicot import). A real number,
+    not a bool, finite, inside the bounds; a one-element tensor is read with .item(). -> float"""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {value!r} ({type(value).__name__})")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{fn}: {name} must be finite, got {x}")
+    if (low is not None and (x <= low if low_open else x < low)) or (
+            high is not None and (x >= high if high_open else x > high)):
+        bounds = " and ".join(
+            ([f"{'>' if low_open else '>='} {low}"] if low is not None else [])
+            + ([f"{'<' if high_open else '<='} {high}"] if high is not None else []))
+        raise ValueError(f"{fn}: {name} must be {bounds}, got {x}")
+    return x
+
+
+def _check_tensor(fn, name, value, optional=False):
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 _CPU_CHUNK_ELEMS = 1 << 20  # fp32 elements per CPU logits chunk (4 MiB)
 _GPU_CHUNK_BYTES = 16 << 20  # bytes of the grad_logits chunk in the Triton backward
@@ -169,15 +196,15 @@ def _interpreted():
 def _config(device, dtype):
     """Tile sizes: H100-sized on CUDA; tiny on the CPU interpreter (where each tile is numpy work)."""
     if device.type == "cpu":
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, num_warps=4, num_stages=1)
+        return {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
 def _flags(hidden):
     cpu = hidden.device.type == "cpu"
-    return dict(UPCAST=cpu, IEEE=hidden.dtype == torch.float32)
+    return {"UPCAST": cpu, "IEEE": hidden.dtype == torch.float32}
 
 
 def _triton_forward(hidden, weight, bias, targets, inv_t):
@@ -345,6 +372,11 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0):
     and bias (each gradient is computed only when that input requires grad). Targets must lie in
     [0, V) (checked on CPU; on CUDA an out-of-range target silently yields -lse).
     """
+    fn = "token_logprobs"
+    for name, t, opt in (("hidden", hidden, False), ("weight", weight, False), ("targets", targets, False),
+                         ("bias", bias, True)):
+        _check_tensor(fn, name, t, optional=opt)
+    temperature = _check_scalar(fn, "temperature", temperature, low=0.0, low_open=True)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: hidden [N, H] and weight [V, H] expected, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -361,8 +393,6 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0):
                          + ", ".join(str(t.dtype) for t in floats))
     if any(t.device != hidden.device for t in floats + [targets]):
         raise ValueError("token_logprobs: all tensors must be on one device")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"token_logprobs: temperature must be a positive finite number, got {temperature}")
     if V == 0:
         raise ValueError("token_logprobs: weight has no rows (V == 0)")
     if N == 0:
@@ -373,7 +403,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0):
         raise ValueError("token_logprobs: the Triton path takes bf16 / fp16 / fp32 inputs")
     return _TokenLogprobs.apply(hidden.contiguous(), weight.contiguous(),
                                 None if bias is None else bias.contiguous(), targets.contiguous(),
-                                1.0 / float(temperature))
+                                1.0 / temperature)
 
 
 def token_logprobs_reference(hidden, weight, targets, *, bias=None, temperature=1.0):

@@ -54,9 +54,9 @@ def _batch(device="cpu", num_seq=6):
     weights = (torch.rand(n) > 0.25).double()
     weights[seq_ids == 1] = 0.0
     weights[[first2, first3]] = 1.0
-    to = dict(device=device)
-    return dict(logp=logp.to(**to), old=old.to(**to), ref=ref.to(**to), adv=adv.to(**to),
-                seq_ids=seq_ids.to(**to), weights=weights.to(**to))
+    to = {"device": device}
+    return {"logp": logp.to(**to), "old": old.to(**to), "ref": ref.to(**to), "adv": adv.to(**to),
+                "seq_ids": seq_ids.to(**to), "weights": weights.to(**to)}
 
 
 @pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean", "dr_grpo"])
@@ -65,9 +65,9 @@ def _batch(device="cpu", num_seq=6):
 def test_matches_reference(path, loss_type, per_token_adv, with_old, seed):
     b = _batch()
     adv = b["adv"][b["seq_ids"]] if per_token_adv else b["adv"]
-    kw = dict(old_logprobs=b["old"] if with_old else None, ref_logprobs=b["ref"], beta=0.04, eps_low=0.2,
-              eps_high=0.28, loss_type=loss_type, token_weights=b["weights"],
-              max_tokens=None if seed % 2 else 16)
+    kw = {"old_logprobs": b["old"] if with_old else None, "ref_logprobs": b["ref"], "beta": 0.04, "eps_low": 0.2,
+              "eps_high": 0.28, "loss_type": loss_type, "token_weights": b["weights"],
+              "max_tokens": None if seed % 2 else 16}
     got_in = b["logp"].float().requires_grad_()
     ref_in = b["logp"].float().double().requires_grad_()
     loss, stats = grpo_loss(got_in, adv, b["seq_ids"], **kw)
@@ -151,8 +151,8 @@ def test_triton_cases_in_fresh_interpreter():
 @pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean", "dr_grpo"])
 def test_cuda_matches_reference(loss_type, seed):
     b = _batch(device="cuda", num_seq=40)
-    kw = dict(old_logprobs=b["old"], ref_logprobs=b["ref"], beta=0.04, loss_type=loss_type,
-              token_weights=b["weights"])
+    kw = {"old_logprobs": b["old"], "ref_logprobs": b["ref"], "beta": 0.04, "loss_type": loss_type,
+              "token_weights": b["weights"]}
     got_in = b["logp"].float().requires_grad_()
     ref_in = b["logp"].float().double().requires_grad_()
     loss, _ = grpo_loss(got_in, b["adv"], b["seq_ids"], **kw)
@@ -161,3 +161,50 @@ def test_cuda_matches_reference(loss_type, seed):
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_in.grad.double(), ref_in.grad, rtol=1e-5, atol=1e-7)
+
+
+_NONFINITE = [float("nan"), float("inf"), -float("inf"), torch.tensor(float("nan"))]
+_NOT_NUMBERS = [True, False, "0.1", None, [0.1], 1j]
+
+
+@pytest.mark.parametrize("name,value", [
+    *[("beta", v) for v in [*_NONFINITE, *_NOT_NUMBERS, -0.1, -1e-12]],
+    *[("eps_low", v) for v in [*_NONFINITE, *_NOT_NUMBERS, -0.01, 1.0, 1.5]],
+    *[("eps_high", v) for v in [*_NONFINITE, *_NOT_NUMBERS, -0.01]],
+    *[("max_tokens", v) for v in [0, -3, 2.5, 4.0, True, float("nan"), "8"]],
+    *[("loss_type", v) for v in ["mean", "TOKEN_MEAN", "", None, 3, ["token_mean"]]],
+], ids=repr)
+def test_bad_scalars_name_the_argument(name, value):
+    logp, seq_ids, adv = torch.zeros(4), torch.tensor([0, 0, 1, 1]), torch.ones(2)
+    kwargs = {"ref_logprobs": torch.zeros(4), "loss_type": "dr_grpo", name: value}
+    with pytest.raises((ValueError, TypeError), match=name):
+        grpo_loss(logp, adv, seq_ids, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["logprobs", "advantages", "seq_ids", "old_logprobs", "ref_logprobs",
+                                  "token_weights"])
+@pytest.mark.parametrize("bad", [[0.0, 0.0, 0.0, 0.0], "x", 3.0], ids=repr)
+def test_non_tensor_arguments_name_the_argument(name, bad):
+    args = {"logprobs": torch.zeros(4), "advantages": torch.ones(2), "seq_ids": torch.tensor([0, 0, 1, 1])}
+    args[name] = bad
+    with pytest.raises(TypeError, match=name):
+        grpo_loss(args.pop("logprobs"), args.pop("advantages"), args.pop("seq_ids"), **args)
+
+
+def test_valid_scalars_still_match_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(12, generator=g, dtype=torch.float64)
+    ref, old = logp - 0.1 * torch.rand(12, generator=g, dtype=torch.float64), logp + 0.05
+    seq_ids, adv = torch.arange(12) // 4, torch.randn(3, generator=g, dtype=torch.float64)
+    for beta, eps in [(0.0, 0.0), (0.04, 0.2), (torch.tensor(0.5), 0.999), (1, 0)]:
+        got, _ = grpo_loss(logp, adv, seq_ids, old_logprobs=old, ref_logprobs=ref, beta=beta, eps_low=eps,
+                           eps_high=eps, loss_type="dr_grpo", max_tokens=5)
+        want, _ = grpo_loss_reference(logp, adv, seq_ids, old_logprobs=old, ref_logprobs=ref, beta=float(beta),
+                                      eps_low=eps, eps_high=eps, loss_type="dr_grpo", max_tokens=5)
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_negative_token_weights_rejected():
+    with pytest.raises(ValueError, match="token_weights"):
+        grpo_loss(torch.zeros(3), torch.ones(1), torch.zeros(3, dtype=torch.long),
+                  token_weights=torch.tensor([1.0, -1.0, 1.0]))

@@ -16,9 +16,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
 import importlib
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 mod = importlib.import_module("fastbicot.kernels.token_logprobs")  # the module (the package re-exports the function)
 from fastbicot.kernels.token_logprobs import token_logprobs, token_logprobs_reference
@@ -169,3 +169,29 @@ def test_triton_cases_in_fresh_interpreter():
 @pytest.mark.parametrize("V", [5003, 16384])
 def test_cuda_matches_reference(dtype, V, seed):
     _check(*_inputs(700, 256, V, dtype, bias=V != 5003, device="cuda"), 1.0, dtype)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, -1.0, -1e-30,
+                                         True, False, None, "1.0", [1.0], 1j, torch.tensor(float("nan"))],
+                         ids=repr)
+def test_bad_temperature_names_it(temperature):
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises((ValueError, TypeError), match="temperature"):
+        token_logprobs(h, w, t, temperature=temperature)
+
+
+@pytest.mark.parametrize("name", ["hidden", "weight", "targets", "bias"])
+@pytest.mark.parametrize("bad", [[[0.0] * 8] * 4, "x", 2.0], ids=repr)
+def test_non_tensor_arguments_name_the_argument(name, bad):
+    args = {"hidden": torch.randn(4, 8), "weight": torch.randn(10, 8), "targets": torch.randint(0, 10, (4,))}
+    args[name] = bad
+    with pytest.raises(TypeError, match=name):
+        token_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
+
+
+def test_valid_temperatures_match_reference(seed):
+    h, w, t = torch.randn(5, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64), torch.randint(0, 11, (5,))
+    for temperature in (1e-3, 0.7, 1, 3.5, torch.tensor(2.0)):
+        got = token_logprobs(h, w, t, temperature=temperature)
+        want = token_logprobs_reference(h, w, t, temperature=float(temperature))
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
