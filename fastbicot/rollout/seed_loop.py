@@ -1,9 +1,15 @@
 """The seed system's image loop (T2I-R1), kept as the baseline of bench/rollout_throughput.py.
 
 Eager HF LlamaModel forward with a DynamicCache, CFG by doubling every row (conditional and
-unconditional rows interleaved, the unconditional one with every token between the first and the
-last replaced by pad), softmax + multinomial. Rows of different lengths are right-padded before
-their BOI (with an attention mask), as the seed's batched prompt processing does.
+unconditional rows interleaved), softmax + multinomial, as the seed's image loop
+(``src/t2i-r1/src/open_r1/trainer/grpo_trainer.py:574-630`` of CaraJ7/T2I-R1):
+
+* rows of different lengths are right-padded to the longest, with BOI after the padding; the
+  conditional row's padding is masked out of attention (``grpo_trainer.py:563-576``);
+* the unconditional row is BOS, then pad at every position up to the BOI (its own padding included),
+  then BOI, and attends to all of it: its attention mask is all ones (``grpo_trainer.py:594-601``);
+* positions are the HF default ``0 .. L-1`` for every row (no position ids are passed), so a padded
+  conditional row's BOI sits after a gap, as in the seed.
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ def seed_generate_images(policy, input_ids, *, guidance_scale=5.0, temperature=1
     tokens = torch.full((2 * B, L), pad, dtype=torch.long, device=dev)
     mask = torch.zeros((2 * B, L), dtype=torch.long, device=dev)
     for i, s in enumerate(seqs):
-        body = torch.tensor(s[:-1], device=dev)
-        for r in (2 * i, 2 * i + 1):
-            tokens[r, : len(s) - 1] = body
-            tokens[r, L - 1] = s[-1]
-            mask[r, : len(s) - 1] = 1
-            mask[r, L - 1] = 1
-        tokens[2 * i + 1, 1 : len(s) - 1] = pad  # unconditional row
+        cond, uncond = 2 * i, 2 * i + 1
+        tokens[cond, : len(s) - 1] = torch.tensor(s[:-1], device=dev)
+        tokens[cond, L - 1] = s[-1]
+        mask[cond, : len(s) - 1] = 1
+        mask[cond, L - 1] = 1
+        # unconditional row: BOS, pad up to the BOI (the row's own padding included), BOI; no mask
+        tokens[uncond, 0], tokens[uncond, L - 1] = s[0], s[-1]
+        mask[uncond] = 1
     lm = policy.language_model
     embeds = lm.embed_tokens(tokens)
     cache = DynamicCache()
