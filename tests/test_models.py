@@ -1,9 +1,12 @@
 """JanusPolicy must compute exactly what transformers' Janus computes."""
 
 import json
+import random
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import JanusConfig, JanusForConditionalGeneration
 
 from fastbicot.models import JanusPolicy, preset_config
@@ -16,14 +19,14 @@ def random_janus(hidden, layers, heads, vocab, seed, image_vocab=37, grid=3):
     """A tiny random Janus of odd shapes, built straight from transformers' config classes."""
     torch.manual_seed(seed)
     config = JanusConfig(
-        text_config=dict(model_type="llama", hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=2 * hidden + 6,
-                         vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False),
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16 * grid,
-                           patch_size=16, num_image_tokens=grid * grid, projection_dim=hidden),
-        vq_config=dict(embed_dim=8, num_embeddings=image_vocab, latent_channels=32, base_channels=32,
-                       channel_multiplier=[1, 2], num_patches=grid, projection_dim=hidden + 10,
-                       image_token_embed_dim=hidden),
+        text_config={"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+                         "num_attention_heads": heads, "num_key_value_heads": heads, "intermediate_size": 2 * hidden + 6,
+                         "vocab_size": vocab, "max_position_embeddings": 256, "tie_word_embeddings": False},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 16 * grid,
+                           "patch_size": 16, "num_image_tokens": grid * grid, "projection_dim": hidden},
+        vq_config={"embed_dim": 8, "num_embeddings": image_vocab, "latent_channels": 32, "base_channels": 32,
+                       "channel_multiplier": [1, 2], "num_patches": grid, "projection_dim": hidden + 10,
+                       "image_token_embed_dim": hidden},
         image_token_id=IDS["image"], tie_word_embeddings=False,
     )
     model = JanusForConditionalGeneration(config).eval()
@@ -151,3 +154,179 @@ def test_wraps_only_janus():
 def test_preset_config_shapes():
     cfg = preset_config("tiny")
     assert cfg.vq_config.num_patches == 8 and cfg.vision_config.num_image_tokens == 64
+
+
+# ---- issue 15: nothing silent ------------------------------------------------------------------
+
+BYTE_IDS = {"bos": 256, "eos": 257, "pad": 258, "boi": 259, "eoi": 260, "image": 261}
+
+
+@pytest.fixture(scope="module")
+def saved_janus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("janus")
+    random_janus(32, 2, 2, 300, 0).save_pretrained(d)
+    build_byte_tokenizer(BYTE_IDS).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def ckpt(saved_janus, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(saved_janus, d)
+    return d
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("weights were loaded before the argument check")
+
+    monkeypatch.setattr(JanusForConditionalGeneration, "from_pretrained", fail)
+
+
+_BAD_DEVICES = ["gpu", "cuda:x", "meta", 3.5, True, ["cpu"]]
+if not torch.cuda.is_available():
+    _BAD_DEVICES += ["cuda", "cuda:0", torch.device("cuda", 1)]
+if not (hasattr(torch, "mps") and torch.mps.is_available()):
+    _BAD_DEVICES += ["mps"]
+
+
+@pytest.mark.parametrize("device", _BAD_DEVICES, ids=repr)
+def test_from_pretrained_checks_device_before_loading(ckpt, no_weight_loading, device):
+    with pytest.raises(ValueError, match="device"):
+        JanusPolicy.from_pretrained(ckpt, dtype=torch.float32, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "floaty", "int8", "__class__", 3, True], ids=repr)
+def test_from_pretrained_checks_dtype_before_loading(ckpt, no_weight_loading, dtype):
+    with pytest.raises(ValueError, match="dtype"):
+        JanusPolicy.from_pretrained(ckpt, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu", "gpu:0"])
+def test_from_preset_checks_device(device):
+    if device == "cpu" or (device == "cuda" and torch.cuda.is_available()):
+        pytest.skip("a valid device here")
+    with pytest.raises(ValueError, match="device"):
+        JanusPolicy.from_preset("tiny", device=device)
+
+
+@pytest.mark.parametrize("seed_value", [-1, 2.7, 1.0, True, "0", None], ids=repr)
+def test_from_preset_checks_seed(seed_value):
+    with pytest.raises(ValueError, match="seed"):
+        JanusPolicy.from_preset("tiny", seed=seed_value)
+
+
+def _truncation_points(size, header_len):
+    return sorted({0, 3, 7, 8, 8 + header_len // 2, 8 + header_len, 8 + header_len + 1,
+                   (size + 8 + header_len) // 2, size - 1})
+
+
+def test_truncated_safetensors_are_named(ckpt, seed):
+    path = ckpt / "model.safetensors"
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    points = _truncation_points(len(data), header_len) + [random.Random(seed).randrange(len(data))]
+    for cut in points:
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="model.safetensors") as err:
+            JanusPolicy.from_pretrained(ckpt, dtype=torch.float32)
+        assert str(path) in str(err.value), cut
+    path.write_bytes(data + b"\0")  # trailing garbage is not the file the header describes either
+    with pytest.raises(ValueError, match="model.safetensors"):
+        JanusPolicy.from_pretrained(ckpt, dtype=torch.float32)
+    path.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        JanusPolicy.from_pretrained(ckpt, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fname", ["config.json", "generation_config.json", "tokenizer_config.json",
+                                   "tokenizer.json", "model.safetensors.index.json"])
+@pytest.mark.parametrize("content", ["{", "", "{\"a\": }", "\xff\xfe", "null"], ids=repr)
+def test_bad_json_files_are_named(ckpt, fname, content):
+    path = ckpt / fname
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(ValueError, match=fname.replace(".", r"\.")):
+        JanusPolicy.from_pretrained(ckpt, dtype=torch.float32)
+
+
+def test_index_naming_absent_shard_is_named(ckpt):
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "shard-2.safetensors"}}))
+    with pytest.raises(ValueError, match="shard-2.safetensors"):
+        JanusPolicy.from_pretrained(ckpt, dtype=torch.float32)
+
+
+def _rewrite(ckpt, drop=(), add=None):
+    path = ckpt / "model.safetensors"
+    sd = load_file(path)
+    sd = {k: v for k, v in sd.items() if not any(k.startswith(p) for p in drop)}
+    sd.update(add or {})
+    save_file(sd, path, metadata={"format": "pt"})
+    return sd
+
+
+@pytest.mark.parametrize("drop,pattern", [
+    (("model.vqmodel.",), "model.vqmodel.*"),
+    (("lm_head.",), "lm_head.*"),
+    (("model.generation_head.vision_head.",), "model.generation_head.*"),
+    (("model.language_model.layers.1.self_attn.q_proj.weight",), "model.language_model.layers.1.*"),
+])
+def test_missing_weights_are_an_error_unless_allowed(ckpt, drop, pattern):
+    full = load_file(ckpt / "model.safetensors")
+    _rewrite(ckpt, drop=drop)
+    dropped = sorted(k for k in full if any(k.startswith(p) for p in drop))
+    assert dropped
+    with pytest.raises(ValueError, match="missing from the checkpoint") as err:
+        JanusPolicy.from_pretrained(ckpt, dtype=torch.float32)
+    assert f"{len(dropped)} key(s)" in str(err.value) and dropped[0] in str(err.value)
+    policy = JanusPolicy.from_pretrained(ckpt, dtype=torch.float32, allow_missing=(pattern,))
+    kept = next(k for k in full if not any(k.startswith(p) for p in drop))
+    torch.testing.assert_close(policy.hf_model.state_dict()[kept], full[kept])
+    with pytest.raises(ValueError, match="allow_missing"):
+        JanusPolicy.from_pretrained(ckpt, dtype=torch.float32, allow_missing=[3])
+
+
+def test_unexpected_weights_are_an_error_unless_allowed(ckpt):
+    _rewrite(ckpt, add={"model.extra_head.weight": torch.zeros(3), "junk": torch.ones(1)})
+    with pytest.raises(ValueError, match="does not use") as err:
+        JanusPolicy.from_pretrained(ckpt, dtype=torch.float32)
+    assert "junk" in str(err.value) and "model.extra_head.weight" in str(err.value)
+    JanusPolicy.from_pretrained(ckpt, dtype=torch.float32, allow_unexpected=("junk", "model.extra_head.*"))
+
+
+def test_check_token_ids(seed):
+    policy = JanusPolicy(random_janus(32, 1, 2, 50, 0))
+    V, K = policy.text_vocab_size, policy.image_vocab_size
+    rng = random.Random(seed)
+    for _ in range(60):
+        shape = [rng.randint(1, 4) for _ in range(rng.randint(1, 3))]
+        ids = torch.randint(0, V, shape)
+        bad = rng.random() < 0.5
+        if bad:
+            ids.view(-1)[rng.randrange(ids.numel())] = rng.choice([-1, V, V + rng.randint(0, 10**6), -(10**9)])
+        outside = bool(((ids < 0) | (ids >= V)).any())  # independent reference
+        for form in (ids, ids.to(torch.int32), ids.tolist()):
+            if outside:
+                with pytest.raises(ValueError, match="prompt_ids"):
+                    policy.check_token_ids(form, "prompt_ids")
+            else:
+                assert policy.check_token_ids(form, "prompt_ids") is form
+    for bad in (torch.zeros(3), torch.zeros(3, dtype=torch.bool), [1, 2.7], [1, True], [[1], [None]], "abc", 5):
+        with pytest.raises(ValueError, match="cot_ids"):
+            policy.check_token_ids(bad, "cot_ids")
+    assert policy.check_token_ids(torch.zeros(0, dtype=torch.long), "x").numel() == 0
+    policy.check_token_ids([K - 1], "img", vocab="image")
+    with pytest.raises(ValueError, match="img"):
+        policy.check_token_ids([K], "img", vocab="image")
+    with pytest.raises(ValueError, match="vocab"):
+        policy.check_token_ids([1], "x", vocab="txt")
+
+
+@pytest.mark.parametrize("change", [{"bos": 5}, {"eos": 2.0}, {"pad": True}, {"boi": "259"}, {"eoi": 256},
+                                    {"image": None}], ids=repr)
+def test_byte_tokenizer_checks_special_ids(change):
+    ids = {**BYTE_IDS, **change}
+    with pytest.raises(ValueError, match="special_ids"):
+        build_byte_tokenizer(ids)
+    with pytest.raises(ValueError, match="special_ids lacks"):
+        build_byte_tokenizer({k: v for k, v in BYTE_IDS.items() if k != next(iter(change))})

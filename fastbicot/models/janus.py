@@ -8,13 +8,17 @@ can be applied to that input because the layer is linear).
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import numbers
 import os
+import zipfile
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..checks import ArgumentError, check_int, check_str
 from .tokenizer import build_byte_tokenizer
 
 # Janus-Pro's special tokens (deepseek-community/Janus-Pro-{1B,7B} tokenizer and generation config).
@@ -75,22 +79,22 @@ def preset_config(name: str, attn_implementation: str = "sdpa"):
     upsample = 2 ** (len(p.vq_channel_multiplier) - 1)
     patches = p.image_size // upsample  # latent grid side = image tokens per row
     ids = p.special_ids
-    text = dict(
-        model_type="llama", hidden_size=p.hidden_size, num_hidden_layers=p.num_layers,
-        num_attention_heads=p.num_heads, num_key_value_heads=p.num_heads, intermediate_size=p.intermediate_size,
-        vocab_size=p.vocab_size, max_position_embeddings=p.max_position_embeddings, rms_norm_eps=1e-6,
-        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], tie_word_embeddings=False,
-    )
+    text = {
+        "model_type": "llama", "hidden_size": p.hidden_size, "num_hidden_layers": p.num_layers,
+        "num_attention_heads": p.num_heads, "num_key_value_heads": p.num_heads, "intermediate_size": p.intermediate_size,
+        "vocab_size": p.vocab_size, "max_position_embeddings": p.max_position_embeddings, "rms_norm_eps": 1e-6,
+        "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"], "tie_word_embeddings": False,
+    }
     # The vision encoder's patch grid fixes num_image_tokens (and, via JanusConfig, the VQ latent grid).
-    vision = dict(
-        hidden_size=p.vision_hidden, num_hidden_layers=p.vision_layers, num_attention_heads=p.vision_heads,
-        image_size=patches * 16, patch_size=16, num_image_tokens=patches * patches, projection_dim=p.hidden_size,
-    )
-    vq = dict(
-        embed_dim=8, num_embeddings=p.vq_num_embeddings, latent_channels=p.vq_latent_channels,
-        base_channels=p.vq_base_channels, channel_multiplier=list(p.vq_channel_multiplier), num_patches=patches,
-        projection_dim=p.hidden_size, image_token_embed_dim=p.hidden_size,
-    )
+    vision = {
+        "hidden_size": p.vision_hidden, "num_hidden_layers": p.vision_layers, "num_attention_heads": p.vision_heads,
+        "image_size": patches * 16, "patch_size": 16, "num_image_tokens": patches * patches, "projection_dim": p.hidden_size,
+    }
+    vq = {
+        "embed_dim": 8, "num_embeddings": p.vq_num_embeddings, "latent_channels": p.vq_latent_channels,
+        "base_channels": p.vq_base_channels, "channel_multiplier": list(p.vq_channel_multiplier), "num_patches": patches,
+        "projection_dim": p.hidden_size, "image_token_embed_dim": p.hidden_size,
+    }
     config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=ids["image"],
                          tie_word_embeddings=False)
     config._attn_implementation = attn_implementation
@@ -152,9 +156,12 @@ class JanusPolicy(nn.Module):
         """
         from transformers import JanusForConditionalGeneration
 
+        if not isinstance(name, str):
+            raise ArgumentError(f"name must be a preset name (one of {sorted(PRESETS)}), got {name!r}")
+        seed = check_int("seed", seed, low=0)
+        device = _check_device(device, allow_meta=True) or torch.device("cpu")
+        dtype = _check_dtype(dtype) or torch.float32
         config = preset_config(name, attn_implementation)
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        dtype = dtype or torch.float32
         torch.manual_seed(seed)
         old_dtype = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -170,26 +177,50 @@ class JanusPolicy(nn.Module):
 
     @classmethod
     def from_pretrained(cls, local_dir, dtype=None, device=None, tokenizer_dir=None,
-                        attn_implementation: str = "sdpa"):
+                        attn_implementation: str = "sdpa", allow_missing=(), allow_unexpected=()):
         """Load a transformers-format Janus checkpoint (e.g. a local copy of Janus-Pro-7B).
 
         Nothing is downloaded: ``local_dir`` must hold config.json, the weights and the tokenizer
-        (or pass ``tokenizer_dir``).
+        (or pass ``tokenizer_dir``). Checked before any weight is read (docs/errors.md): ``device``
+        (a CUDA device needs CUDA), ``dtype``, every JSON file (named when unparsable), every
+        safetensors file's header and size (a truncated file is named), the tokenizer's presence.
+        After loading, a model weight absent from the checkpoint, or a checkpoint tensor the model
+        does not use, is an error naming the keys unless it matches one of the fnmatch patterns in
+        ``allow_missing`` / ``allow_unexpected`` (e.g. ``allow_missing=("model.vqmodel.*",)``).
         """
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
+        device = _check_device(device, allow_meta=False)
+        dtype = _check_dtype(dtype)
+        allow_missing = _check_patterns("allow_missing", allow_missing)
+        allow_unexpected = _check_patterns("allow_unexpected", allow_unexpected)
+        attn_implementation = check_str("attn_implementation", attn_implementation)
+        if not isinstance(local_dir, (str, os.PathLike)):
+            raise ArgumentError(f"local_dir must be a path, got {type(local_dir).__name__}")
         local_dir = os.fspath(local_dir)
         _check_janus_dir(local_dir)
         tok_dir = os.fspath(tokenizer_dir) if tokenizer_dir is not None else local_dir
+        if not os.path.isdir(tok_dir):
+            raise FileNotFoundError(f"tokenizer_dir not found: {tok_dir!r}")
         if not any(os.path.exists(os.path.join(tok_dir, f)) for f in ("tokenizer.json", "tokenizer.model")):
             raise FileNotFoundError(
                 f"no tokenizer in {tok_dir!r}: expected tokenizer.json (or tokenizer.model) beside the "
                 f"checkpoint, or pass tokenizer_dir="
             )
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        model = JanusForConditionalGeneration.from_pretrained(
-            local_dir, dtype=dtype or torch.bfloat16, local_files_only=True, attn_implementation=attn_implementation
-        )
+        _check_json_files(tok_dir)
+        _check_weight_files(local_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        except Exception as e:
+            raise ValueError(f"{tok_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
+        try:
+            model, info = JanusForConditionalGeneration.from_pretrained(
+                local_dir, dtype=dtype or torch.bfloat16, local_files_only=True,
+                attn_implementation=attn_implementation, output_loading_info=True,
+            )
+        except Exception as e:
+            raise ValueError(f"{local_dir}: cannot load the Janus weights ({type(e).__name__}: {e})") from e
+        _check_loading_info(local_dir, info, allow_missing, allow_unexpected)
         if device is not None:
             model.to(device)
         model.eval()
@@ -268,6 +299,18 @@ class JanusPolicy(nn.Module):
     def forward(self, inputs_embeds, **kwargs):
         return self.trunk(inputs_embeds, **kwargs)[0]
 
+    def check_token_ids(self, ids, name: str = "ids", *, vocab: str = "text"):
+        """Raise a ValueError naming ``name`` unless every id lies in [0, text_vocab_size)
+        (``vocab="image"``: [0, image_vocab_size)); returns ``ids`` unchanged.
+
+        ``ids``: an integer tensor of any shape, or a (nested) list/tuple of ints. Call it before
+        embedding: an out-of-vocabulary id is otherwise an IndexError in ``F.embedding`` on CPU and
+        a device-side assert on CUDA. On CUDA this costs one host sync.
+        """
+        vocab = check_str("vocab", vocab, choices=("text", "image"))
+        size = self.text_vocab_size if vocab == "text" else self.image_vocab_size
+        return check_token_ids(ids, name, size, vocab=vocab)
+
     def unconditional_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """§3: every token except BOS and BOI replaced by the pad token."""
         keep = (ids == self.bos_token_id) | (ids == self.boi_token_id)
@@ -288,13 +331,172 @@ def _first_id(x):
     return x
 
 
+def check_token_ids(ids, name: str, vocab_size: int, *, vocab: str = "text"):
+    """Module-level form of ``JanusPolicy.check_token_ids``: every id must be an integer in [0, vocab_size)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise ArgumentError(f"{name}: token ids must be an integer tensor, got {ids.dtype}")
+        if ids.numel() == 0:
+            return ids
+        flat = ids.reshape(-1)
+        bad = (flat < 0) | (flat >= vocab_size)
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name}: {int(bad.sum())} token id(s) outside the {vocab} vocabulary [0, {vocab_size}), "
+                             f"first {int(flat[pos])} at flat index {pos}")
+        return ids
+    if not isinstance(ids, (list, tuple)):
+        raise ArgumentError(f"{name}: token ids must be a tensor or a list of ints, got {type(ids).__name__}")
+    flat, stack = [], [ids]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        elif isinstance(item, torch.Tensor):
+            check_token_ids(item, name, vocab_size, vocab=vocab)
+        else:
+            flat.append(item)
+    for pos, x in enumerate(flat):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise ArgumentError(f"{name}: token ids must be ints, got {x!r} ({type(x).__name__}) at flat index {pos}")
+        if not 0 <= int(x) < vocab_size:
+            raise ValueError(f"{name}: token id {int(x)} at flat index {pos} is outside the {vocab} vocabulary "
+                             f"[0, {vocab_size})")
+    return ids
+
+
+def _check_device(device, *, allow_meta: bool):
+    """torch.device(device) after checking that the backend exists here (before any weight is loaded)."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
+        raise ArgumentError(f"device must be a str, torch.device or int, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ArgumentError(f"device: {device!r} is not a torch device ({e})") from e
+    if dev.type == "meta" and not allow_meta:
+        raise ArgumentError("device='meta' cannot hold loaded weights; use from_preset(..., device='meta')")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgumentError(f"device={device!r} but CUDA is not available on this machine "
+                                f"(torch {torch.__version__}, cuda build: {torch.version.cuda})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ArgumentError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "meta"):
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ArgumentError(f"device={device!r}: the {dev.type!r} backend is not available on this machine")
+    return dev
+
+
+def _check_dtype(dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ArgumentError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    return dtype
+
+
+def _check_patterns(name, patterns):
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    if not isinstance(patterns, (list, tuple, set, frozenset)) or not all(isinstance(p, str) and p for p in patterns):
+        raise ArgumentError(f"{name} must be a tuple of fnmatch patterns (non-empty strings), got {patterns!r}")
+    return tuple(patterns)
+
+
+def _describe_keys(keys, limit=8):
+    keys = sorted(keys)
+    groups = {}
+    for k in keys:
+        prefix = ".".join(k.split(".")[:2]) + ".*"
+        groups[prefix] = groups.get(prefix, 0) + 1
+    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+    by_group = ", ".join(f"{g}: {n}" for g, n in sorted(groups.items()))
+    return f"{len(keys)} key(s) [{by_group}]: {shown}"
+
+
+def _check_loading_info(local_dir, info, allow_missing, allow_unexpected):
+    def not_allowed(keys, patterns):
+        return [k for k in keys if not any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+
+    missing = not_allowed(info.get("missing_keys") or (), allow_missing)
+    unexpected = not_allowed(info.get("unexpected_keys") or (), allow_unexpected)
+    mismatched = list(info.get("mismatched_keys") or ())
+    problems = []
+    if missing:
+        problems.append(f"the model's weights missing from the checkpoint (they would be random): "
+                        f"{_describe_keys(missing)}; pass allow_missing=(patterns,) to accept")
+    if unexpected:
+        problems.append(f"checkpoint tensors the model does not use: {_describe_keys(unexpected)}; pass "
+                        f"allow_unexpected=(patterns,) to accept")
+    if mismatched:
+        problems.append(f"tensors of the wrong shape: {mismatched[:8]}")
+    if problems:
+        raise ValueError(f"{local_dir}: checkpoint does not match the Janus model: " + "; ".join(problems))
+
+
+def _load_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable ({e})") from e
+
+
+def _check_json_files(directory: str) -> None:
+    """Parse every JSON file of a checkpoint/tokenizer directory, naming the file that is broken."""
+    for fname in sorted(os.listdir(directory)):
+        path = os.path.join(directory, fname)
+        if fname.endswith(".json") and os.path.isfile(path):
+            data = _load_json(path)
+            if not isinstance(data, dict):  # every HF checkpoint/tokenizer JSON file holds an object
+                raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+
+
+def _check_safetensors(path: str) -> None:
+    """Header and size of a safetensors file, without reading its tensors: names a truncated/corrupt file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes, truncated or empty)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise ValueError(f"{path}: truncated safetensors file (header of {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")  # noqa: TRY004
+    end = 0
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(meta["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header entry {key!r}") from e
+    if 8 + n + end != size:
+        raise ValueError(f"{path}: truncated or corrupt safetensors file: the header describes {8 + n + end} "
+                         f"bytes, the file has {size}")
+
+
 def _saved_boi_id(local_dir: str):
     """boi_token_id from generation_config.json (read raw: not every version keeps generation_kwargs)."""
     path = os.path.join(local_dir, "generation_config.json")
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return (json.load(f).get("generation_kwargs") or {}).get("boi_token_id")
+    data = _load_json(path)
+    kwargs = data.get("generation_kwargs") if isinstance(data, dict) else None
+    return (kwargs or {}).get("boi_token_id") if isinstance(kwargs, dict) or kwargs is None else None
 
 
 def _check_janus_dir(local_dir: str) -> None:
@@ -303,11 +505,10 @@ def _check_janus_dir(local_dir: str) -> None:
     cfg_path = os.path.join(local_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{local_dir!r} is not a Janus checkpoint: no config.json (expected transformers' Janus format)")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: unreadable config.json ({e})") from e
+    config = _load_json(cfg_path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")  # noqa: TRY004
+    model_type = config.get("model_type")
     if model_type != "janus":
         raise ValueError(
             f"{local_dir!r} is not a Janus checkpoint: config.json has model_type={model_type!r}, expected 'janus' "
@@ -316,3 +517,32 @@ def _check_janus_dir(local_dir: str) -> None:
     weights = [f for f in os.listdir(local_dir) if f.endswith((".safetensors", ".bin"))]
     if not weights:
         raise ValueError(f"{local_dir!r} has a Janus config.json but no weight files (*.safetensors / *.bin)")
+
+
+def _check_weight_files(local_dir: str) -> None:
+    """Every JSON file parses, index files name existing shards, weight files are complete (named if not)."""
+    weights = [f for f in os.listdir(local_dir) if f.endswith((".safetensors", ".bin"))]
+    _check_json_files(local_dir)
+    for index in (f for f in os.listdir(local_dir) if f.endswith(".index.json")):
+        data = _load_json(os.path.join(local_dir, index))
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{os.path.join(local_dir, index)}: no weight_map object")  # noqa: TRY004
+        absent = sorted({v for v in weight_map.values() if not os.path.isfile(os.path.join(local_dir, str(v)))})
+        if absent:
+            raise ValueError(f"{os.path.join(local_dir, index)}: names shard file(s) that do not exist: {absent}")
+    for fname in sorted(weights):
+        path = os.path.join(local_dir, fname)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: not a regular file")
+        if fname.endswith(".safetensors"):
+            _check_safetensors(path)
+        else:
+            with open(path, "rb") as f:
+                is_zip = f.read(2) == b"PK"
+            if is_zip:
+                try:
+                    with zipfile.ZipFile(path) as z:
+                        z.namelist()
+                except (zipfile.BadZipFile, OSError) as e:
+                    raise ValueError(f"{path}: truncated or corrupt PyTorch weight file ({e})") from e

@@ -18,6 +18,19 @@ SPECIAL_TOKENS = {
 
 
 def build_byte_tokenizer(special_ids: dict):
+    """A byte-level fast tokenizer: bytes are ids 0..255, ``special_ids`` maps each key of
+    SPECIAL_TOKENS (bos, eos, pad, boi, eoi, image) to a distinct integer id >= 256."""
+    from ..checks import ArgumentError, check_int
+
+    if not isinstance(special_ids, dict):
+        raise ArgumentError(f"special_ids must be a dict {{name: id}}, got {type(special_ids).__name__}")
+    absent = sorted(set(SPECIAL_TOKENS) - set(special_ids))
+    if absent:
+        raise ArgumentError(f"special_ids lacks {absent} (needs every one of {sorted(SPECIAL_TOKENS)})")
+    ids = {k: check_int(f"special_ids[{k!r}]", special_ids[k], low=256) for k in SPECIAL_TOKENS}
+    if len(set(ids.values())) != len(ids):
+        raise ArgumentError(f"special_ids must be distinct, got {ids}")
+    special_ids = ids
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
