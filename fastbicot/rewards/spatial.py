@@ -46,6 +46,7 @@ RELATIONS = {
     "above": ("y", -1),
     "on top of": ("y", -1),
     "on the top of": ("y", -1),
+    "top of": ("y", -1),  # in the T2I-R1 seed's relation list (reward_gdino.py:240)
     "below": ("y", 1),
     "on the bottom of": ("y", 1),
     "next to": ("near", 0),
@@ -59,7 +60,7 @@ _EPS = 1e-9  # floor for the mean box size, so zero-area boxes do not divide by 
 def normalize_relation(relation: str) -> str:
     """Lower-case, whitespace-collapsed relation; ValueError for a relation this module does not score."""
     if not isinstance(relation, str):
-        raise ValueError(f"spatial relation must be a string, got {type(relation).__name__}")
+        raise ValueError(f"spatial relation must be a string, got {type(relation).__name__}")  # noqa: TRY004
     key = " ".join(relation.lower().split())
     if key not in RELATIONS:
         raise ValueError(f"unknown spatial relation {relation!r}; known relations: {sorted(RELATIONS)}")
