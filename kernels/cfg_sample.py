@@ -231,7 +231,10 @@ def _as_int64(x):
     return (int(x) + 2**63) % 2**64 - 2**63
 
 
-def _cfg_sample_triton(c, u, w, temperature, top_k, top_p, seed, offset):
+def _cfg_launch(c, u, w, temperature, top_k, top_p, seed, offset, on_gpu=None):
+    """(kernel, grid, args, kwargs, (tok, lp)): what `_cfg_sample_triton` launches. on_gpu defaults
+    to c's device; tests/aot_compile.py passes True to plan a CUDA launch from CPU tensors."""
+    on_gpu = c.is_cuda if on_gpu is None else on_gpu
     B, V = c.shape
     tok = torch.empty(B, dtype=torch.int64, device=c.device)
     lp = torch.empty(B, dtype=torch.float32, device=c.device)
@@ -245,22 +248,30 @@ def _cfg_sample_triton(c, u, w, temperature, top_k, top_p, seed, offset):
         seed, offset = _as_int64(seed), _as_int64(offset)
     has_u = u is not None
     u_arg = u if has_u else c
+    greedy = temperature == 0
+    # greedy reads no threshold and no random stream: one specialization whatever the other flags
     common = {
-        "HAS_U": has_u, "GREEDY": temperature == 0, "DO_TOPK": 0 < top_k < V, "DO_TOPP": top_p < 1.0,
-        "RNG_IN_MEMORY": in_memory,
+        "HAS_U": has_u, "GREEDY": greedy, "DO_TOPK": not greedy and 0 < top_k < V,
+        "DO_TOPP": not greedy and top_p < 1.0, "RNG_IN_MEMORY": not greedy and in_memory,
     }
     args = (c, u_arg, tok, lp, seed_t, offset_t, B, V, c.stride(0), u_arg.stride(0), float(w),
             float(temperature) or 1.0, int(top_k), float(top_p), int(seed), int(offset))
     block_v = min(triton.next_power_of_2(V), _MAX_BLOCK if V <= _MAX_BLOCK else _TILE)
     # Short rows share a program so small vocabularies still fill the machine; the CPU
     # interpreter pays per program, not per element, so it takes far more rows at once.
-    block_r = min(triton.next_power_of_2(B), max(1, (4096 if c.is_cuda else 65536) // block_v))
+    block_r = min(triton.next_power_of_2(B), max(1, (4096 if on_gpu else 65536) // block_v))
     num_warps = max(1, min(16, block_r * block_v // 1024))
     grid = (triton.cdiv(B, block_r),)
     if V <= _MAX_BLOCK:
-        _cfg_sample_block_kernel[grid](*args, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps, **common)
+        kernel, kwargs = _cfg_sample_block_kernel, {"BLOCK_R": block_r, "BLOCK_V": block_v}
     else:
-        _cfg_sample_tiled_kernel[grid](*args, BLOCK_R=block_r, TILE=block_v, num_warps=num_warps, **common)
+        kernel, kwargs = _cfg_sample_tiled_kernel, {"BLOCK_R": block_r, "TILE": block_v}
+    return kernel, grid, args, {**kwargs, **common, "num_warps": num_warps}, (tok, lp)
+
+
+def _cfg_sample_triton(c, u, w, temperature, top_k, top_p, seed, offset):
+    kernel, grid, args, kwargs, (tok, lp) = _cfg_launch(c, u, w, temperature, top_k, top_p, seed, offset)
+    kernel[grid](*args, **kwargs)
     return tok, lp
 
 

@@ -17,7 +17,9 @@
 Hq must be a multiple of Hkv (GQA: query head h reads kv head h // (Hq // Hkv)). Inputs may be
 fp16/bf16/fp32 (fp64 on the torch path) with any strides; accumulation is fp32. A row whose
 prefix and suffix are both empty has nothing to attend to: its output is defined as 0 (and its
-log-sum-exp as -inf), because raising would need a host sync inside a CUDA graph.
+log-sum-exp as -inf), because raising would need a host sync inside a CUDA graph. NaN in q, or
+in a valid (within-length) k/v slot a row reads, makes that row's output NaN on every path (it
+is never turned into 0); KV slots past the lengths are never read and may hold anything.
 
 The two halves and the merge are public too, so a caller can place them differently:
 
@@ -70,6 +72,17 @@ _LOG2E = 1.4426950408889634
 _BLOCK_N_PREFIX = 64  # prefix tokens per tile of the prefix kernel
 _BLOCK_N_SUFFIX = 64  # suffix tokens per tile of the suffix kernel
 _MIN_SPLIT_TOKENS = 256  # a prefix split shorter than this is not worth its partial write
+# Software-pipelining depth of the prefix kernel for fp16/bf16 caches. 3 stages put the
+# BLOCK_M=64, D=128 tile at the 255-register cap with spills in the KV loop on sm_80 (found by the
+# ahead-of-time compile, tests/aot_compile.py); 2 stages compile without spills on sm_80 and sm_90.
+# Chosen from the compiler's report alone: it awaits a GPU measurement (bench/gpu_check.sh).
+_PREFIX_NUM_STAGES_16BIT = 2
+# fp32 caches take true fp32 products (no tensor cores): a [BLOCK_M, D] x [D, BLOCK_N] FMA dot held
+# in registers. BLOCK_M=64 needed 180 KB of shared memory (over A100's 163 KB per block) and
+# spilled 13-29 KB per thread in the KV loop; 16 query rows, 8 warps and no pipelining compile
+# with no spill and 45 KB of shared memory on sm_80 and sm_90. Larger groups loop over 16-row
+# chunks and re-read the prefix from L2: fp32 caches are the slow, exact path.
+_PREFIX_FP32_CONFIG = {"BLOCK_M": 16, "num_warps": 8, "num_stages": 1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,9 +202,11 @@ def _suffix_merge_kernel(q_ptr, k_ptr, v_ptr, slen_ptr, po_ptr, plse_ptr, o_ptr,
             v = tl.load(v_base + n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
             acc = acc * alpha + tl.sum(pr[:, None] * v.to(tl.float32), 0)
             m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)  # l_i == 0: no key at all -> out 0, lse -inf
-    out = tl.where(l_i > 0, acc / l_safe, 0.0)
-    lse_out = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    # l_i == 0 exactly: no key at all -> out 0, lse -inf. A NaN l_i (NaN in q, k or v) stays NaN.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty, 0.0, acc / l_safe)
+    lse_out = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(o_ptr + b * s_ob + h * s_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
     tl.store(lse_ptr + b * s_lb + h, lse_out)
 
@@ -200,57 +215,85 @@ def _block_d(d):
     return max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16
 
 
-def _num_splits(q, lp_max, programs, num_splits):
+def _num_splits(q, lp_max, programs, num_splits, sms=None):
     """Prefix splits: enough programs to fill the GPU, each split at least _MIN_SPLIT_TOKENS long."""
     lp_max = max(lp_max, 1)  # a zero-capacity prefix still gets one (empty) split
     if num_splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        if sms is None:
+            sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         num_splits = min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(lp_max, _MIN_SPLIT_TOKENS))
     num_splits = max(1, min(int(num_splits), triton.cdiv(lp_max, _BLOCK_N_PREFIX)))
     split_len = triton.cdiv(triton.cdiv(lp_max, num_splits), _BLOCK_N_PREFIX) * _BLOCK_N_PREFIX
     return triton.cdiv(lp_max, split_len), split_len
 
 
-def _prefix_partials_triton(q, pk, pv, plen, layout, scale, num_splits):
-    """Per-split partial (out, lse) of the prefix kernel: fp32 [B, Hq, S, D] and [B, Hq, S]."""
+def _prefix_config(num_queries, dtype, on_gpu):
+    """Tile and launch options of the prefix kernel for `num_queries` = B * (Hq // Hkv) query rows."""
+    block_m = max(16, min(64, triton.next_power_of_2(max(num_queries, 1))))
+    if on_gpu and dtype == torch.float32:
+        return dict(_PREFIX_FP32_CONFIG)
+    stages = _PREFIX_NUM_STAGES_16BIT if on_gpu else 1  # the interpreter ignores num_stages
+    return {"BLOCK_M": block_m, "num_warps": 4, "num_stages": stages}
+
+
+def _prefix_launch(q, pk, pv, plen, layout, scale, num_splits, on_gpu=None, sms=None):
+    """(grid, args, kwargs, (po, plse)) of the prefix kernel: what `_prefix_partials_triton` launches.
+
+    on_gpu / sms default to q's device; tests/aot_compile.py passes them to plan a CUDA launch from
+    CPU tensors of the real shapes, so the ahead-of-time compile sees exactly these specializations.
+    """
+    on_gpu = q.is_cuda if on_gpu is None else on_gpu
     B, Hq, D = q.shape
     P, Hkv, Lp, _ = pk.shape
     rows, starts = layout
-    S, split_len = _num_splits(q, Lp, P * Hkv, num_splits)
+    S, split_len = _num_splits(q, Lp, P * Hkv, num_splits, sms)
     po = torch.empty(B, Hq, S, D, dtype=torch.float32, device=q.device)
     plse = torch.full((B, Hq, S), float("-inf"), dtype=torch.float32, device=q.device)
-    if B > 0 and P > 0 and Hkv > 0:
-        block_m = max(16, min(64, triton.next_power_of_2(B * (Hq // Hkv))))
-        _prefix_kernel[(P * Hkv, S)](
-            q, pk, pv, plen, rows, starts, po, plse, Hkv, Lp, D, split_len, scale * _LOG2E,
+    args = (q, pk, pv, plen, rows, starts, po, plse, Hkv, Lp, D, split_len, scale * _LOG2E,
             *q.stride(), *pk.stride(), *pv.stride(), po.stride(0), po.stride(1), po.stride(2),
-            plse.stride(0), plse.stride(1),
-            GQA=Hq // Hkv, BLOCK_M=block_m, BLOCK_N=_BLOCK_N_PREFIX, BLOCK_D=_block_d(D),
-            # triton's interpreter multiplies bf16 dot operands as raw uint16 bits: feed it fp32
-            DOT_F32=not q.is_cuda,
-            # fp32 caches get true fp32 products ("ieee", not tf32); fp16/bf16 use the usual MMA
-            PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+            plse.stride(0), plse.stride(1))
+    kwargs = dict(GQA=Hq // Hkv, BLOCK_N=_BLOCK_N_PREFIX, BLOCK_D=_block_d(D),
+                  # triton's interpreter multiplies bf16 dot operands as raw uint16 bits: feed it fp32
+                  DOT_F32=not on_gpu,
+                  # fp32 caches get true fp32 products ("ieee", not tf32); fp16/bf16 use the usual MMA
+                  PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                  **_prefix_config(B * (Hq // Hkv), q.dtype, on_gpu))
+    return (P * Hkv, S), args, kwargs, (po, plse)
+
+
+def _prefix_partials_triton(q, pk, pv, plen, layout, scale, num_splits):
+    """Per-split partial (out, lse) of the prefix kernel: fp32 [B, Hq, S, D] and [B, Hq, S]."""
+    grid, args, kwargs, (po, plse) = _prefix_launch(q, pk, pv, plen, layout, scale, num_splits)
+    if q.shape[0] > 0 and grid[0] > 0:
+        _prefix_kernel[grid](*args, **kwargs)
     return po, plse
+
+
+def _suffix_merge_launch(q, parts, suffix, scale, out_dtype):
+    """(grid, args, kwargs, (out, lse)) of the suffix kernel that merges `parts` = (po, plse) or None
+    with `suffix` = (k, v, len) or None."""
+    B, Hq, D = q.shape
+    out = torch.empty(B, Hq, D, dtype=out_dtype, device=q.device)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    po, plse = parts if parts is not None else (lse, lse)  # placeholders: the branch is compiled out
+    sk, sv, slen = suffix if suffix is not None else (q[:, :, None], q[:, :, None], lse)
+    S = po.shape[2] if parts is not None else 1
+    args = (q, sk, sv, slen, po, plse, out, lse, sk.shape[2], D, S, scale * _LOG2E,
+            *q.stride(), *sk.stride(), *sv.stride(),
+            *(po.stride()[:3] if parts is not None else (0, 0, 0)),
+            *(plse.stride()[:2] if parts is not None else (0, 0)),
+            out.stride(0), out.stride(1), lse.stride(0))
+    kwargs = {"GQA": Hq // sk.shape[1], "HAS_PARTS": parts is not None, "HAS_SUFFIX": suffix is not None,
+              "BLOCK_N": _BLOCK_N_SUFFIX, "BLOCK_D": _block_d(D), "BLOCK_S": triton.next_power_of_2(S),
+              "num_warps": 4}
+    return (B, Hq), args, kwargs, (out, lse)
 
 
 def _suffix_merge_triton(q, parts, suffix, scale, out_dtype):
     """Launch the suffix kernel: merge `parts` = (po, plse) or None with `suffix` = (k, v, len) or None."""
-    B, Hq, D = q.shape
-    out = torch.empty(B, Hq, D, dtype=out_dtype, device=q.device)
-    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
-    if B == 0 or Hq == 0:
-        return out, lse
-    po, plse = parts if parts is not None else (lse, lse)  # placeholders: the branch is compiled out
-    sk, sv, slen = suffix if suffix is not None else (q[:, :, None], q[:, :, None], lse)
-    S = po.shape[2] if parts is not None else 1
-    _suffix_merge_kernel[(B, Hq)](
-        q, sk, sv, slen, po, plse, out, lse, sk.shape[2], D, S, scale * _LOG2E,
-        *q.stride(), *sk.stride(), *sv.stride(),
-        *(po.stride()[:3] if parts is not None else (0, 0, 0)),
-        *(plse.stride()[:2] if parts is not None else (0, 0)),
-        out.stride(0), out.stride(1), lse.stride(0),
-        GQA=Hq // sk.shape[1], HAS_PARTS=parts is not None, HAS_SUFFIX=suffix is not None,
-        BLOCK_N=_BLOCK_N_SUFFIX, BLOCK_D=_block_d(D), BLOCK_S=triton.next_power_of_2(S), num_warps=4)
+    grid, args, kwargs, (out, lse) = _suffix_merge_launch(q, parts, suffix, scale, out_dtype)
+    if grid[0] > 0 and grid[1] > 0:
+        _suffix_merge_kernel[grid](*args, **kwargs)
     return out, lse
 
 
@@ -294,9 +337,11 @@ def _suffix_attention_torch(q, sk, sv, slen, scale):
     s = torch.einsum("bhgd,bhld->bhgl", qg, sk[:, :, :ls].to(dt)) * scale
     valid = torch.arange(ls, device=q.device)[None, :] < slen.long()[:, None]  # [B, ls]
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(s, -1)  # -inf for an empty suffix
-    p = torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None])  # exp(-inf) = 0 on empty rows
-    out = torch.einsum("bhgl,bhld->bhgd", p, sv[:, :, :ls].to(dt))
+    lse = torch.logsumexp(s, -1)  # -inf for an empty suffix, NaN if a valid score is NaN
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])  # exp(-inf) = 0 on empty rows
+    # slots past a row's length may hold anything (an uninitialised cache): 0 * NaN must not leak
+    v = sv[:, :, :ls].to(dt).masked_fill(~valid[:, None, :, None], 0.0)
+    out = torch.einsum("bhgl,bhld->bhgd", p, v)
     return out.reshape(B, Hq, D), lse.reshape(B, Hq)
 
 
@@ -305,8 +350,9 @@ def merge_attention(o1, lse1, o2, lse2):
 
     o1, o2 [..., D]; lse1, lse2 [...] natural-log log-sum-exp (-inf = empty set, whose out is
     ignored). Returns (out [..., D] in the promoted dtype of o1 and o2, lse [...] fp32, fp64 for
-    fp64 inputs); out is 0 and lse -inf where both sets are empty. Pure torch without host sync,
-    so it is fine inside CUDA graphs.
+    fp64 inputs); out is 0 and lse -inf where both sets are empty. A side counts as empty only when
+    its lse is -inf: NaN in an out or lse of a non-empty side gives NaN, never 0. Pure torch without
+    host sync, so it is fine inside CUDA graphs.
     """
     if o1.shape != o2.shape or lse1.shape != lse2.shape or o1.shape[:-1] != lse1.shape:
         raise ValueError(f"merge_attention: shapes do not match: o1 {tuple(o1.shape)}, lse1 "
@@ -316,11 +362,12 @@ def merge_attention(o1, lse1, o2, lse2):
     lse1, lse2 = lse1.to(dt), lse2.to(dt)
     m = torch.maximum(lse1, lse2)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # both empty: avoid -inf - -inf
+    empty1, empty2 = (lse1 == float("-inf"))[..., None], (lse2 == float("-inf"))[..., None]
     w1, w2 = torch.exp(lse1 - m)[..., None], torch.exp(lse2 - m)[..., None]
     total = w1 + w2
-    # an empty side (w == 0) contributes nothing, even if its out holds garbage
-    acc = torch.where(w1 > 0, w1 * o1.to(dt), 0.0) + torch.where(w2 > 0, w2 * o2.to(dt), 0.0)
-    out = torch.where(total > 0, acc / total.clamp_min(1e-30), 0.0)
+    # an empty side (lse -inf) contributes nothing, even if its out holds garbage; NaN propagates
+    acc = torch.where(empty1, 0.0, w1 * o1.to(dt)) + torch.where(empty2, 0.0, w2 * o2.to(dt))
+    out = torch.where(empty1 & empty2, 0.0, acc / torch.where(empty1 & empty2, 1.0, total))
     return out.to(out_dtype), m + torch.log(total[..., 0])
 
 
@@ -342,7 +389,9 @@ def grouped_decode_attention_reference(q, prefix_k, prefix_v, prefix_len, group_
                        torch.arange(ls, device=q.device)[None] < suffix_len.long()[:, None]], dim=1)
     s = torch.einsum("bhd,bhld->bhl", q.float(), k) * scale
     s = s.masked_fill(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no valid key outputs 0
+    # a row with no valid key outputs 0; NaN in a valid q/k/v entry stays NaN
+    p = torch.softmax(s, dim=-1).masked_fill(~valid.any(1)[:, None, None], 0.0)
+    v = v.masked_fill(~valid[:, None, :, None], 0.0)  # slots past the lengths may hold garbage
     return torch.einsum("bhl,bhld->bhd", p, v).to(q.dtype)
 
 
