@@ -366,7 +366,7 @@ def test_grounding_dino_detections_feed_rules(tmp_path, seed):
     prompts = ["a green bench and a red car", "two cat", "a dog left of a cup"]
     thr = 0.3
     reward = GroundingDinoReward.from_pretrained(tmp_path, box_threshold=thr, batch_size=2, threshold=0.4,
-                                                 dtype="fp32")
+                                                 dtype="fp32", rules="fastbicot")  # the continuous rules
     # reference: one unpadded forward per image, GroundingDINO's own text format, phrases scored by hand
     pixels = preprocess(images, reward.detector.image_config, torch.float32)
     assert pixels.shape[-2:] == (48, 48)
@@ -399,7 +399,7 @@ def test_grounding_dino_detections_feed_rules(tmp_path, seed):
     got = reward(images, prompts, meta)
     torch.testing.assert_close(got, torch.tensor(ref_scores, dtype=torch.float32), atol=1e-6, rtol=0)
     torch.testing.assert_close(GroundingDinoReward.from_pretrained(tmp_path, box_threshold=thr, batch_size=1,
-                                                                   threshold=0.4)(images, prompts, meta), got)
+                                                                   threshold=0.4, rules="fastbicot")(images, prompts, meta), got)
     assert ((got >= 0) & (got <= 1)).all()
     # a NaN from the model: error naming reward and prompt, or the configured fallback
     with torch.no_grad():
@@ -408,6 +408,99 @@ def test_grounding_dino_detections_feed_rules(tmp_path, seed):
         reward(images, prompts, meta)
     reward.fallback = 0.0
     assert reward(images, prompts, meta).tolist() == [0.0, 0.0, 0.0]
+
+
+def seed_positive_map(tokenized, token_span, max_text_len):
+    """create_positive_map_from_span (GroundingDINO util/vl_utils.py:8-47 in the seed), restated."""
+    positive_map = torch.zeros((len(token_span), max_text_len), dtype=torch.float)
+    for j, tok_list in enumerate(token_span):
+        for (beg, end) in tok_list:
+            beg_pos = tokenized.char_to_token(beg)
+            end_pos = tokenized.char_to_token(end - 1)
+            if beg_pos is None:
+                try:
+                    beg_pos = tokenized.char_to_token(beg + 1)
+                    if beg_pos is None:
+                        beg_pos = tokenized.char_to_token(beg + 2)
+                except Exception:  # noqa: BLE001 -- as the seed
+                    beg_pos = None
+            if end_pos is None:
+                try:
+                    end_pos = tokenized.char_to_token(end - 2)
+                    if end_pos is None:
+                        end_pos = tokenized.char_to_token(end - 3)
+                except Exception:  # noqa: BLE001 -- as the seed
+                    end_pos = None
+            if beg_pos is None or end_pos is None:
+                continue
+            positive_map[j, beg_pos: end_pos + 1].fill_(1)
+    return positive_map / (positive_map.sum(-1)[:, None] + 1e-6)
+
+
+def seed_make_detection_prompt(nouns):
+    """grpo.py:63-82 of the seed, restated."""
+    token_spans, pointer = [], 0
+    for noun in nouns:
+        n_split = noun.strip().split(" ")
+        if len(n_split) == 1:
+            length = len(n_split[0])
+            token_spans.append([[pointer, pointer + length]])
+            pointer += length + 3
+        else:
+            beg_len, total_length, end_len = len(n_split[0]), len(noun), len(n_split[-1])
+            token_spans.append([[pointer, pointer + beg_len],
+                                [pointer + total_length - end_len, pointer + total_length]])
+            pointer += total_length + 3
+    return " . ".join(nouns) + ".", token_spans
+
+
+def test_grounding_dino_t2i_r1_mode_matches_the_seed(tmp_path, seed):
+    from test_rewards_rules import seed_gdino_score
+
+    model, tok = save_tiny_grounding_dino(tmp_path)
+    # a BERT-like tokenizer that adds [CLS] / [SEP] itself, as the seed's model.tokenizer(caption) does
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 101), ("[SEP]", 102)])
+    tok.save_pretrained(tmp_path)
+    images = rand_images(4, 40, 44)
+    meta = [{"task_type": "color", "nouns": ["bench", "green car"], "attr_nouns": ["green bench", "red car"]},
+            {"task_type": "numeracy", "nouns": ["cat", "dog"],
+             "numeracy_info": [{"obj_name": "cat", "num": 2}, {"obj_name": "dog", "num": 1}]},
+            {"task_type": "spatial", "nouns": ["dog", "the blue cup"],
+             "spatial_info": {"obj1": "dog", "obj2": "the blue cup", "locality": "left of"}},
+            {"task_type": "complex", "nouns": ["red dog", "cup", "the green plate"]}]
+    prompts = ["a green bench and a green car", "two cat and a dog", "a dog left of the blue cup", "x"]
+    reward = GroundingDinoReward.from_pretrained(tmp_path, batch_size=3, dtype="fp32", fix_above=False,
+                                                 fix_proximity=False, fix_nms=False)
+    assert reward.rules == "t2i_r1" and reward.detector.box_threshold == 0.3
+    pixels = preprocess(images, reward.detector.image_config, torch.float32)
+    ref, fired = [], 0
+    for i, m in enumerate(meta):
+        caption, spans = seed_make_detection_prompt(m["nouns"])
+        tokenized = tok(caption)
+        with torch.no_grad():
+            out = model(pixel_values=pixels[i:i + 1], input_ids=torch.tensor([tokenized.input_ids]))
+        logits = out.logits.sigmoid()[0]  # (nq, max_text_len)
+        pmap = seed_positive_map(tokenized, spans, logits.shape[1])
+        phrase_logits = pmap @ logits.T  # gdino:151
+        fired += int((phrase_logits > 0.3).sum())
+        labels = [" ".join(caption[a:b] for a, b in span) for span in spans]  # gdino:157
+        ref.append(seed_gdino_score(phrase_logits.double(), out.pred_boxes[0].double(), labels, m))
+    assert fired > 0  # the random tiny model does score phrases above the threshold
+    got = reward(images, prompts, meta)
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float32), atol=1e-5, rtol=0)
+    again = GroundingDinoReward.from_pretrained(tmp_path, batch_size=1, fix_above=False, fix_proximity=False,
+                                                fix_nms=False)(images, prompts, meta)
+    torch.testing.assert_close(again, got)
+    # a 3-word noun is labelled by its first and last word ("the cup"), as in the seed
+    dets = reward.detector(images[2:3], [meta[2]["nouns"]])[0]
+    assert all(dict(d.phrase_scores).keys() == {"dog", "the cup"} for d in dets)
+    # no nouns: 1 without running the detector on anything
+    assert reward(images[:1], ["x"], [{"task_type": "object", "nouns": []}]).tolist() == [1.0]
+    with pytest.raises(ValueError, match="needs a detector in mode"):
+        GroundingDinoReward(reward.detector, rules="fastbicot")
+    with pytest.raises(ValueError, match="box_threshold"):
+        GroundingDinoReward.from_pretrained(tmp_path, box_threshold=float("nan"))
 
 
 # ----------------------------------------------------------------------------- VLM judges (ORM, Qwen2.5-VL)
