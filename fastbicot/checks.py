@@ -103,9 +103,9 @@ def check_float(name: str, value, *, low=None, high=None, low_open: bool = False
     except (OverflowError, ValueError) as exc:  # e.g. an int too large for a float
         raise ArgumentError(f"{name} must be a finite number, got {_describe(value)}") from exc
     if math.isnan(result):
-        raise ArgumentError(f"{name} must be a number, got NaN")
+        raise ArgumentError(f"{name} must not be NaN" if allow_inf else f"{name} must be a finite number, got NaN")
     if math.isinf(result) and not allow_inf:
-        raise ArgumentError(f"{name} must be finite, got {result}")
+        raise ArgumentError(f"{name} must be a finite number, got {result}")
     _check_range(name, result, low, high, low_open, high_open, value)
     return result
 

@@ -1,10 +1,14 @@
 """Reward protocol: input/output validation, fallback, FunctionReward, RewardEnsemble."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
 
+from fastbicot.data import PromptRecord
 from fastbicot.rewards import FunctionReward, Reward, RewardEnsemble, RewardError, require_field
+from fastbicot.rewards.base import group_ids_from
 
 
 def _images(n, h=5, w=7):
@@ -204,3 +208,158 @@ def test_ensemble_config_errors():
         ens(_images(2), ["a", "b"], group_size=3)
     with pytest.raises(ValueError, match="3 entries for 2 samples"):
         ens(_images(2), ["a", "b"], group_ids=[0, 0, 1])
+
+
+# ---- issue 15: nothing silent ------------------------------------------------------------------
+
+
+def _id_forms(labels):
+    """The same grouping written in every accepted form (labels: small non-negative ints)."""
+    names = ["g" + str(x) for x in labels]
+    return [
+        list(labels), tuple(labels), torch.tensor(labels), torch.tensor(labels, dtype=torch.int32),
+        torch.tensor(labels, dtype=torch.float32), np.asarray(labels, dtype=np.float64),
+        [float(x) for x in labels], names, np.asarray(names), [np.int64(x) for x in labels],
+    ]
+
+
+def test_group_ids_every_form_groups_like_the_reference(seed):
+    rng = random.Random(seed)
+    for _ in range(20):
+        n = rng.randint(1, 12)
+        labels = [rng.randint(0, 3) for _ in range(n)]
+        c = torch.randn(n)
+        ref = _group_ref(c, torch.tensor(labels))  # independent of group_ids_from
+        for form in _id_forms(labels):
+            out = RewardEnsemble([Const("c", c)], normalize="group")(_images(n), ["p"] * n, group_ids=form)
+            torch.testing.assert_close(out.total.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ids", [
+    [0.5, 1.0], [0, 1.5], [float("nan"), 0], [float("inf"), 1], torch.tensor([0.0, 0.25]),
+    [True, False], [np.bool_(True), 0], [None, 1], [0, "a"], [b"a", b"b"], [(0,), (1,)], [[0], [1]],
+    [{}, {}], "ab", 3, np.asarray([0.5, 1.0]),
+], ids=repr)
+def test_bad_group_ids_are_named(ids):
+    with pytest.raises(ValueError, match="group_ids"):
+        group_ids_from(2, ids)
+    ens = RewardEnsemble([Const("c", [0.0, 1.0])], normalize="group")
+    with pytest.raises(ValueError, match="group_ids"):
+        ens(_images(2), ["a", "b"], group_ids=ids)
+
+
+@pytest.mark.parametrize("size", [0, -2, 2.0, 1.5, True, "2", float("nan")], ids=repr)
+def test_bad_group_size_is_named(size):
+    with pytest.raises(ValueError, match="group_size"):
+        group_ids_from(4, group_size=size)
+
+
+_NOT_STRINGS = [PromptRecord("a cat", {"task_type": "object"}), None, 3, 2.5, b"a cat", ["a cat"], {"prompt": "x"}]
+
+
+@pytest.mark.parametrize("bad", _NOT_STRINGS, ids=repr)
+@pytest.mark.parametrize("index", [0, 2])
+def test_non_string_prompt_or_cot_names_reward_and_index(bad, index):
+    seen = []
+    r = FunctionReward("scorer", lambda im, p, m, c: seen.append(p) or 1.0, batched=False)
+    prompts = ["x", "y", "z"]
+    prompts[index] = bad
+    with pytest.raises(RewardError, match=rf"'scorer'.*prompts\[{index}\]"):
+        r(_images(3), prompts)
+    cots = ["x", "y", "z"]
+    cots[index] = bad
+    with pytest.raises(RewardError, match=rf"'scorer'.*cots\[{index}\]"):
+        r(_images(3), ["x", "y", "z"], None, cots)
+    assert seen == []  # nothing was scored as a repr
+    ens = RewardEnsemble([Const("k", [0.0] * 3), r])
+    with pytest.raises(RewardError, match=rf"prompts\[{index}\]"):
+        ens(_images(3), prompts)
+
+
+def test_prompt_record_error_says_what_to_pass():
+    with pytest.raises(RewardError, match=r"record\.prompt"):
+        Const("c", [0.0])(_images(1), [PromptRecord("a cat")])
+
+
+_RAISES = [KeyError("nouns"), ZeroDivisionError("division by zero"), RuntimeError("CUDA out of memory"),
+           AttributeError("'NoneType' object has no attribute 'boxes'"), ValueError("bad box"),
+           IndexError("list index out of range"), TypeError("unsupported operand")]
+
+
+@pytest.mark.parametrize("exc", _RAISES, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("n", [1, 5])
+def test_ensemble_names_the_reward_that_raised(exc, n):
+    def boom(images, prompts, metadata, cots):
+        raise exc
+
+    prompts = [f"prompt number {i}" for i in range(n)]
+    ens = RewardEnsemble([Const("fine", [1.0] * n), FunctionReward("detector", boom)])
+    with pytest.raises(RewardError, match="'detector'.*'prompt number 0'") as err:
+        ens(_images(n), prompts)
+    assert err.value.__cause__ is exc
+    assert type(exc).__name__ in str(err.value)
+
+
+@pytest.mark.parametrize("exc", _RAISES, ids=lambda e: type(e).__name__)
+def test_per_sample_function_reward_names_the_prompt(exc):
+    def boom(image, prompt, metadata, cot):
+        if prompt == "bad one":
+            raise exc
+        return 0.0
+
+    r = FunctionReward("per", boom, batched=False)
+    with pytest.raises(RewardError, match=r"'per' failed on prompts\[2\] 'bad one'") as err:
+        RewardEnsemble([r])(_images(3), ["a", "b", "bad one"])
+    assert err.value.__cause__ is exc
+
+
+def test_reward_error_passes_through_the_ensemble_unchanged():
+    original = RewardError("reward 'own': something precise")
+
+    def boom(images, prompts, metadata, cots):
+        raise original
+
+    with pytest.raises(RewardError) as err:
+        RewardEnsemble([FunctionReward("own", boom)])(_images(2), ["a", "b"])
+    assert err.value is original
+
+
+@pytest.mark.parametrize("weights,match", [
+    ([float("nan")], r"weights\[0\]"), ([float("inf")], r"weights\[0\]"), ([True], r"weights\[0\]"),
+    (["1.0"], r"weights\[0\]"), ({"c": float("nan")}, r"weights\['c'\]"), ({"c": None}, r"weights\['c'\]"),
+    ("1", "weights must be a list"), (2.0, "weights must be a list"),
+], ids=repr)
+def test_bad_weights_are_named(weights, match):
+    with pytest.raises(ValueError, match=match):
+        RewardEnsemble([Const("c", [0.0])], weights=weights)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mode": "SUM"}, "mode"), ({"mode": None}, "mode"), ({"normalize": "groups"}, "normalize"),
+    ({"normalize": 1}, "normalize"),
+], ids=repr)
+def test_bad_ensemble_options_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RewardEnsemble([Const("c", [0.0])], **kwargs)
+
+
+@pytest.mark.parametrize("rewards", [Const("c", [0.0]), [lambda *a: 0], [None], "c"], ids=repr)
+def test_ensemble_needs_reward_objects(rewards):
+    with pytest.raises(ValueError, match="rewards"):
+        RewardEnsemble(rewards)
+
+
+@pytest.mark.parametrize("fallback", [float("nan"), float("inf"), -float("inf"), True, "0", [0.0]], ids=repr)
+def test_bad_fallback_is_named(fallback):
+    with pytest.raises(ValueError, match="fallback"):
+        Const("x", [0.0], fallback=fallback)
+
+
+def test_group_normalize_checks_eps_and_values():
+    from fastbicot.rewards import group_normalize
+
+    for eps in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="eps"):
+            group_normalize(torch.zeros(3), torch.zeros(3, dtype=torch.long), eps)
+    with pytest.raises(ValueError, match="non-finite"):
+        group_normalize(torch.tensor([0.0, float("nan")]), torch.zeros(2, dtype=torch.long))

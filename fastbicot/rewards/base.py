@@ -10,11 +10,14 @@ reward and the prompt, or the reward's explicit ``fallback`` value -- never a si
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+import numbers
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..checks import ArgumentError, check_bool, check_float, check_int, check_str
 
 
 class RewardError(ValueError):
@@ -78,6 +81,18 @@ def _check_list(values, n: int, what: str, reward: str, fill):
     return list(values)
 
 
+def _check_strings(values: list, what: str, reward: str) -> None:
+    """Every entry a str: a PromptRecord, None or a number is an error naming the reward and the index
+    (it would otherwise be scored as its repr)."""
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            hint = (" (pass record.prompt as the prompt and record.metadata as its metadata)"
+                    if hasattr(v, "prompt") and hasattr(v, "metadata") else "")
+            raise RewardError(
+                f"reward {reward!r}: {what}[{i}] must be a str, got {type(v).__name__} {_short(repr(v))}{hint}"
+            )
+
+
 class Reward:
     """Base class of every reward.
 
@@ -96,13 +111,12 @@ class Reward:
 
     def __init__(self, name: str | None = None, *, fallback: float | None = None, device="cpu"):
         if name is not None:
-            self.name = name
-        if fallback is not None and not math.isfinite(float(fallback)):
-            raise ValueError(
-                f"reward {self.name!r}: fallback must be a finite number or None, got {fallback!r}"
-            )
-        self.fallback = None if fallback is None else float(fallback)
-        self.device = torch.device("cpu" if device is None else device)
+            self.name = check_str("name", name)
+        self.fallback = check_float(f"reward {self.name!r}: fallback", fallback, optional=True)
+        try:
+            self.device = torch.device("cpu" if device is None else device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ArgumentError(f"reward {self.name!r}: device {device!r} is not a torch device ({e})") from e
         self.num_fallbacks = 0
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], cots: list[str]):
@@ -122,6 +136,8 @@ class Reward:
         prompts = _check_list(prompts, n, "prompts", self.name, str)
         metadata = _check_list(metadata, n, "metadata entries", self.name, dict)
         cots = _check_list(cots, n, "CoTs", self.name, str)
+        _check_strings(prompts, "prompts", self.name)
+        _check_strings(cots, "cots", self.name)
         for i, meta in enumerate(metadata):
             if not isinstance(meta, Mapping):
                 raise RewardError(
@@ -181,12 +197,26 @@ class FunctionReward(Reward):
         if not callable(fn):
             raise TypeError(f"FunctionReward {name!r}: fn must be callable, got {type(fn).__name__}")
         self.fn = fn
-        self.batched = batched
+        self.batched = check_bool("batched", batched)
 
     def score(self, images, prompts, metadata, cots):
         if self.batched:
             return self.fn(images, prompts, metadata, cots)
-        return [float(self.fn(images[i], prompts[i], metadata[i], cots[i])) for i in range(len(prompts))]
+        out = []
+        for i in range(len(prompts)):
+            try:
+                value = self.fn(images[i], prompts[i], metadata[i], cots[i])
+            except RewardError:
+                raise
+            except Exception as e:
+                raise RewardError(f"reward {self.name!r} failed on prompts[{i}] {_short(prompts[i])}: "
+                                  f"{type(e).__name__}: {e}") from e
+            try:
+                out.append(float(value))
+            except (TypeError, ValueError) as e:
+                raise RewardError(f"reward {self.name!r} returned {type(value).__name__} {_short(repr(value))} "
+                                  f"for prompts[{i}] {_short(prompts[i])}, not a number") from e
+        return out
 
 
 @dataclass
@@ -200,31 +230,74 @@ class RewardOutput:
         return getattr(self, key)
 
 
+def _group_labels(group_ids) -> list:
+    """group_ids -> a flat list of hashable labels (ints or strs); errors name group_ids[i]."""
+    if isinstance(group_ids, torch.Tensor):
+        group_ids = group_ids.detach().cpu().numpy()
+    if isinstance(group_ids, np.ndarray):
+        group_ids = group_ids.reshape(-1).tolist()
+    if isinstance(group_ids, (str, bytes, Mapping)) or not isinstance(group_ids, Sequence):
+        raise ArgumentError(f"group_ids must be a list or tensor with one id per sample, got "
+                            f"{type(group_ids).__name__}")
+    labels, kinds = [], set()
+    for i, g in enumerate(group_ids):
+        if isinstance(g, (bool, np.bool_)):
+            raise ArgumentError(f"group_ids[{i}] must be an int or a str, got bool {g!r}")
+        if isinstance(g, str):
+            labels.append(g)
+            kinds.add("str")
+        elif isinstance(g, numbers.Integral):
+            labels.append(int(g))
+            kinds.add("int")
+        elif isinstance(g, numbers.Real):
+            # an exact-integer float (e.g. from a float tensor) names that integer; 0.5 or NaN names nothing
+            if not (math.isfinite(float(g)) and float(g).is_integer()):
+                raise ArgumentError(f"group_ids[{i}] must be an int, a str or an exact-integer float, got {g!r}")
+            labels.append(int(g))
+            kinds.add("int")
+        elif isinstance(g, Hashable) and not isinstance(g, (tuple, bytes)):
+            raise ArgumentError(f"group_ids[{i}] must be an int or a str, got {type(g).__name__} {g!r}")
+        else:
+            raise ArgumentError(f"group_ids[{i}] must be an int or a str, got {type(g).__name__}")
+    if len(kinds) > 1:
+        raise ArgumentError("group_ids mixes strings and numbers; use one kind of id")
+    return labels
+
+
 def group_ids_from(n: int, group_ids=None, group_size: int | None = None) -> torch.Tensor:
-    """int64 [n] group index per sample, from explicit ids or a contiguous group size."""
+    """int64 [n] group index per sample, from explicit ids or a contiguous group size.
+
+    ``group_ids``: one id per sample (list, tuple, numpy array or tensor, any shape with n entries);
+    ints, exact-integer floats (2.0) or strings (mapped to groups in order of first appearance);
+    samples with equal ids form a group. ``group_size``: contiguous groups of G samples.
+    """
+    n = check_int("n", n, low=0)
     if group_ids is not None and group_size is not None:
-        raise ValueError("pass group_ids or group_size, not both")
+        raise ArgumentError("pass group_ids or group_size, not both")
     if group_ids is not None:
-        ids = torch.as_tensor(group_ids).flatten().to(torch.int64).cpu()
-        if ids.numel() != n:
-            raise ValueError(f"group_ids has {ids.numel()} entries for {n} samples")
-        return ids
+        labels = _group_labels(group_ids)
+        if len(labels) != n:
+            raise ArgumentError(f"group_ids has {len(labels)} entries for {n} samples")
+        index: dict = {}
+        return torch.tensor([index.setdefault(g, len(index)) for g in labels], dtype=torch.int64)
     if group_size is not None:
-        if (
-            isinstance(group_size, bool)
-            or not isinstance(group_size, int)
-            or group_size <= 0
-            or n % group_size
-        ):
-            raise ValueError(
-                f"group_size must be a positive int dividing the batch size {n}, got {group_size!r}"
-            )
+        group_size = check_int("group_size", group_size, low=1)  # "group_size must be ..." on error
+        if n % group_size:
+            raise ArgumentError(f"group_size must be a positive int dividing the batch size {n}, got {group_size}")
         return torch.arange(n) // group_size
-    raise ValueError("normalize='group' needs group_ids=[...] or group_size=G")
+    raise ArgumentError("normalize='group' needs group_ids=[...] or group_size=G")
 
 
 def group_normalize(x: torch.Tensor, ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """(x - mean_g) / (std_g + eps) with the unbiased std of each group; singleton groups give 0."""
+    eps = check_float("eps", eps, low=0.0, low_open=True)
+    if not isinstance(x, torch.Tensor) or not isinstance(ids, torch.Tensor):
+        raise ArgumentError("group_normalize: x and ids must be tensors")
+    if x.dim() != 1 or ids.shape != x.shape:
+        raise ArgumentError(f"group_normalize: x and ids must be 1-D of one length, got {tuple(x.shape)} and "
+                            f"{tuple(ids.shape)}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ArgumentError("group_normalize: x has non-finite values")
     _, inv = torch.unique(ids, return_inverse=True)
     g = int(inv.max()) + 1 if inv.numel() else 0
     x64 = x.double()
@@ -249,17 +322,21 @@ class RewardEnsemble:
     """
 
     def __init__(self, rewards: Sequence[Reward], weights=None, mode: str = "sum", normalize: str = "none"):
+        if isinstance(rewards, Reward) or not isinstance(rewards, Sequence):
+            raise ArgumentError(f"rewards must be a list of Reward objects, got {type(rewards).__name__}")
         rewards = list(rewards)
         if not rewards:
             raise ValueError("RewardEnsemble needs at least one reward")
+        for i, r in enumerate(rewards):
+            if not isinstance(r, Reward):
+                raise ArgumentError(f"rewards[{i}] must be a Reward (wrap a function in FunctionReward), got "
+                                    f"{type(r).__name__}")
         names = [r.name for r in rewards]
         dup = sorted({x for x in names if names.count(x) > 1})
         if dup:
             raise ValueError(f"reward names must be unique inside an ensemble; repeated: {dup}")
-        if mode not in ("sum", "product"):
-            raise ValueError(f"mode must be 'sum' or 'product', got {mode!r}")
-        if normalize not in ("none", "group"):
-            raise ValueError(f"normalize must be 'none' or 'group', got {normalize!r}")
+        mode = check_str("mode", mode, choices=("sum", "product"))
+        normalize = check_str("normalize", normalize, choices=("none", "group"))
         if mode == "product" and normalize == "group":
             raise ValueError("normalize='group' gives negative components; combine it with mode='sum' only")
         if weights is None:
@@ -268,13 +345,13 @@ class RewardEnsemble:
             unknown = sorted(set(weights) - set(names))
             if unknown:
                 raise ValueError(f"weights name unknown rewards {unknown}; rewards are {names}")
-            weights = [float(weights.get(n, 1.0)) for n in names]
+            weights = [check_float(f"weights[{n!r}]", weights.get(n, 1.0)) for n in names]
+        elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+            raise ArgumentError(f"weights must be a list or a dict name -> weight, got {type(weights).__name__}")
         else:
-            weights = [float(w) for w in weights]
             if len(weights) != len(rewards):
-                raise ValueError(f"{len(weights)} weights for {len(rewards)} rewards")
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"weights must be finite, got {weights}")
+                raise ArgumentError(f"{len(weights)} weights for {len(rewards)} rewards")
+            weights = [check_float(f"weights[{i}]", w) for i, w in enumerate(weights)]
         self.rewards, self.weights, self.mode, self.normalize = rewards, weights, mode, normalize
 
     @property
@@ -289,8 +366,8 @@ class RewardEnsemble:
     def __call__(
         self, images, prompts, metadata=None, cots=None, *, group_ids=None, group_size: int | None = None
     ) -> RewardOutput:
-        components = {r.name: r(images, prompts, metadata, cots) for r in self.rewards}
-        n = len(prompts)
+        components = {r.name: self._call_one(r, images, prompts, metadata, cots) for r in self.rewards}
+        n = len(next(iter(components.values())))
         ids = group_ids_from(n, group_ids, group_size) if self.normalize == "group" else None
         if self.mode == "sum":
             total = torch.zeros(n, dtype=torch.float64)
@@ -309,6 +386,26 @@ class RewardEnsemble:
                     "mode='product' gave a non-finite total (a zero reward with a negative weight?)"
                 )
         return RewardOutput(total.float(), components)
+
+    @staticmethod
+    def _call_one(reward, images, prompts, metadata, cots) -> torch.Tensor:
+        """One reward's scores; an exception other than RewardError is wrapped into a RewardError naming
+        the reward and the prompt(s), with the original as ``__cause__``."""
+        try:
+            return reward(images, prompts, metadata, cots)
+        except RewardError:
+            raise
+        except Exception as e:
+            try:
+                plist = list(prompts)
+            except TypeError:
+                plist = []
+            if len(plist) == 1:
+                where = f"prompt {_short(plist[0])}"
+            else:
+                shown = ", ".join(_short(p) for p in plist[:3]) + (", ..." if len(plist) > 3 else "")
+                where = f"a batch of {len(plist)} prompts ({shown})"
+            raise RewardError(f"reward {reward.name!r} failed on {where}: {type(e).__name__}: {e}") from e
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}*{w:g}" for n, w in zip(self.names, self.weights))

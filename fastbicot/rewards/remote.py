@@ -10,10 +10,21 @@ a pool of ``max_concurrency`` threads so the server can batch them. Standard lib
   must be exactly 0 or 1.
 
 An answer that cannot be scored (no yes/no among the top tokens, no valid ``\\boxed{}``) is an error
-naming the reward, the prompt and the answer, or ``fallback`` when one is configured. A server that
-cannot be reached, times out or answers 5xx / 429 is retried ``retries`` times with exponential
-backoff (``backoff * 2**attempt`` seconds); if it stays down the call raises -- there is no
-fallback for that, a training run must not silently learn from made-up scores.
+naming the reward, the prompt and the answer, or ``fallback`` when one is configured. A reply that
+is not the OpenAI chat-completion shape (missing or mistyped fields) is always a ``RewardError``.
+
+Deadlines: ``timeout`` bounds one whole HTTP attempt (connect, send, every byte of the answer) -- a
+server that trickles bytes cannot hold a step longer than that; ``batch_timeout`` (optional) bounds
+one call of the reward, retries and backoff included. A server that cannot be reached, misses the
+deadline or answers 5xx / 429 is retried ``retries`` times with exponential backoff
+(``backoff * 2**attempt`` seconds). A request that still fails raises, unless ``fallback`` is
+configured and at least one other request of the batch was answered: then the answers received are
+kept, the failed samples get ``fallback`` (counted in ``num_fallbacks`` and listed in
+``last_failures``). If every request of a batch fails the call raises -- a training run must not
+silently learn from made-up scores when the judge is down.
+
+HTTP goes through ``http.client`` directly (``http://`` and ``https://``); proxy environment variables
+are not used.
 """
 
 from __future__ import annotations
@@ -24,16 +35,18 @@ import io
 import json
 import math
 import re
+import socket
+import string
 import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+import urllib.parse
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..checks import ArgumentError, check_float, check_int, check_str
 from .base import Reward, RewardError, _short
 
 DEFAULT_QUESTION = 'Does this image match the description: "{prompt}"? Answer yes or no.'
@@ -52,6 +65,14 @@ class UnscorableAnswer(ValueError):
     """The judge answered, but the answer does not give a score."""
 
 
+class _RequestFailed(RewardError):
+    """One request failed for transport reasons (after its retries): fallback-eligible in a batch."""
+
+
+class _DeadlineExceeded(OSError):
+    pass
+
+
 def _logsumexp(values: list[float]) -> float:
     m = max(values, default=-math.inf)
     return m if m == -math.inf else m + math.log(sum(math.exp(v - m) for v in values))
@@ -63,13 +84,23 @@ def yes_probability(top_logprobs) -> float:
     Computed in log space, sigmoid(log P(yes) - log P(no)), so logprobs like -1000 do not underflow.
     """
     logp = {"yes": [], "no": []}
+    if isinstance(top_logprobs, (str, bytes, dict)) or not isinstance(top_logprobs, (list, tuple)):
+        raise TypeError(f"top_logprobs must be a list of {{token, logprob}} objects, got "
+                        f"{type(top_logprobs).__name__}")
     for entry in top_logprobs:
+        if not isinstance(entry, dict):
+            raise TypeError(f"top_logprobs entry must be an object, got {type(entry).__name__}")
         word = str(entry.get("token", "")).strip().lower()
         if word in logp:
-            logp[word].append(float(entry["logprob"]))
+            value = entry["logprob"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"logprob of {entry.get('token')!r} must be a number, got {value!r}")
+            logp[word].append(float(value))
     ly, ln = _logsumexp(logp["yes"]), _logsumexp(logp["no"])
     if ly == ln == -math.inf or math.isnan(ly) or math.isnan(ln):
         tokens = [e.get("token") for e in top_logprobs]
+        if any(math.isnan(v) for v in logp["yes"] + logp["no"]):
+            raise UnscorableAnswer(f"NaN log-probability among the top tokens {tokens}")
         raise UnscorableAnswer(f"neither 'yes' nor 'no' among the top tokens {tokens}")
     d = ly - ln
     return 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))
@@ -77,6 +108,8 @@ def yes_probability(top_logprobs) -> float:
 
 def boxed_score(text: str) -> float:
     """1.0 / 0.0 from the last ``\\boxed{1}`` / ``\\boxed{0}`` in ``text``; anything else is unscorable."""
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"message content must be a string, got {type(text).__name__}")
     found = _BOXED.findall(text or "")
     if not found:
         raise UnscorableAnswer("no \\boxed{...} in the answer")
@@ -90,9 +123,11 @@ class RemoteJudgeReward(Reward):
     """Judge reward over an OpenAI-compatible ``/v1/chat/completions`` endpoint.
 
     ``base_url``: e.g. "http://127.0.0.1:8000/v1". ``question_template``: a ``str.format`` template
-    over ``{prompt}``, ``{cot}`` and the prompt's metadata fields. ``timeout``: seconds per HTTP
-    request. ``retries``: extra attempts after the first. ``top_logprobs``: how many alternatives
-    the server returns for the yes/no token (vLLM allows up to 20 by default).
+    over ``{prompt}``, ``{cot}`` and the prompt's metadata fields. ``timeout``: deadline in seconds
+    for one whole HTTP attempt (connect + send + the complete answer). ``batch_timeout``: deadline for
+    one call over the whole batch, retries included (None: no batch budget). ``retries``: extra
+    attempts after the first. ``top_logprobs``: how many alternatives the server returns for the
+    yes/no token (vLLM allows up to 20 by default).
     """
 
     def __init__(
@@ -106,6 +141,7 @@ class RemoteJudgeReward(Reward):
         system_prompt: str | None = None,
         max_concurrency: int = 8,
         timeout: float = 60.0,
+        batch_timeout: float | None = None,
         retries: int = 3,
         backoff: float = 0.5,
         max_tokens: int | None = None,
@@ -114,22 +150,35 @@ class RemoteJudgeReward(Reward):
         fallback: float | None = None,
     ):
         super().__init__(name, fallback=fallback)
-        if mode not in ("yesno", "boxed"):
-            raise ValueError(f"mode must be 'yesno' or 'boxed', got {mode!r}")
-        if max_concurrency < 1 or retries < 0 or timeout <= 0 or backoff < 0:
-            raise ValueError("need max_concurrency >= 1, retries >= 0, timeout > 0, backoff >= 0")
+        mode = check_str("mode", mode, choices=("yesno", "boxed"))
+        base_url = check_str("base_url", base_url)
+        parsed = urllib.parse.urlsplit(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ArgumentError(f"base_url must be an http:// or https:// URL with a host, got {base_url!r}")
+        try:
+            parsed.port  # noqa: B018 -- raises ValueError for a bad port
+        except ValueError as e:
+            raise ArgumentError(f"base_url has a bad port: {base_url!r} ({e})") from e
+        self.model = check_str("model", model)
+        self.system_prompt = check_str("system_prompt", system_prompt, allow_empty=True, optional=True)
+        self.question_template = check_str("question_template", question_template)
+        try:
+            list(string.Formatter().parse(self.question_template))
+        except ValueError as e:
+            raise ArgumentError(f"question_template is not a valid str.format template: {e}") from e
+        self.max_concurrency = check_int("max_concurrency", max_concurrency, low=1)
+        self.timeout = check_float("timeout", timeout, low=0.0, low_open=True)
+        self.batch_timeout = check_float("batch_timeout", batch_timeout, low=0.0, low_open=True, optional=True)
+        self.retries = check_int("retries", retries, low=0)
+        self.backoff = check_float("backoff", backoff, low=0.0)
+        max_tokens = check_int("max_tokens", max_tokens, low=1, optional=True)
+        self.top_logprobs = check_int("top_logprobs", top_logprobs, low=1)
+        self.api_key = check_str("api_key", api_key, optional=True)
+        self.mode = mode
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.mode, self.system_prompt = model, mode, system_prompt
-        self.question_template = question_template
-        self.max_concurrency, self.timeout, self.retries, self.backoff = (
-            max_concurrency,
-            timeout,
-            retries,
-            backoff,
-        )
+        self._parsed = urllib.parse.urlsplit(self.url)
         self.max_tokens = max_tokens if max_tokens is not None else (1 if mode == "yesno" else 1024)
-        self.top_logprobs = top_logprobs
-        self.api_key = api_key
+        self.last_failures: list[tuple[int, str]] = []
         self._lock = threading.Lock()
 
     def question(self, prompt: str, metadata: dict, cot: str) -> str:
@@ -154,47 +203,115 @@ class RemoteJudgeReward(Reward):
             body.update(logprobs=True, top_logprobs=self.top_logprobs)
         return body
 
-    def post(self, body: dict) -> dict:
-        """POST with retries; returns the decoded JSON reply or raises RewardError."""
+    def _attempt(self, data: bytes, headers: dict, deadline: float) -> tuple[int, bytes]:
+        """One HTTP POST that finishes by ``deadline`` (time.monotonic()) or raises _DeadlineExceeded.
+
+        The socket timeout bounds each blocking call by the time left, and a watchdog shuts the
+        socket down at the deadline, so a server that trickles bytes cannot stretch the attempt.
+        """
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlineExceeded("deadline passed before the request was sent")
+        p = self._parsed
+        cls = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
+        conn = cls(p.hostname, p.port, timeout=left)
+        fired = threading.Event()
+
+        def kill():
+            fired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(left, kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            path = p.path + (f"?{p.query}" if p.query else "")
+            conn.request("POST", path, body=data, headers=headers)
+            resp = conn.getresponse()
+            chunks = []
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or fired.is_set():
+                    raise _DeadlineExceeded("answer not complete by the deadline")
+                if conn.sock is not None:
+                    conn.sock.settimeout(left)
+                chunk = resp.read(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            if fired.is_set():
+                raise _DeadlineExceeded("answer not complete by the deadline")
+            return resp.status, b"".join(chunks)
+        except (OSError, http.client.HTTPException) as e:
+            if fired.is_set() or time.monotonic() >= deadline:
+                raise _DeadlineExceeded(f"no complete answer within the deadline ({type(e).__name__})") from e
+            raise
+        finally:
+            timer.cancel()
+            conn.close()
+
+    def post(self, body: dict, batch_deadline: float | None = None) -> dict:
+        """POST with retries; returns the decoded JSON reply or raises RewardError.
+
+        Each attempt must finish within ``timeout`` seconds; all attempts (and the backoff between
+        them) within ``batch_deadline`` (a time.monotonic() value) when given.
+        """
         data = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         last = None
+        attempts = 0
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                pause = self.backoff * 2 ** (attempt - 1)
+                if batch_deadline is not None and time.monotonic() + pause >= batch_deadline:
+                    last = f"{last}; batch_timeout {self.batch_timeout}s left no time to retry"
+                    break
+                time.sleep(pause)
+            deadline = time.monotonic() + self.timeout
+            if batch_deadline is not None:
+                if batch_deadline <= time.monotonic():
+                    last = f"batch_timeout {self.batch_timeout}s exhausted" if last is None else last
+                    break
+                deadline = min(deadline, batch_deadline)
+            attempts += 1
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace")
-                if e.code not in _RETRY_STATUS:  # a bad request does not get better by retrying
-                    raise RewardError(
-                        f"reward {self.name!r}: judge server {self.url} answered HTTP {e.code}: {detail}"
-                    ) from None
-                last = f"HTTP {e.code}: {detail}"
+                status, raw = self._attempt(data, headers, deadline)
+            except _DeadlineExceeded as e:
+                last = f"TimeoutError: timed out ({e})"
                 continue
-            except (
-                OSError,
-                http.client.HTTPException,
-            ) as e:  # refused, reset, timed out (URLError is an OSError)
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, DNS, TLS
+                last = f"{type(e).__name__}: {e}"
+                continue
+            if status != 200:
+                detail = raw[:300].decode("utf-8", "replace")
+                if status not in _RETRY_STATUS:  # a bad request does not get better by retrying
+                    raise _RequestFailed(
+                        f"reward {self.name!r}: judge server {self.url} answered HTTP {status}: {detail}"
+                    )
+                last = f"HTTP {status}: {detail}"
                 continue
             try:
                 return json.loads(raw)
-            except json.JSONDecodeError:
-                raise RewardError(
+            except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+                raise _RequestFailed(
                     f"reward {self.name!r}: judge server {self.url} sent invalid JSON: {raw[:200]!r}"
                 ) from None
-        raise RewardError(
-            f"reward {self.name!r}: judge server {self.url} failed {self.retries + 1} attempts "
+        raise _RequestFailed(
+            f"reward {self.name!r}: judge server {self.url} failed {attempts} attempts "
             f"(timeout {self.timeout}s); last error: {last}"
         )
 
-    def judge(self, image: torch.Tensor, prompt: str, metadata: dict, cot: str) -> float:
-        reply = self.post(self.request_body(image, self.question(prompt, metadata, cot)))
+    def judge(self, image: torch.Tensor, prompt: str, metadata: dict, cot: str,
+              batch_deadline: float | None = None) -> float:
+        reply = self.post(self.request_body(image, self.question(prompt, metadata, cot)), batch_deadline)
+        answer = None
         try:
             choice = reply["choices"][0]
             if self.mode == "yesno":
@@ -202,11 +319,6 @@ class RemoteJudgeReward(Reward):
                 return yes_probability(answer)
             answer = choice["message"]["content"]
             return boxed_score(answer)
-        except (KeyError, IndexError, TypeError) as e:
-            raise RewardError(
-                f"reward {self.name!r}: malformed reply for prompt {_short(prompt)} (missing {e}): "
-                f"{json.dumps(reply)[:300]}"
-            ) from None
         except UnscorableAnswer as e:
             if self.fallback is None:
                 raise RewardError(
@@ -216,7 +328,49 @@ class RemoteJudgeReward(Reward):
             with self._lock:  # judge() runs in worker threads
                 self.num_fallbacks += 1
             return self.fallback
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+            what = f"missing {e}" if isinstance(e, (KeyError, IndexError)) else str(e)
+            try:
+                shown = json.dumps(reply)[:300]
+            except (TypeError, ValueError):
+                shown = repr(reply)[:300]
+            raise RewardError(
+                f"reward {self.name!r}: malformed reply for prompt {_short(prompt)} ({what}): {shown}"
+            ) from None
 
     def score(self, images, prompts, metadata, cots):
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
-            return list(pool.map(self.judge, images.cpu(), prompts, metadata, cots))
+        n = len(prompts)
+        batch_deadline = time.monotonic() + self.batch_timeout if self.batch_timeout is not None else None
+        results: list = [None] * n
+        failures: list[tuple[int, str]] = []
+        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, n))
+        try:
+            futures = {pool.submit(self.judge, img, prompts[i], metadata[i], cots[i], batch_deadline): i
+                       for i, img in enumerate(images.cpu())}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    i = futures[fut]
+                    err = fut.exception()
+                    if err is None:
+                        results[i] = fut.result()
+                    elif isinstance(err, _RequestFailed) and self.fallback is not None:
+                        failures.append((i, str(err)))
+                    else:
+                        for other in pending:
+                            other.cancel()
+                        raise err
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self.last_failures = sorted(failures)
+        if failures:
+            if len(failures) == n:
+                i, msg = self.last_failures[0]
+                raise RewardError(f"reward {self.name!r}: every request of the batch failed ({n} of {n}); "
+                                  f"first, for prompt {_short(prompts[i])}: {msg}")
+            with self._lock:
+                self.num_fallbacks += len(failures)
+            for i, _ in failures:
+                results[i] = self.fallback
+        return results
