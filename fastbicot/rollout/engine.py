@@ -14,7 +14,7 @@ Unconditional rows (CFG, guidance_scale > 1), ``uncond``:
   "cot"       only the CoT tokens -> pad (the prompt/template is kept)
   "keep_cot"  the prompt/template tokens -> pad, the CoT kept
 Every sequence is packed (no padding): position i of a sample's sequence is i, exactly what the
-trainer's teacher-forced forward uses.
+trainer's teacher-forced forward uses. Settings: rollout.config.RolloutConfig.
 """
 
 from __future__ import annotations
@@ -24,19 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cot import (
-    COT_TEMPLATE,
-    IMAGE_TEMPLATE_HEAD,
-    IMAGE_TEMPLATE_TAIL,
-    INSTRUCTION,
-    SYSTEM_PROMPT,
-    cot_prompt,
-)
+from ..data import PromptRecord
+from .config import RolloutConfig, apply_overrides
+from .cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt, image_prompt
 from .generate import ImageDecoder, default_flatten, image_cache, prefill_rows, trunk_for
-from .sampling import Sampler, check_sampling_args
+from .sampling import Sampler
 
-IMAGE_MODES = ("reprompt", "continue")
-UNCOND_MODES = ("all", "cot", "keep_cot")
 _CTX, _COT, _KEEP = 0, 1, 2  # token segments: prompt/template, CoT, always kept (BOS, final BOI)
 
 
@@ -47,41 +40,69 @@ class RolloutSample:
     CoT log-probs belong to ``cot_context_ids + cot_ids`` (text head); image log-probs to
     ``image_context_ids + image_tokens`` (image head; image tokens embedded by the generation
     embedding). With CFG the image log-probs are under the guided distribution; the matching
-    unconditional sequence is ``uncond_context_ids + image_tokens``.
+    unconditional sequence is ``uncond_context_ids + image_tokens``. These stored log-probs are
+    the *sampling* distribution's (guided, filtered): the trainer recomputes its own.
     """
 
     prompt_index: int
     prompt: str
     cot_context_ids: list
     cot_ids: list  # sampled tokens, the final EOS included when the row stopped on it
-    cot_text: str
+    cot_text: str  # the CoT decoded with special tokens skipped (what the image context and rewards see)
     cot_logprobs: torch.Tensor  # float32 [len(cot_ids)]
     image_context_ids: list  # ends with BOI
     uncond_context_ids: list | None
     image_tokens: torch.Tensor  # int64 [num_image_tokens]
     image_logprobs: torch.Tensor  # float32 [num_image_tokens]
     image: torch.Tensor | None  # uint8 [H, W, 3]
+    metadata: dict = field(default_factory=dict)  # the prompt record's fields (task_type, nouns, ...)
 
 
 @dataclass
 class RolloutBatch:
+    """A rollout: samples prompt-major (sample s belongs to prompt s // num_generations)."""
+
     samples: list
     image_tokens: torch.Tensor  # [N, num_image_tokens]
     images: torch.Tensor | None  # uint8 [N, H, W, 3]
     timing: dict = field(default_factory=dict)  # seconds: cot, image, decode, total
+    num_generations: int = 1
+    config: RolloutConfig | None = None  # the settings that produced it
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def group_ids(self) -> torch.Tensor:
+        """int64 [N]: the prompt (group) index of every sample."""
+        return torch.tensor([s.prompt_index for s in self.samples], dtype=torch.long)
+
+    def reward_inputs(self) -> dict:
+        """Keyword arguments of a Reward / RewardEnsemble call: images, prompts, metadata, cots."""
+        if self.images is None:
+            raise ValueError("this rollout was generated with decode=False: it has no images to score")
+        return dict(
+            images=self.images,
+            prompts=[s.prompt for s in self.samples],
+            metadata=[s.metadata for s in self.samples],
+            cots=[s.cot_text for s in self.samples],
+        )
 
 
-def decode_images(policy, tokens: torch.Tensor) -> torch.Tensor:
-    """Image tokens -> uint8 [N, H, W, 3] through fastbicot.vq_decode when present."""
-    try:
-        from fastbicot.vq import vq_decode
-    except ImportError:
-        vq_decode = None
-    if vq_decode is not None and policy.dtype in (torch.float32, torch.float16, torch.bfloat16):
+def decode_images(policy, tokens: torch.Tensor, rounding: str = "round") -> torch.Tensor:
+    """Image tokens -> uint8 [N, H, W, 3]. ``rounding``: "round" to the nearest level, or
+    "truncate" as the seed does (``uint8(clip((x + 1) / 2 * 255, 0, 255))``, grpo_trainer.py:702-706)."""
+    from fastbicot.vq import vq_decode
+
+    if rounding == "round" and policy.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return vq_decode(policy.vqmodel, tokens, output="uint8")
-    # transformers' decoder (float64 models, or before fastbicot.vq exists)
-    x = policy.vqmodel.decode(tokens)
-    return ((x.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    if policy.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = vq_decode(policy.vqmodel, tokens, output="float")
+    else:  # transformers' decoder (float64 models: the extension is float32/16 only)
+        x = policy.vqmodel.decode(tokens)
+    x = ((x.float() + 1) / 2 * 255).clamp(0, 255)
+    x = x.round() if rounding == "round" else x.trunc()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def _sync(device):
@@ -90,104 +111,83 @@ def _sync(device):
 
 
 class RolloutEngine:
-    def __init__(
-        self,
-        policy,
-        *,
-        template=COT_TEMPLATE,
-        system=SYSTEM_PROMPT,
-        instruction=INSTRUCTION,
-        cot_temperature=1.0,
-        cot_top_k=50,
-        cot_top_p=1.0,
-        max_new_tokens=256,
-        image_mode="reprompt",
-        uncond="all",
-        guidance_scale=5.0,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        decode=True,
-        cuda_graph=True,
-        flatten=None,
-        progress=False,
-    ):
+    """Generates BiCoT samples for a policy: ``RolloutEngine(policy, config).generate(prompts)``.
+
+    ``config`` is a RolloutConfig (default: T2I-R1's settings); keyword arguments override its
+    fields (``guidance_scale=3.0``, ``cot=dict(top_k=0)``) or use the flat names of the engine's
+    first API (``cot_top_k``, ``max_new_tokens``, ``top_k`` ... see rollout.config.LEGACY_KWARGS).
+    ``flatten`` and ``progress`` are execution choices, not semantics.
+    """
+
+    def __init__(self, policy, config: RolloutConfig | None = None, *, flatten=None, progress=False,
+                 **overrides):
         if policy.tokenizer is None:
             raise ValueError("RolloutEngine needs a policy with a tokenizer")
+        if config is not None and not isinstance(config, RolloutConfig):
+            raise TypeError(f"config must be a RolloutConfig, got {type(config).__name__}")
         self.policy = policy
-        self.template, self.system, self.instruction = template, system, instruction
-        self.defaults = dict(
-            cot_temperature=cot_temperature,
-            cot_top_k=cot_top_k,
-            cot_top_p=cot_top_p,
-            max_new_tokens=max_new_tokens,
-            image_mode=image_mode,
-            uncond=uncond,
-            guidance_scale=guidance_scale,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            decode=decode,
-        )
-        self.cuda_graph, self.progress = cuda_graph, progress
+        self.config = apply_overrides(config or RolloutConfig(), overrides)
+        self.progress = progress
         self.flat = default_flatten(policy, flatten)
-        self._check(self.defaults)
-
-    @staticmethod
-    def _check(o):
-        check_sampling_args(
-            guidance_scale=o["guidance_scale"],
-            temperature=o["temperature"],
-            top_k=o["top_k"],
-            top_p=o["top_p"],
-        )
-        check_sampling_args(temperature=o["cot_temperature"], top_k=o["cot_top_k"], top_p=o["cot_top_p"])
-        if o["image_mode"] not in IMAGE_MODES:
-            raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {o['image_mode']!r}")
-        if o["uncond"] not in UNCOND_MODES:
-            raise ValueError(f"uncond must be one of {UNCOND_MODES}, got {o['uncond']!r}")
-        if o["max_new_tokens"] < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {o['max_new_tokens']}")
 
     def _encode(self, text):
         return self.policy.tokenizer.encode(text, add_special_tokens=False)
 
-    @torch.no_grad()
-    def generate(self, prompts, num_generations=8, *, seed=0, **overrides) -> RolloutBatch:
-        unknown = set(overrides) - set(self.defaults)
-        if unknown:
-            raise TypeError(f"unknown generate options {sorted(unknown)}")
-        o = {**self.defaults, **overrides}
-        self._check(o)
-        if isinstance(prompts, str):
+    def _records(self, prompts) -> list[PromptRecord]:
+        if isinstance(prompts, (str, PromptRecord)):
             prompts = [prompts]
+        if isinstance(prompts, dict) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of strings or PromptRecords, got {type(prompts).__name__}")
         if not prompts:
             raise ValueError("prompts is empty: give at least one prompt")
-        if num_generations < 1:
-            raise ValueError(f"num_generations must be >= 1, got {num_generations}")
-        policy, G, dev = self.policy, int(num_generations), self.policy.device
-        P, R, N = len(prompts), len(prompts) * int(num_generations), policy.num_image_tokens
+        records = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                p = PromptRecord(p)
+            elif not isinstance(p, PromptRecord):
+                raise TypeError(f"prompts[{i}] must be a string or a PromptRecord, got {type(p).__name__} {p!r:.80}")
+            if not isinstance(p.prompt, str) or not p.prompt.strip():
+                raise ValueError(f"prompts[{i}] is empty or not text: {p.prompt!r:.80}")
+            records.append(p)
+        return records
+
+    def cot_context(self, prompt: str, o: RolloutConfig | None = None) -> list:
+        """[BOS] + the tokenized CoT prompt, left-truncated to ``max_prompt_length`` as the seed does."""
+        o = o or self.config
+        ids = [self.policy.bos_token_id] + self._encode(cot_prompt(prompt, o.template, o.system, o.instruction))
+        return ids[-o.max_prompt_length:] if o.max_prompt_length is not None else ids
+
+    @torch.no_grad()
+    def generate(self, prompts, num_generations=None, *, seed=0, **overrides) -> RolloutBatch:
+        """Sample ``num_generations`` (default: the config's) CoT + image per prompt.
+
+        ``prompts``: strings or PromptRecords (their metadata travels to the rewards). Samples are
+        ordered prompt-major: sample s belongs to prompt s // G.
+        """
+        o = apply_overrides(self.config, overrides)
+        records = self._records(prompts)
+        G = o.num_generations if num_generations is None else num_generations
+        if isinstance(G, bool) or not isinstance(G, int) or G < 1:
+            raise ValueError(f"num_generations must be a positive integer, got {G!r}")
+        texts = [r.prompt for r in records]
+        policy, dev = self.policy, self.policy.device
+        P, R, N = len(records), len(records) * G, policy.num_image_tokens
+        cfg, cont = o.guidance_scale > 1, o.image_mode == "continue"
         trunk = trunk_for(policy)
         sampler = Sampler(seed, dev)
-        bos, boi = policy.bos_token_id, policy.boi_token_id
-        templates = [
-            [bos] + self._encode(cot_prompt(p, self.template, self.system, self.instruction)) for p in prompts
-        ]
-        longest = max(len(t) for t in templates) + o["max_new_tokens"] + 2  # + the flushed last token + BOI
-        limit = trunk.max_positions - N
-        if longest > limit:
+        templates = [self.cot_context(t, o) for t in texts]
+        max_new = o.cot.max_new_tokens
+        longest = max(len(t) for t in templates) + max_new + 2  # + the flushed last token + BOI
+        if longest > trunk.max_positions - N:
             raise ValueError(
-                f"a CoT prompt of {max(len(t) for t in templates)} tokens + max_new_tokens "
-                f"{o['max_new_tokens']} + {N} image tokens exceeds the model's {trunk.max_positions} "
-                f"positions"
+                f"a CoT prompt of {max(len(t) for t in templates)} tokens + rollout.cot.max_new_tokens "
+                f"{max_new} + {N} image tokens exceeds the model's {trunk.max_positions} positions"
             )
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=o["max_new_tokens"] + N, desc="rollout", leave=False)
-        cfg = o["guidance_scale"] > 1
-        cont = o["image_mode"] == "continue"
+            bar = tqdm(total=max_new + N, desc="rollout", leave=False)
         timing = {}
 
         # ---- semantic CoT ----------------------------------------------------------------------
@@ -202,27 +202,23 @@ class RolloutEngine:
         if self.flat:
             cache.flatten(0, R)
         cot_ids, cot_lps = self._cot_loop(trunk, cache, sampler, last, slot_sample, o, cont, bar)
+        if o.max_textcot_length is not None:  # the seed keeps the last N sampled tokens
+            cot_ids = [c[-o.max_textcot_length:] for c in cot_ids]
+            cot_lps = [c[-o.max_textcot_length:] for c in cot_lps]
         _sync(dev)
         timing["cot"] = time.perf_counter() - t0
 
         # ---- image tokens ----------------------------------------------------------------------
         t0 = time.perf_counter()
-        eos = policy.eos_token_id
-        body = [c[:-1] if c and c[-1] == eos else c for c in cot_ids]  # the CoT text without its EOS
+        eos, boi = policy.eos_token_id, policy.boi_token_id
+        body = [c[:-1] if c and c[-1] == eos else c for c in cot_ids]  # the CoT without its EOS
+        cot_texts = [policy.tokenizer.decode(b, skip_special_tokens=True) for b in body]
         ctx, seg = [], []
         for s in range(R):
-            if cont:
-                t = templates[s // G]
-                ctx.append(t + body[s] + [boi])
-                seg.append([_KEEP] + [_CTX] * (len(t) - 1) + [_COT] * len(body[s]) + [_KEEP])
-            else:
-                head = self._encode(IMAGE_TEMPLATE_HEAD.format(prompt=prompts[s // G]))
-                tail = self._encode(IMAGE_TEMPLATE_TAIL)
-                ctx.append([bos] + head + body[s] + tail + [boi])
-                seg.append(
-                    [_KEEP] + [_CTX] * len(head) + [_COT] * len(body[s]) + [_CTX] * len(tail) + [_KEEP]
-                )
-        uctx = [self._uncond(c, sg, o["uncond"]) for c, sg in zip(ctx, seg)] if cfg else None
+            c, g = self._image_context(templates[s // G], texts[s // G], body[s], cot_texts[s], o)
+            ctx.append(c)
+            seg.append(g)
+        uctx = [self._uncond(c, sg, o.uncond) for c, sg in zip(ctx, seg)] if cfg else None
         if cont:
             # conditional rows stay where the CoT left them; their next input is BOI
             first = [boi] * R
@@ -232,19 +228,20 @@ class RolloutEngine:
                     cache,
                     [uctx[slot_sample[i]] for i in range(R)],
                     range(R, 2 * R),
-                    [P + (slot_sample[i] // G if o["uncond"] == "cot" else 0) for i in range(R)],
+                    [P + (slot_sample[i] // G if o.uncond == "cot" else 0) for i in range(R)],
                 )
                 if self.flat:
                     cache.flatten(R, 2 * R)
         else:
             slot_sample = list(range(R))
             lens = [len(c) for c in ctx + (uctx or [])]
+            trunk.check_positions(max(lens) + N)
             cache = image_cache(policy, R + P, max(lens), 2 * R if cfg else R, max(lens) + 1 + N)
             rows, slots, groups = list(ctx), list(range(R)), list(range(R))
             if cfg:
                 rows += uctx
                 slots += list(range(R, 2 * R))
-                groups += [R + (s // G if o["uncond"] == "cot" else 0) for s in range(R)]
+                groups += [R + (s // G if o.uncond == "cot" else 0) for s in range(R)]
             first = prefill_rows(trunk, cache, rows, slots, groups)
             if self.flat:
                 cache.flatten(0, len(rows))
@@ -252,13 +249,13 @@ class RolloutEngine:
             trunk,
             cache,
             R,
-            guidance_scale=o["guidance_scale"],
-            temperature=o["temperature"],
-            top_k=o["top_k"],
-            top_p=o["top_p"],
+            guidance_scale=o.guidance_scale,
+            temperature=o.image.temperature,
+            top_k=o.image.top_k,
+            top_p=o.image.top_p,
             sampler=sampler,
             num_tokens=N,
-            cuda_graph=self.cuda_graph,
+            cuda_graph=o.cuda_graph,
             flat=self.flat,
         )
         tok_slots, lp_slots = dec.run(policy.embed_text(torch.tensor(first, device=dev)), progress=bar)
@@ -269,7 +266,7 @@ class RolloutEngine:
 
         # ---- pixels ------------------------------------------------------------------------------
         t0 = time.perf_counter()
-        images = decode_images(policy, tokens) if o["decode"] else None
+        images = decode_images(policy, tokens, o.pixel_rounding) if o.decode else None
         _sync(dev)
         timing["decode"] = time.perf_counter() - t0
         timing["total"] = timing["cot"] + timing["image"] + timing["decode"]
@@ -280,20 +277,44 @@ class RolloutEngine:
         samples = [
             RolloutSample(
                 prompt_index=s // G,
-                prompt=prompts[s // G],
+                prompt=texts[s // G],
                 cot_context_ids=templates[s // G],
                 cot_ids=cot_ids[s],
-                cot_text=policy.tokenizer.decode(body[s], skip_special_tokens=False),
+                cot_text=cot_texts[s],
                 cot_logprobs=torch.tensor(cot_lps[s], dtype=torch.float32),
                 image_context_ids=ctx[s],
                 uncond_context_ids=uctx[s] if cfg else None,
                 image_tokens=tok_cpu[s],
                 image_logprobs=lp_cpu[s],
                 image=images[s] if images is not None else None,
+                metadata=records[s // G].metadata,
             )
             for s in range(R)
         ]
-        return RolloutBatch(samples=samples, image_tokens=tokens, images=images, timing=timing)
+        return RolloutBatch(samples=samples, image_tokens=tokens, images=images, timing=timing,
+                            num_generations=G, config=o)
+
+    def _image_context(self, template, prompt, body, cot_text, o):
+        """(context ids ending with BOI, segment of each id) for one sample's image step."""
+        bos, boi = self.policy.bos_token_id, self.policy.boi_token_id
+        if o.image_mode == "continue":
+            return template + body + [boi], [_KEEP] + [_CTX] * (len(template) - 1) + [_COT] * len(body) + [_KEEP]
+        if o.image_context == "splice":
+            head = self._encode(IMAGE_TEMPLATE_HEAD.format(prompt=prompt))
+            tail = self._encode(IMAGE_TEMPLATE_TAIL)
+            ids = [bos] + head + body + tail + [boi]
+            return ids, [_KEEP] + [_CTX] * len(head) + [_COT] * len(body) + [_CTX] * len(tail) + [_KEEP]
+        # retokenize (the seed): the whole re-templated string tokenized at once
+        text = image_prompt(prompt, cot_text)
+        if o.uncond == "all":  # segments only matter to the other unconditional modes
+            ids = self._encode(text)
+            return [bos] + ids + [boi], [_KEEP] + [_CTX] * len(ids) + [_KEEP]
+        enc = self.policy.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        cot = cot_text.strip()
+        start = text.rfind(cot) if cot else len(text)
+        end = start + len(cot)
+        segs = [_COT if cot and start <= a < end else _CTX for a, _ in enc["offset_mapping"]]
+        return [bos] + enc["input_ids"] + [boi], [_KEEP] + segs + [_KEEP]
 
     def _uncond(self, ids, seg, mode):
         masked = {"all": (_CTX, _COT), "cot": (_COT,), "keep_cot": (_CTX,)}[mode]
@@ -308,7 +329,7 @@ class RolloutEngine:
         draw is discarded.
         """
         policy, dev = self.policy, cache.suffix_k.device
-        eos, max_new = policy.eos_token_id, o["max_new_tokens"]
+        eos, max_new = policy.eos_token_id, o.cot.max_new_tokens
         R = len(slot_sample)
         ids = [[] for _ in range(R)]
         lps = [[] for _ in range(R)]
@@ -318,9 +339,9 @@ class RolloutEngine:
             h = trunk.decode(x[:n], cache, n, flat=self.flat)
             tok, lp = sampler(
                 policy.text_logits(h),
-                temperature=o["cot_temperature"],
-                top_k=o["cot_top_k"],
-                top_p=o["cot_top_p"],
+                temperature=o.cot.temperature,
+                top_k=o.cot.top_k,
+                top_p=o.cot.top_p,
                 offset=step,
             )
             tok_l, lp_l = tok.tolist(), lp.tolist()

@@ -1,0 +1,162 @@
+"""RolloutBatch -> the training batch: the sequences of the teacher-forced forward and, per trained
+token, its sample, group, segment (CoT text / image) and aggregation weight.
+
+Sequences are exactly the rollout's (packed: token i at position i), so the training forward sees
+the positions the rollout saw:
+  reprompt  a CoT row  ``cot_context + cot[:-1]``   -> text-head targets ``cot`` (EOS included)
+            an image row ``image_context + image[:-1]`` -> image-head targets ``image``
+  continue  one row ``cot_context + body + [BOI] + image[:-1]`` -> text targets ``cot`` (its EOS is
+            predicted where BOI was fed instead), image targets ``image``
+  CFG log-probs add the unconditional image row ``uncond_context + image[:-1]``.
+
+Token order inside a sample: its text targets, then its image targets; samples in batch order.
+The aggregation (LossConfig.aggregation) becomes one weight per token, normalised over the whole
+step, so that the step's loss is ``sum(w * l)`` however the tokens are split into micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TEXT, IMAGE = 0, 1
+
+
+@dataclass
+class Row:
+    """One training sequence: ``ids[:n_text]`` are text ids, the rest image ids; ``targets``
+    are (position whose hidden state predicts, target id, head) triples in token order."""
+
+    ids: list
+    n_text: int
+    kind: str  # "cot" | "image" | "uncond": rows of one kind are forwarded together
+    targets: list  # [(pos, tok, TEXT | IMAGE)]
+
+
+@dataclass
+class TrainSample:
+    index: int  # the sample's index in the RolloutBatch
+    group: int
+    advantage: float
+    rows: list  # conditional rows
+    uncond: Row | None  # the unconditional image row (CFG log-probs only)
+    num_text: int
+    num_image: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_text + self.num_image
+
+
+@dataclass
+class TrainBatch:
+    samples: list  # TrainSample, kept samples only (DAPO-filtered groups are left out)
+    seq_ids: torch.Tensor  # int64 [T]: position of the token's sample in ``samples``
+    segments: torch.Tensor  # int64 [T]: TEXT or IMAGE
+    weights: torch.Tensor  # float64 [T]: aggregation weights; the step's loss is sum(w * l)
+    advantages: torch.Tensor  # float32 [S]
+    offsets: list  # token offset of each sample (and the total at the end)
+
+    def micro_batches(self, groups_per_micro: int) -> list:
+        """Lists of sample positions, each holding ``groups_per_micro`` whole prompt groups."""
+        order, by_group = [], {}
+        for i, s in enumerate(self.samples):
+            if s.group not in by_group:
+                by_group[s.group] = []
+                order.append(s.group)
+            by_group[s.group].append(i)
+        out = []
+        for k in range(0, len(order), groups_per_micro):
+            out.append([i for g in order[k:k + groups_per_micro] for i in by_group[g]])
+        return out
+
+    def token_slice(self, sample_positions: list) -> torch.Tensor:
+        """Indices of the tokens of these samples, in the order the forward returns them."""
+        return torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in sample_positions])
+
+
+def _sample_rows(s, image_mode: str, cfg_rows: bool):
+    img = s.image_tokens.tolist()
+    N = len(img)
+    cot = list(s.cot_ids)
+    if image_mode == "continue":
+        ctx = list(s.image_context_ids)  # cot_context + body + [BOI]
+        c0 = len(s.cot_context_ids)
+        text_t = [(c0 - 1 + j, t, TEXT) for j, t in enumerate(cot)]
+        b = len(ctx)
+        image_t = [(b - 1 + j, t, IMAGE) for j, t in enumerate(img)]
+        rows = [Row(ctx + img[:-1], len(ctx), "image", text_t + image_t)]
+    else:
+        c0 = len(s.cot_context_ids)
+        text_row = Row(list(s.cot_context_ids) + cot[:-1], c0 + len(cot) - 1, "cot",
+                       [(c0 - 1 + j, t, TEXT) for j, t in enumerate(cot)])
+        b = len(s.image_context_ids)
+        image_row = Row(list(s.image_context_ids) + img[:-1], b, "image",
+                        [(b - 1 + j, t, IMAGE) for j, t in enumerate(img)])
+        rows = [text_row, image_row]
+    uncond = None
+    if cfg_rows:
+        if s.uncond_context_ids is None:
+            raise ValueError("loss.cfg_logprobs needs the rollout's unconditional rows: "
+                             "rollout.guidance_scale must be > 1")
+        u = list(s.uncond_context_ids)
+        uncond = Row(u + img[:-1], len(u), "uncond", [(len(u) - 1 + j, t, IMAGE) for j, t in enumerate(img)])
+    return rows, uncond, len(cot), N
+
+
+def aggregation_weights(seq_ids, segments, groups, *, aggregation: str, text_weight=1.0, image_weight=1.0,
+                        max_tokens=None) -> torch.Tensor:
+    """float64 [T] weights w with ``loss = sum(w * l)`` equal to the chosen aggregation:
+    group_token_mean  mean over groups of (sum_g s*l / sum_g s)
+    token_mean        sum s*l / sum s
+    seq_mean          mean over sequences of (sum_seq s*l / sum_seq s)
+    dr_grpo           sum s*l / (num_sequences * max_tokens)
+    where s is the segment weight of each token (text_weight / image_weight)."""
+    s = torch.where(segments == TEXT, float(text_weight), float(image_weight)).double()
+    if s.numel() == 0:
+        return s
+
+    def per(ids):
+        _, inv = torch.unique(ids, return_inverse=True)
+        tot = torch.zeros(int(inv.max()) + 1, dtype=torch.float64).index_add_(0, inv, s)
+        live = tot > 0
+        return torch.where(live[inv], s / tot.clamp(min=1e-300)[inv], 0.0) / live.sum()
+
+    if aggregation == "group_token_mean":
+        return per(groups)
+    if aggregation == "seq_mean":
+        return per(seq_ids)
+    if aggregation == "token_mean":
+        return s / s.sum() if s.sum() > 0 else s
+    if aggregation == "dr_grpo":
+        n_seq = int(torch.unique(seq_ids).numel())
+        if max_tokens is None:
+            max_tokens = int(torch.bincount(seq_ids).max())
+        return s / (n_seq * max_tokens)
+    raise ValueError(f"unknown aggregation {aggregation!r}")
+
+
+def pack(batch, advantages: torch.Tensor, loss, keep: torch.Tensor | None = None) -> TrainBatch:
+    """The training batch of a RolloutBatch. ``loss`` is a LossConfig; ``keep`` (bool [N]) leaves
+    out the samples of filtered groups."""
+    mode = batch.config.image_mode if batch.config is not None else "reprompt"
+    cfg_rows = loss.cfg_logprobs != "none"
+    samples, seq, seg, grp, offsets = [], [], [], [], [0]
+    for i, s in enumerate(batch.samples):
+        if keep is not None and not bool(keep[i]):
+            continue
+        rows, uncond, nt, ni = _sample_rows(s, mode, cfg_rows)
+        k = len(samples)
+        samples.append(TrainSample(i, s.prompt_index, float(advantages[i]), rows, uncond, nt, ni))
+        seq += [k] * (nt + ni)
+        seg += [TEXT] * nt + [IMAGE] * ni
+        grp += [s.prompt_index] * (nt + ni)
+        offsets.append(offsets[-1] + nt + ni)
+    seq_t = torch.tensor(seq, dtype=torch.long)
+    seg_t = torch.tensor(seg, dtype=torch.long)
+    w = aggregation_weights(seq_t, seg_t, torch.tensor(grp, dtype=torch.long), aggregation=loss.aggregation,
+                            text_weight=loss.text_weight, image_weight=loss.image_weight,
+                            max_tokens=loss.max_tokens)
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    return TrainBatch(samples, seq_t, seg_t, w, adv, offsets)

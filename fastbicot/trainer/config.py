@@ -1,0 +1,341 @@
+"""TrainerConfig: nested settings sections, validated field by field, loadable from YAML.
+
+Defaults are the T2I-R1 recipe (CaraJ7/T2I-R1 ``run_grpo.sh`` + ``grpo_trainer.py`` + the HF Trainer
+defaults it inherits); every departure is an option named here and listed in docs/fidelity.md.
+
+    config = TrainerConfig.from_yaml("configs/t2i_r1.yaml", ["--loss.beta=0", "optim.lr=2e-6"])
+
+An override is ``section.key=value`` (a leading ``--`` is allowed); the value is parsed as YAML, so
+``true``, ``3``, ``1e-6`` and ``[a, b]`` mean what they look like. An unknown key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..rollout.config import RolloutConfig, SamplingParams
+from ..settings import ConfigError, Settings, check_choice, check_range
+
+DTYPES = ("auto", "bfloat16", "float16", "float32", "float64")
+# transformers' Janus parameter names (JanusForConditionalGeneration.named_parameters()).
+TRAINABLE = ["model.language_model.*", "lm_head.*"]
+
+
+@dataclass
+class ModelConfig(Settings):
+    """Where the policy comes from: exactly one of ``path`` (a local transformers-format Janus
+    directory), ``preset`` (random weights of a real shape: tiny, janus-pro-1b, janus-pro-7b) or
+    ``builder`` ("module:callable" returning a JanusPolicy, e.g. the toy world's).
+
+    trainable / frozen: fnmatch patterns over transformers' Janus parameter names; a parameter
+    trains when it matches a ``trainable`` pattern and no ``frozen`` one. The seed trains the
+    language model with its embeddings and text head and freezes the vision encoder, aligners,
+    every generation module and the VQ model.
+    """
+
+    path: str | None = None
+    preset: str | None = None
+    builder: str | None = None
+    tokenizer_path: str | None = None
+    seed: int = 0  # weights of preset / builder models
+    dtype: str = "auto"  # compute dtype; "auto": bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    trainable: list[str] = field(default_factory=lambda: list(TRAINABLE))
+    frozen: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "sdpa"
+
+    def check(self, path):
+        given = [k for k in ("path", "preset", "builder") if getattr(self, k) is not None]
+        if len(given) > 1:
+            self.fail(path, given[1], f"give one of model.path, model.preset, model.builder; got {given}")
+        check_choice(self, path, "dtype", DTYPES)
+        if self.builder is not None and ":" not in self.builder:
+            self.fail(path, "builder", f"must be 'module:callable', got {self.builder!r}")
+        if not self.trainable:
+            self.fail(path, "trainable", "is empty: nothing would train")
+
+
+@dataclass
+class DataConfig(Settings):
+    """Prompts (JSONL in the T2I-CompBench / T2I-R1 format, or plain text), drawn in shuffled
+    epochs: step k takes prompts [k*P, (k+1)*P) of the endless shuffled stream, so the data
+    position is a function of the step (exact resume) and of ``seed`` (the seed uses 42)."""
+
+    prompts: str | None = None
+    format: str | None = None  # "jsonl" | "text"; None: from the file
+    prompts_per_step: int = 16
+    shuffle: bool = True
+    seed: int = 42
+
+    def check(self, path):
+        check_range(self, path, "prompts_per_step", low=1)
+        if self.format is not None:
+            check_choice(self, path, "format", ("jsonl", "text"))
+
+
+@dataclass
+class RewardSpec(Settings):
+    """One reward: ``name`` is hps | git | gdino | orm | vlm_judge | remote_judge | clip | pickscore,
+    or "module:callable" (called with ``options``; returns a Reward, a list of them, a
+    RewardEnsemble, or a plain callable ``fn(images, prompts, metadata, cots) -> scores``)."""
+
+    name: str = ""
+    path: str | None = None  # local checkpoint directory of model rewards
+    weight: float = 1.0
+    device: str | None = None  # default: the policy's device
+    options: dict = field(default_factory=dict)
+
+    def check(self, path):
+        if not self.name:
+            self.fail(path, "name", "is empty: name a reward (hps, git, gdino, orm, ...) or module:callable")
+
+
+@dataclass
+class RewardsConfig(Settings):
+    """The ensemble: ``mode`` sum (T2I-R1, unweighted) or product (GoT-R1); ``normalize`` group
+    normalises each component before summing."""
+
+    functions: list[RewardSpec] = field(default_factory=list)
+    mode: str = "sum"
+    normalize: str = "none"
+
+    def check(self, path):
+        check_choice(self, path, "mode", ("sum", "product"))
+        check_choice(self, path, "normalize", ("none", "group"))
+
+
+@dataclass
+class AdvantageConfig(Settings):
+    """A = (r - mean_g) / (std_g + eps), unbiased std (the seed). ``scale``: "group" (the seed),
+    "batch" (the std of the whole batch), "none" (r - mean_g, Dr.GRPO). ``filter_zero_std``: DAPO's
+    filter -- groups whose rewards are all equal carry no signal and are left out of the loss."""
+
+    scale: str = "group"
+    eps: float = 1e-4
+    filter_zero_std: bool = False
+
+    def check(self, path):
+        check_choice(self, path, "scale", ("group", "batch", "none"))
+        check_range(self, path, "eps", low=0.0)
+
+
+AGGREGATIONS = ("group_token_mean", "token_mean", "seq_mean", "dr_grpo")
+
+
+@dataclass
+class LossConfig(Settings):
+    """The GRPO objective (DESIGN.md §3).
+
+    beta            k3 KL weight against a frozen reference (0: no reference model is loaded)
+    num_iterations  mu: optimizer updates per rollout; > 1 uses stored old log-probs from the
+                    first pass of the training forward and the clip [1 - eps_low, 1 + eps_high]
+    aggregation     group_token_mean (the seed's effective loss: token mean over [CoT + image]
+                    inside each prompt group, then the mean over groups), token_mean (one mean over
+                    every token of the step), seq_mean (mean of per-sequence means), dr_grpo
+                    (sum / (num_sequences * max_tokens))
+    cfg_logprobs    none (conditional branch only, the seed), cfg (log-softmax of the guided
+                    logits), cfg_scaled (guided logits / w); cfg_uncond_grad lets gradient flow into
+                    the unconditional branch
+    importance_sampling  token (GRPO) or sequence (GSPO: one ratio per sequence, the geometric
+                    mean of its token ratios)
+    kl_bias_correction   TRL's use_bias_correction_kl: the KL term times the importance ratio
+    text_weight / image_weight   per-segment token weights (CoT tokens / image tokens)
+    ref_text_embeddings  "policy" (the seed feeds the reference model the policy's own, trained
+                    text embeddings) or "reference" (the reference's own embeddings)
+    """
+
+    beta: float = 0.01
+    num_iterations: int = 1
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    aggregation: str = "group_token_mean"
+    max_tokens: int | None = None
+    cfg_logprobs: str = "none"
+    cfg_uncond_grad: bool = False
+    importance_sampling: str = "token"
+    kl_bias_correction: bool = False
+    text_weight: float = 1.0
+    image_weight: float = 1.0
+    ref_text_embeddings: str = "policy"
+
+    def check(self, path):
+        check_range(self, path, "beta", low=0.0)
+        check_range(self, path, "num_iterations", low=1)
+        check_range(self, path, "eps_low", low=0.0, high=1.0, high_open=True)
+        check_range(self, path, "eps_high", low=0.0)
+        check_choice(self, path, "aggregation", AGGREGATIONS)
+        check_range(self, path, "max_tokens", low=1)
+        check_choice(self, path, "cfg_logprobs", ("none", "cfg", "cfg_scaled"))
+        check_choice(self, path, "importance_sampling", ("token", "sequence"))
+        check_range(self, path, "text_weight", low=0.0)
+        check_range(self, path, "image_weight", low=0.0)
+        if self.text_weight == 0 and self.image_weight == 0:
+            self.fail(path, "text_weight", "and image_weight are both 0: no token would count")
+        check_choice(self, path, "ref_text_embeddings", ("policy", "reference"))
+
+
+@dataclass
+class OptimConfig(Settings):
+    """AdamW with fp32 master weights and optimizer states (bf16 compute on GPU), linear decay to 0
+    over the run, no warmup, gradient clipping at 1.0: the seed's HF Trainer + ZeRO-3 setup.
+    ``micro_batch_prompts``: prompt groups per forward/backward (gradient accumulation over the
+    step's groups; the seed runs one prompt x 8 images per GPU)."""
+
+    lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    master_dtype: str = "float32"
+    micro_batch_prompts: int = 1
+
+    def check(self, path):
+        check_range(self, path, "lr", low=0.0)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            self.fail(path, "betas", f"must be two numbers in [0, 1), got {self.betas}")
+        check_range(self, path, "eps", low=0.0, low_open=True)
+        check_range(self, path, "weight_decay", low=0.0)
+        check_choice(self, path, "schedule", ("linear", "constant", "cosine"))
+        check_range(self, path, "warmup_steps", low=0)
+        check_range(self, path, "max_grad_norm", low=0.0)
+        check_choice(self, path, "master_dtype", ("float32", "float64"))
+        check_range(self, path, "micro_batch_prompts", low=1)
+
+
+@dataclass
+class CheckpointConfig(Settings):
+    """Every ``every`` steps and at the end (0: only at the end); the last ``keep`` are kept."""
+
+    every: int = 400  # the seed's save_steps
+    keep: int = 2
+
+    def check(self, path):
+        check_range(self, path, "every", low=0)
+        check_range(self, path, "keep", low=1)
+
+
+@dataclass
+class LogConfig(Settings):
+    """metrics.jsonl every step; sample grids every ``grid_every`` steps (0: first and last only);
+    TensorBoard / wandb when installed and enabled (wandb offline unless WANDB_MODE says else)."""
+
+    grid_every: int = 50
+    grid_samples: int = 8
+    progress: bool = True
+    entropy: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+
+    def check(self, path):
+        check_range(self, path, "grid_every", low=0)
+        check_range(self, path, "grid_samples", low=1)
+
+
+@dataclass
+class TrainerConfig(Settings):
+    """The whole run. ``steps`` rollouts (each followed by ``loss.num_iterations`` updates)."""
+
+    output_dir: str = "runs/fastbicot"
+    steps: int = 1600
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def check(self, path):
+        check_range(self, path, "steps", low=1)
+        if not self.output_dir:
+            self.fail(path, "output_dir", "is empty")
+        if self.data.prompts_per_step % self.optim.micro_batch_prompts:
+            self.fail(path, "optim.micro_batch_prompts",
+                      f"({self.optim.micro_batch_prompts}) must divide data.prompts_per_step "
+                      f"({self.data.prompts_per_step}): micro-batches hold whole prompt groups")
+
+    @classmethod
+    def from_yaml(cls, path, overrides=()) -> TrainerConfig:
+        """Load ``path`` (YAML) and apply ``overrides`` ("section.key=value" strings or a dict of
+        dotted keys). Errors name the file or the dotted key."""
+        import yaml
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path!r}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        data = apply_dotted(data, parse_overrides(overrides))
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=110)
+
+
+def parse_overrides(overrides) -> dict:
+    """["a.b=1", "--c.d=x"] or {"a.b": 1} -> {"a.b": value} with values parsed as YAML."""
+    import yaml
+
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, _, raw = item.lstrip("-").partition("=")
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+    return out
+
+
+def apply_dotted(data: dict, dotted: dict) -> dict:
+    """Apply {"a.b.c": v} onto nested ``data`` (a copy); missing sections are created, and the
+    section classes reject unknown keys when the config is built."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for key, value in dotted.items():
+        parts = key.split(".")
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section (override {key})")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+__all__ = [
+    "AdvantageConfig", "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "LossConfig",
+    "ModelConfig", "OptimConfig", "RewardSpec", "RewardsConfig", "RolloutConfig", "SamplingParams",
+    "TrainerConfig", "parse_overrides",
+]

@@ -1,0 +1,400 @@
+"""Trainer: BiCoT-GRPO (T2I-R1) on a Janus policy. ``Trainer.step()`` is DESIGN.md §2:
+
+    records = this step's prompt groups
+    batch   = rollout(records)                      CoT, then image tokens, then pixels
+    scores  = rewards(**batch.reward_inputs())      total + components
+    adv     = group advantages (+ DAPO filter)
+    train   = pack(batch, adv)                      rows, per-token groups / segments / weights
+    loss    = GRPO over teacher-forced log-probs of both heads ; backward ; optimizer step
+    metrics = one dict -> metrics.jsonl, progress bar, grids
+
+Single process here; the distributed layer and durable checkpoints wrap this class from outside.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+import math
+import os
+import shutil
+import time
+
+import torch
+
+from ..data import PromptRecord, load_prompts
+from ..rewards import Reward, RewardEnsemble, RewardError
+from ..rollout import RolloutEngine
+from .advantage import group_advantages
+from .batch import IMAGE, TEXT, pack
+from .config import ConfigError, TrainerConfig
+from .logprobs import sample_logprobs
+from .optim import MasterOptimizer
+from .rewards import build_rewards, load_callable
+from .step import grpo_objective
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient, a failed reward); names step and cause."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name!r} but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def build_policy(model, device=None):
+    """The policy a ModelConfig names (local directory, preset or builder), on its device/dtype."""
+    from ..models import JanusPolicy
+
+    device = device or resolve_device(model.device)
+    dtype = resolve_dtype(model.dtype, device)
+    if model.path is not None:
+        return JanusPolicy.from_pretrained(model.path, dtype=dtype, device=device, tokenizer_dir=model.tokenizer_path,
+                                           attn_implementation=model.attn_implementation)
+    if model.preset is not None:
+        return JanusPolicy.from_preset(model.preset, seed=model.seed, device=device, dtype=dtype,
+                                       attn_implementation=model.attn_implementation)
+    if model.builder is not None:
+        policy = load_callable(model.builder, "model.builder")(seed=model.seed)
+        policy.hf_model.to(device=device, dtype=dtype)
+        return policy
+    raise ConfigError("model: give model.path (a local Janus checkpoint), model.preset or model.builder")
+
+
+def set_trainable(policy, trainable, frozen) -> list:
+    """requires_grad by fnmatch patterns over transformers' Janus names; returns the trainable names."""
+    names = [n for n, _ in policy.hf_model.named_parameters()]
+    for pat in trainable:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise ConfigError(f"model.trainable: pattern {pat!r} matches no parameter (names look like "
+                              f"{names[0]!r}, {names[-1]!r})")
+    out = []
+    for n, p in policy.hf_model.named_parameters():
+        on = any(fnmatch.fnmatchcase(n, t) for t in trainable) and not any(fnmatch.fnmatchcase(n, f) for f in frozen)
+        p.requires_grad_(on)
+        if on:
+            out.append(n)
+    if not out:
+        raise ConfigError("model.trainable / model.frozen: no parameter is left trainable")
+    return out
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer (transformers >= 5.23 renamed the method)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The rollout's random stream of a step: a function of (seed, step) only."""
+    h = hashlib.blake2b(f"fastbicot/{seed}/{step}".encode(), digest_size=7).digest()
+    return int.from_bytes(h, "little")
+
+
+class Trainer:
+    """``Trainer(config, policy=None, rewards=None, ref_policy=None)``.
+
+    policy: a JanusPolicy (default: built from ``config.model``). rewards: a RewardEnsemble, a
+    Reward, a list of Rewards (default: built from ``config.rewards``). ref_policy: the frozen
+    reference for the KL term (default: a copy of the policy when ``loss.beta > 0``; none at 0).
+    """
+
+    def __init__(self, config: TrainerConfig, policy=None, rewards=None, ref_policy=None):
+        if not isinstance(config, TrainerConfig):
+            raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
+        self.config = c = config
+        torch.manual_seed(c.seed)
+        self.policy = policy if policy is not None else build_policy(c.model)
+        self.device = self.policy.device
+        self.trainable = set_trainable(self.policy, c.model.trainable, c.model.frozen)
+        if c.model.gradient_checkpointing:
+            enable_checkpointing(self.policy.language_model)
+        self.ref_policy = None
+        if c.loss.beta > 0:
+            self.ref_policy = ref_policy if ref_policy is not None else copy.deepcopy(self.policy)
+            self.ref_policy.eval()
+            for p in self.ref_policy.parameters():
+                p.requires_grad_(False)
+        self.rewards = self._as_ensemble(rewards) if rewards is not None else build_rewards(c.rewards, self.device)
+        self.prompts = load_prompts(c.data.prompts, c.data.format) if c.data.prompts else None
+        self.engine = RolloutEngine(self.policy, c.rollout, progress=False)
+        self.optim = MasterOptimizer(self.policy.parameters(), c.optim, c.steps * c.loss.num_iterations)
+        self.step_idx = 0  # completed steps
+        self.last_batch = self.last_scores = None
+
+    @staticmethod
+    def _as_ensemble(rewards) -> RewardEnsemble:
+        if isinstance(rewards, RewardEnsemble):
+            return rewards
+        if isinstance(rewards, Reward):
+            return RewardEnsemble([rewards])
+        if isinstance(rewards, (list, tuple)) and rewards and all(isinstance(r, Reward) for r in rewards):
+            return RewardEnsemble(list(rewards))
+        raise TypeError(f"rewards must be a RewardEnsemble, a Reward or a list of Rewards, got {type(rewards).__name__}")
+
+    # ---- data ------------------------------------------------------------------------------------
+    def records(self, step: int | None = None) -> list:
+        """The prompt groups of ``step`` (default: the next one): positions [k*P, (k+1)*P) of an endless
+        stream of shuffled epochs, so the data position is a function of the step."""
+        if self.prompts is None:
+            raise ValueError("no prompts: set data.prompts to a JSONL / text file")
+        step = self.step_idx if step is None else step
+        P, n, d = self.config.data.prompts_per_step, len(self.prompts), self.config.data
+        out = []
+        for pos in range(step * P, (step + 1) * P):
+            epoch, i = divmod(pos, n)
+            if d.shuffle:
+                g = torch.Generator().manual_seed(d.seed * 1_000_003 + epoch)
+                i = int(torch.randperm(n, generator=g)[i])
+            out.append(self.prompts[i])
+        return out
+
+    # ---- the four stages -------------------------------------------------------------------------
+    def rollout(self, records=None):
+        """This step's prompts (or ``records``) generated by the current policy -> RolloutBatch."""
+        records = self.records() if records is None else records
+        self.policy.eval()
+        return self.engine.generate(records, seed=step_seed(self.config.seed, self.step_idx))
+
+    def score(self, batch):
+        """The reward ensemble on a RolloutBatch -> RewardOutput(total, components); a reward that
+        fails or returns a non-finite total stops with its name and prompt."""
+        try:
+            out = self.rewards(**batch.reward_inputs())
+        except RewardError as e:
+            raise TrainingError(f"step {self.step_idx + 1}: {e}") from e
+        bad = (~torch.isfinite(out.total)).nonzero().flatten().tolist()
+        if bad:
+            raise TrainingError(f"step {self.step_idx + 1}: the total reward is not finite for prompt "
+                                f"{batch.samples[bad[0]].prompt!r} ({len(bad)} samples)")
+        return out
+
+    def advantages(self, batch, scores):
+        a = self.config.advantage
+        return group_advantages(scores.total, batch.group_ids, scale=a.scale, eps=a.eps,
+                                filter_zero_std=a.filter_zero_std)
+
+    def compute_loss(self, batch, advantages, keep=None):
+        """The step's loss over the whole batch in one forward (no micro-batching, no backward):
+        -> (loss 0-dim with graph, stats). The reference runs without grad."""
+        train = pack(batch, advantages, self.config.loss, keep)
+        idx = list(range(len(train.samples)))
+        loss, sums, _ = self._micro(train, idx, ref=self._ref_logprobs(train, idx), old=None, entropy=False)
+        w = sums.pop("weight")
+        return loss, {k: v / w for k, v in sums.items()}
+
+    # ---- the update --------------------------------------------------------------------------------
+    def _ref_logprobs(self, train, idx):
+        if self.ref_policy is None:
+            return None
+        samples = [train.samples[i] for i in idx]
+        emb = self.policy if self.config.loss.ref_text_embeddings == "policy" else None
+        with torch.no_grad():
+            return sample_logprobs(self.ref_policy, samples, loss=self.config.loss,
+                                   guidance_scale=self.config.rollout.guidance_scale, embeds_from=emb).logprobs
+
+    def _micro(self, train, idx, *, ref, old, entropy):
+        L = self.config.loss
+        samples = [train.samples[i] for i in idx]
+        tok = train.token_slice(idx)
+        fwd = sample_logprobs(self.policy, samples, loss=L, guidance_scale=self.config.rollout.guidance_scale,
+                              entropy=entropy)
+        local = {k: j for j, k in enumerate(idx)}
+        seq = torch.tensor([local[int(s)] for s in train.seq_ids[tok]], dtype=torch.long)
+        loss, sums = grpo_objective(fwd.logprobs, train.advantages[idx], seq, train.weights[tok], old=old, ref=ref,
+                                    beta=L.beta, eps_low=L.eps_low, eps_high=L.eps_high,
+                                    importance_sampling=L.importance_sampling,
+                                    kl_bias_correction=L.kl_bias_correction)
+        return loss, sums, fwd
+
+    def update(self, batch, advantages, keep=None) -> dict:
+        """GRPO update(s) on a scored batch: ``loss.num_iterations`` optimizer steps, each over every
+        micro-batch of whole prompt groups. Returns the update's metrics."""
+        c, L = self.config, self.config.loss
+        step = self.step_idx + 1
+        train = pack(batch, advantages, L, keep)
+        if not train.samples:  # every group filtered: nothing to learn from this rollout
+            return {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 1.0, "grad_norm": 0.0,
+                    "lr": self.optim.lr, "update/skipped": 1.0}
+        micros = train.micro_batches(c.optim.micro_batch_prompts)
+        refs = [self._ref_logprobs(train, m) for m in micros]
+        olds = [None] * len(micros)
+        self.policy.train()
+        out = {"lr": self.optim.lr}
+        ent = {TEXT: [], IMAGE: []}
+        clip, ratio = [], []
+        try:
+            for it in range(L.num_iterations):
+                total = {}
+                for m, idx in enumerate(micros):
+                    loss, sums, fwd = self._micro(train, idx, ref=refs[m], old=olds[m],
+                                                  entropy=it == 0 and c.log.entropy)
+                    if not bool(torch.isfinite(loss)):
+                        raise TrainingError(f"step {step}: the loss is {float(loss)} (update {it + 1}, "
+                                            f"micro-batch {m + 1}/{len(micros)}); no optimizer step was taken")
+                    loss.backward()
+                    if L.num_iterations > 1 and it == 0:
+                        olds[m] = fwd.logprobs.detach()
+                    for k, v in sums.items():
+                        total[k] = total.get(k, 0.0) + float(v)
+                    total["loss"] = total.get("loss", 0.0) + float(loss.detach())
+                    if fwd.entropy_text is not None:
+                        ent[TEXT].append(fwd.entropy_text)
+                    if fwd.entropy_image is not None:
+                        ent[IMAGE].append(fwd.entropy_image)
+                gn = self.optim.grad_norm()
+                if not bool(torch.isfinite(gn)):
+                    bad = next(n for n, p in self.policy.hf_model.named_parameters()
+                               if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+                    self.optim.zero_grad()
+                    raise TrainingError(f"step {step}: the gradient is not finite (first in {bad}; update {it + 1}); "
+                                        "no optimizer step was taken")
+                self.optim.step(gn)
+                w = total["weight"] or 1.0
+                if it == 0:
+                    out.update(loss=total["loss"], kl=total["kl"] / w, grad_norm=float(gn))
+                clip.append(total["clip_fraction"] / w)
+                ratio.append(total["ratio_mean"] / w)
+        finally:
+            self.policy.eval()
+        out["clip_fraction"] = sum(clip) / len(clip)
+        out["ratio_mean"] = sum(ratio) / len(ratio)
+        for key, seg in (("entropy/text", TEXT), ("entropy/image", IMAGE)):
+            if ent[seg]:
+                out[key] = float(torch.cat(ent[seg]).mean())
+        return out
+
+    def step(self) -> dict:
+        """One BiCoT-GRPO step; returns its metrics."""
+        t0 = time.perf_counter()
+        batch = self.rollout()
+        t1 = time.perf_counter()
+        scores = self.score(batch)
+        t2 = time.perf_counter()
+        adv, keep, adv_stats = self.advantages(batch, scores)
+        metrics = self.update(batch, adv, keep if self.config.advantage.filter_zero_std else None)
+        t3 = time.perf_counter()
+        self.step_idx += 1
+        self.last_batch, self.last_scores = batch, scores
+        total = scores.total
+        metrics = {
+            "step": self.step_idx,
+            "reward/mean": float(total.mean()),
+            "reward/std": float(total.std()) if total.numel() > 1 else 0.0,
+            **{f"reward/{k}": float(v.mean()) for k, v in scores.components.items()},
+            **adv_stats,
+            **metrics,
+            "cot_len": sum(len(s.cot_ids) for s in batch.samples) / len(batch.samples),
+            "images_per_s": len(batch.samples) / (t3 - t0),
+            "time/rollout": t1 - t0,
+            "time/cot": batch.timing.get("cot", math.nan),
+            "time/image": batch.timing.get("image", math.nan),
+            "time/decode": batch.timing.get("decode", math.nan),
+            "time/reward": t2 - t1,
+            "time/update": t3 - t2,
+        }
+        return metrics
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def train(self, *, overwrite: bool = False) -> str:
+        """Run ``config.steps`` steps, writing metrics, grids, the reward curve and the final policy
+        into ``output_dir``; returns ``output_dir``."""
+        from .metrics import MetricsLogger, save_reward_curve, save_sample_grid
+
+        c = self.config
+        out = c.output_dir
+        prepare_output_dir(out, overwrite=overwrite, resume=self.step_idx > 0)
+        with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(c.to_yaml())
+        logger = MetricsLogger(out, c.log, total_steps=c.steps, start_step=self.step_idx, config_dict=c.to_dict())
+        grids = os.path.join(out, "grids")
+        os.makedirs(grids, exist_ok=True)
+        try:
+            while self.step_idx < c.steps:
+                m = self.step()
+                logger.log(m)
+                s = self.step_idx
+                if s == 1 or s == c.steps or (c.log.grid_every and s % c.log.grid_every == 0):
+                    save_sample_grid(self.last_batch, self.last_scores, os.path.join(grids, f"step_{s:06d}.png"),
+                                     max_samples=c.log.grid_samples, title=f"step {s}")
+                if c.checkpoint.every and s % c.checkpoint.every == 0 and s < c.steps:
+                    self.save_checkpoint()
+        finally:
+            logger.close()
+        self.save_checkpoint(final=True)
+        save_reward_curve(logger.path, os.path.join(out, "reward_curve.png"))
+        return out
+
+    def save_checkpoint(self, final: bool = False) -> str:
+        """The policy in transformers' format plus the trainer state, written under a temporary name
+        and renamed (a failed write never replaces a good checkpoint); keeps the last ``keep``."""
+        out = self.config.output_dir
+        name = "final" if final else f"checkpoint-{self.step_idx:06d}"
+        dst = os.path.join(out, name)
+        tmp = os.path.join(out, f".tmp-{name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_policy(self.policy, tmp)
+        torch.save({"step": self.step_idx, "optim": self.optim.state_dict(), "torch_rng": torch.get_rng_state()},
+                   os.path.join(tmp, "trainer_state.pt"))
+        if os.path.exists(dst):
+            old = dst + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+        if not final:
+            ckpts = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-"))
+            for d in ckpts[: -self.config.checkpoint.keep]:
+                shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+        return dst
+
+
+def save_policy(policy, path: str) -> None:
+    """transformers' format (loadable by JanusForConditionalGeneration / JanusPolicy.from_pretrained),
+    with the tokenizer and the BOI id (generation_config.json's generation_kwargs)."""
+    os.makedirs(path, exist_ok=True)
+    policy.hf_model.save_pretrained(path)
+    if policy.tokenizer is not None:
+        policy.tokenizer.save_pretrained(path)
+
+
+def prepare_output_dir(path: str, *, overwrite: bool, resume: bool) -> None:
+    """An output dir that already holds another run is refused unless resuming or overwriting."""
+    metrics = os.path.join(path, "metrics.jsonl")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output_dir {path!r} exists and is not a directory")
+    if os.path.exists(metrics) and not resume:
+        if not overwrite:
+            raise ConfigError(f"output_dir {path!r} already holds a run (metrics.jsonl); pass --overwrite to "
+                              "replace it or --resume to continue it, or choose another output_dir")
+        for name in os.listdir(path):
+            p = os.path.join(path, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, ".write-test")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"output_dir {path!r} is not writable ({e.strerror})") from None
+
+
+__all__ = ["PromptRecord", "Trainer", "TrainingError", "build_policy", "save_policy", "step_seed"]

@@ -1,0 +1,176 @@
+"""The Trainer's loss and gradients equal a straightforward implementation of the seed's objective.
+
+The reference below is written from CaraJ7/T2I-R1 src/t2i-r1/src/open_r1/trainer/grpo_trainer.py:
+  _get_per_token_logps (:378-414)  materialised logits -> log_softmax -> gather, lm_head for CoT
+                                   tokens, gen_head for image tokens, conditional rows only
+  the ref model (:511-529, :677-683) fed the policy's own input embeddings
+  advantages (:739-748)            (r - mean_g) / (std_g + 1e-4), torch's unbiased std
+  loss (:763-772)                  -(exp(lp - lp.detach()) * A - beta * k3) summed over [CoT | image]
+                                   tokens of the micro-batch / their count; the micro-batch is one
+                                   prompt x G samples, averaged over ranks and accumulation steps
+so the effective loss is the mean over prompt groups of each group's token mean.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from fastbicot.models import JanusPolicy
+from fastbicot.rewards import FunctionReward
+from fastbicot.trainer import Trainer, TrainerConfig
+
+SHORT = dict(template="{system} {instruction}", system="Plan.", instruction="Draw {prompt}:")
+PROMPTS = ["a red cube", "two green dogs left of a cat", "x"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def red_reward():
+    return FunctionReward("red", lambda im, p, m, c: im[..., 0].double().mean((1, 2)) / 255 + 0.1 * len(c[0]))
+
+
+def merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_trainer(seed, tmp_path, dtype="float64", policy=None, **sections):
+    data = tmp_path / "prompts.txt"
+    data.write_text("\n".join(PROMPTS))
+    base = dict(
+        output_dir=str(tmp_path / "run"), steps=3, seed=seed,
+        model=dict(preset="tiny", dtype=dtype, seed=seed),
+        data=dict(prompts=str(data), prompts_per_step=3, shuffle=False),
+        rollout=dict(num_generations=4, cot=dict(max_new_tokens=6), **SHORT),
+        log=dict(progress=False),
+    )
+    cfg = TrainerConfig.from_dict(merge(base, sections))
+    ref = None
+    if policy is None:
+        policy = JanusPolicy.from_preset("tiny", seed=seed, dtype=getattr(torch, cfg.model.dtype))
+    if cfg.loss.beta > 0:
+        ref = copy.deepcopy(policy)
+        with torch.no_grad():  # a reference that differs from the policy: the KL term is not zero
+            for p in ref.hf_model.model.language_model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return Trainer(cfg, policy=policy, rewards=[red_reward()], ref_policy=ref)
+
+
+def seed_logps(model, emb_model, s):
+    """Per-token log-probs of one sample, seed-style: full logits, log_softmax, gather."""
+    hf, emb_hf = model.hf_model, emb_model.hf_model
+    lm = hf.model.language_model
+
+    def run(ids, img=None):
+        e = emb_hf.model.language_model.embed_tokens(torch.tensor([ids]))
+        if img is not None:
+            e = torch.cat([e, emb_hf.prepare_embeddings_for_image_generation(img[None])], 1)
+        return lm(inputs_embeds=e).last_hidden_state[0]
+
+    c = len(s.cot_context_ids)
+    h = run(s.cot_context_ids + s.cot_ids)[c - 1 : c - 1 + len(s.cot_ids)]
+    cot = torch.log_softmax(hf.lm_head(h), -1).gather(-1, torch.tensor(s.cot_ids)[:, None])[:, 0]
+    b, n = len(s.image_context_ids), len(s.image_tokens)
+    h = run(s.image_context_ids, s.image_tokens[:-1])[b - 1 : b - 1 + n]
+    img = torch.log_softmax(hf.model.generation_head(h), -1).gather(-1, s.image_tokens[:, None])[:, 0]
+    return torch.cat([cot, img])
+
+
+def seed_loss(trainer, batch, rewards, beta):
+    r = rewards.double()
+    G = batch.num_generations
+    grouped = r.view(-1, G)
+    adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
+    per_group = []
+    for g in range(len(r) // G):
+        losses = []
+        for s_i in range(g * G, (g + 1) * G):
+            s = batch.samples[s_i]
+            lp = seed_logps(trainer.policy, trainer.policy, s)
+            with torch.no_grad():
+                ref = seed_logps(trainer.ref_policy, trainer.policy, s) if beta > 0 else torch.zeros_like(lp)
+            kl = torch.exp(ref - lp) - (ref - lp) - 1
+            losses.append(-(torch.exp(lp - lp.detach()) * adv[s_i] - beta * kl))
+        tok = torch.cat(losses)
+        per_group.append(tok.sum() / tok.numel())
+    return torch.stack(per_group).mean(), adv
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.0])
+def test_loss_and_gradients_equal_the_seed_objective(seed, tmp_path, beta):
+    tr = make_trainer(seed, tmp_path, loss=dict(beta=beta))
+    assert (tr.ref_policy is None) == (beta == 0)  # beta = 0 loads no reference model
+    batch = tr.rollout()
+    scores = tr.score(batch)
+    adv, _, _ = tr.advantages(batch, scores)
+    params = dict(tr.policy.hf_model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.language_model.", "lm_head.")) for n in trainable)
+    assert any(n.startswith("model.language_model.embed_tokens") for n in trainable)
+    assert not any(n.startswith(("model.generation_", "model.vqmodel", "model.vision_model", "model.aligner"))
+                   for n in trainable)
+
+    tr.policy.train()
+    loss, stats = tr.compute_loss(batch, adv)
+    loss.backward()
+    ours = {n: params[n].grad.clone() for n in trainable}
+    for p in params.values():
+        p.grad = None
+
+    ref_loss, ref_adv = seed_loss(tr, batch, scores.total, beta)
+    torch.testing.assert_close(adv.double(), ref_adv, rtol=1e-5, atol=1e-6)
+    ref_loss.backward()
+    # token_logprobs returns float32 by contract (DESIGN §4): agreement to fp32 rounding, not 1e-12
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=2e-5, atol=1e-6)  # terms are O(1)
+    scale = max(float(params[n].grad.abs().max()) for n in trainable if params[n].grad is not None)
+    for n in trainable:
+        g = params[n].grad
+        if g is None:
+            assert ours[n].abs().max() == 0, n
+            continue
+        torch.testing.assert_close(ours[n].double(), g, rtol=1e-4, atol=1e-6 * scale, msg=n)
+    assert any(float(ours[n].abs().max()) > 0 for n in trainable)
+    if beta > 0:
+        assert float(stats["kl"]) > 1e-6
+    else:
+        assert float(stats["kl"]) == 0
+
+
+@pytest.mark.parametrize("image_mode", ["reprompt", "continue"])
+def test_training_forward_reproduces_rollout_logprobs(seed, tmp_path, image_mode):
+    """Guidance 1 and no filtering: the rollout's sampling distribution is the training one."""
+    tr = make_trainer(seed, tmp_path, rollout=dict(guidance_scale=1.0, image_mode=image_mode, cot=dict(top_k=0)))
+    batch = tr.rollout()
+    with torch.no_grad():
+        adv = torch.zeros(len(batch))
+        from fastbicot.trainer import pack
+        from fastbicot.trainer.logprobs import sample_logprobs
+
+        train = pack(batch, adv, tr.config.loss)
+        lp = sample_logprobs(tr.policy, train.samples, loss=tr.config.loss).logprobs
+    want = torch.cat([torch.cat([s.cot_logprobs, s.image_logprobs]) for s in batch.samples])
+    torch.testing.assert_close(lp.float(), want, rtol=0, atol=2e-5)
+
+
+def test_cfg_logprobs_reproduce_the_guided_rollout(seed, tmp_path):
+    """loss.cfg_logprobs=cfg combines the image head's inputs: equal to the rollout's guided log-probs."""
+    tr = make_trainer(seed, tmp_path, rollout=dict(guidance_scale=3.0, cot=dict(top_k=0)),
+                      loss=dict(cfg_logprobs="cfg"))
+    batch = tr.rollout()
+    from fastbicot.trainer import pack
+    from fastbicot.trainer.logprobs import sample_logprobs
+
+    with torch.no_grad():
+        train = pack(batch, torch.zeros(len(batch)), tr.config.loss)
+        lp = sample_logprobs(tr.policy, train.samples, loss=tr.config.loss, guidance_scale=3.0).logprobs
+    want = torch.cat([torch.cat([s.cot_logprobs, s.image_logprobs]) for s in batch.samples])
+    torch.testing.assert_close(lp.float(), want, rtol=0, atol=2e-5)
