@@ -288,7 +288,7 @@ def test_hps_converter_matches_open_clip_forward(tmp_path, seed):
 # ----------------------------------------------------------------------------- GIT VQA
 
 
-def test_git_vqa_matches_gitforcausallm(tmp_path, seed):
+def save_tiny_git(tmp_path):
     from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM
 
     tok = word_tokenizer(cls_token="[CLS]", sep_token="[SEP]")
@@ -301,32 +301,112 @@ def test_git_vqa_matches_gitforcausallm(tmp_path, seed):
     tok.save_pretrained(tmp_path)
     proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     proc.save_pretrained(tmp_path)
-    images = rand_images(3, 32, 32)
-    prompts = ["a green bench and a red car", "a blue cat", "x"]
-    meta = [{"attr_nouns": ["green bench", "red car"]}, {"attr_nouns": ["blue cat"]},
-            {"attr_nouns": ["red dog", "the green cup on the blue plate", "cat"]}]
+    return model, tok, proc
+
+
+def git_reference(model, tok, proc, images, phrase_lists, template):
+    """GitForCausalLM on each (image, question) alone: softmax ratio P(yes)/(P(yes)+P(no)), mean."""
     yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
     ref = []
-    for img, m in zip(images, meta):
+    for img, phrases in zip(images, phrase_lists):
         pix = proc(images=[img.numpy()], return_tensors="pt")["pixel_values"]
         probs = []
-        for phrase in m["attr_nouns"]:
-            ids = [tok.cls_token_id] + tok.encode(f"is this a {phrase}?", add_special_tokens=False)
+        for phrase in phrases:
+            ids = [tok.cls_token_id] + tok.encode(template.format(phrase), add_special_tokens=False)
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ids]), pixel_values=pix).logits[0, -1].double()
             p = logits.softmax(-1)
             probs.append(p[yes] / (p[yes] + p[no]))
         ref.append(sum(probs) / len(probs))
-    ref = torch.tensor(ref, dtype=torch.float32)
+    return torch.tensor(ref, dtype=torch.float32)
+
+
+def test_git_vqa_matches_gitforcausallm(tmp_path, seed):
+    """The pre-fidelity behaviour, now behind options: "is this a {}?" over attr_nouns only."""
+    model, tok, proc = save_tiny_git(tmp_path)
+    images = rand_images(3, 32, 32)
+    prompts = ["a green bench and a red car", "a blue cat", "x"]
+    meta = [{"attr_nouns": ["green bench", "red car"]}, {"attr_nouns": ["blue cat"]},
+            {"attr_nouns": ["red dog", "the green cup on the blue plate", "cat"]}]
+    ref = git_reference(model, tok, proc, images, [m["attr_nouns"] for m in meta], "is this a {}?")
+    old = {"question_template": "is this a {}?", "fallback_field": None, "zero_tasks": (), "empty_score": None}
     for batch_size in (1, 2, 16):
-        got = GitVQAReward.from_pretrained(tmp_path, batch_size=batch_size, dtype="fp32")(images, prompts, meta)
+        got = GitVQAReward.from_pretrained(tmp_path, batch_size=batch_size, dtype="fp32", **old)(images, prompts, meta)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         assert ((got >= 0) & (got <= 1)).all()
-    r = GitVQAReward.from_pretrained(tmp_path)
+    r = GitVQAReward.from_pretrained(tmp_path, **old)
     with pytest.raises(RewardError, match=r"git_vqa.*attr_nouns.*a blue cat"):
         r(images[:2], prompts[:2], [meta[0], {"nouns": ["cat"]}])
     with pytest.raises(ValueError, match="single-token"):
         GitVQAReward.from_pretrained(tmp_path, yes="yes yes")
+
+
+def seed_git_scores(model, tok, proc, images, metadata):
+    """reward_git.py:41-76 of the seed, restated (task gating, attr_nouns else nouns, "{phrase}?")."""
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    score = []
+    for m, image in zip(metadata, images):
+        if m.get("task_type") in ["spatial", "numeracy"]:
+            score.append(0)
+            continue
+        if m.get("attr_nouns") is not None:
+            key = "attr_nouns"
+        else:
+            key = "nouns"
+            if m.get("nouns") is None or len(m["nouns"]) == 0:
+                score.append(1)
+                continue
+        pixel_values = proc(images=[image.numpy()], return_tensors="pt").pixel_values
+        temp = []
+        for attr_noun in m[key]:
+            input_ids = [tok.cls_token_id] + tok.encode(f"{attr_noun}?", add_special_tokens=False)
+            with torch.no_grad():
+                logits = model(pixel_values=pixel_values, input_ids=torch.tensor([input_ids])).logits[:, -1].double()
+            probs = torch.softmax(logits, dim=1)
+            temp.append(float(probs[:, yes] / (probs[:, yes] + probs[:, no])))
+        score.append(sum(temp) / len(temp))
+    return torch.tensor(score, dtype=torch.float32)
+
+
+def test_git_vqa_seed_defaults(tmp_path, seed):
+    model, tok, proc = save_tiny_git(tmp_path)
+    rng = torch.Generator().manual_seed(seed)
+    pool = ["green bench", "red car", "cat", "blue cup", "dog", "the green plate"]
+    tasks = ["color", "shape", "texture", "spatial", "numeracy", "complex", "non", "object", None]
+    meta = []
+    for _ in range(7):
+        m = {"task_type": tasks[int(torch.randint(len(tasks), (1,), generator=rng))]}
+        kind = int(torch.randint(4, (1,), generator=rng))
+        pick = [pool[int(i)] for i in torch.randperm(len(pool), generator=rng)[:1 + int(torch.randint(3, (1,), generator=rng))]]
+        if kind == 0:
+            m["attr_nouns"], m["nouns"] = pick, ["cat"]
+        elif kind == 1:
+            m["nouns"] = pick  # no attr_nouns: the seed asks about the nouns
+        elif kind == 2:
+            m["nouns"] = []  # no phrases at all: 1
+        meta.append(m)
+    meta += [{"task_type": "color", "attr_nouns": ["red car"]}, {"task_type": "spatial", "nouns": ["cat"]},
+             {"task_type": "object", "nouns": ["dog"]}, {"task_type": "non"}]
+    images = rand_images(len(meta), 32, 32)
+    prompts = [f"p{i}" for i in range(len(meta))]
+    ref = seed_git_scores(model, tok, proc, images, meta)
+    for batch_size in (1, 3):
+        got = GitVQAReward.from_pretrained(tmp_path, batch_size=batch_size, dtype="fp32")(images, prompts, meta)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert ref[-4] != 0 and ref[-3] == 0 and ref[-1] == 1  # asked, gated, no phrases
+    r = GitVQAReward.from_pretrained(tmp_path)
+    assert r.questions("p", {"attr_nouns": ["red car"], "nouns": ["car"]}) == ["red car?"]  # reward_git.py:64
+    for bad, msg in (({"nouns": "red car"}, r"'git_vqa'.*'p'.*'nouns' must be a list of str"),
+                     ({"attr_nouns": ["red car", None]}, r"'attr_nouns' must be a list of str"),
+                     ({"task_type": "numeracyy", "nouns": ["cat"]}, r"'task_type' must be one of.*'numeracyy'"),
+                     ({"attr_nouns": []}, r"empty list")):
+        with pytest.raises(RewardError, match=msg):
+            r(images[:1], ["p"], [bad])
+    with pytest.raises(RewardError, match=r"git_vqa.*must be (a )?str"):
+        r(images[:1], [3], [{"nouns": ["cat"]}])
+    r.fallback = 0.5
+    with pytest.raises(RewardError, match="'nouns' must be a list of str"):  # bad metadata is never a fallback
+        r(images[:1], ["p"], [{"nouns": "cat"}])
 
 
 # ----------------------------------------------------------------------------- GroundingDINO

@@ -1,7 +1,13 @@
-"""GIT VQA reward: for each attribute phrase of the prompt (``attr_nouns``, e.g. "green bench"), ask
-a VQA-finetuned GIT (microsoft/git-large-vqav2 style, transformers' GitForCausalLM) a yes/no
-question about the image and take P(yes) / (P(yes) + P(no)) of the first answer token; the reward
-is the mean over the phrases.
+"""GIT VQA reward, as the T2I-R1 seed computes it (``src/t2i-r1/src/utils/reward_git.py`` of CaraJ7/T2I-R1).
+
+For each phrase of the prompt, ask a VQA-finetuned GIT (microsoft/git-large-vqav2, transformers'
+GitForCausalLM) the question ``"{phrase}?"`` (e.g. "purple elephant?", reward_git.py:64) and take
+P(yes) / (P(yes) + P(no)) of the first answer token (= sigmoid(l_yes - l_no)); the reward is the mean
+over the phrases. Phrases: ``attr_nouns`` when present, else ``nouns`` (reward_git.py:52-59).
+Prompts whose ``task_type`` is spatial or numeracy score 0 (reward_git.py:47-50); a prompt without
+phrases (``attr_nouns`` absent and ``nouns`` absent or empty) scores 1 (reward_git.py:56-59). An
+``attr_nouns`` present but empty gives the seed NaN (``np.mean([])``); here it is a RewardError, or
+the reward's ``fallback``.
 
 GIT reads ``[CLS] question`` after the image tokens and answers next. Questions are right-padded:
 text attention is causal and image tokens never attend to text, so padding after a row's last
@@ -10,19 +16,29 @@ question token cannot change that token's logits and no attention mask is needed
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..base import Reward, RewardError, require_field
+from ..base import Reward, RewardError, _short
+from ..rules import check_phrases, check_prompt, check_task_type
 from ._common import batch_slices, load_model, preprocess, read_image_config, single_token_id
 
 GIT_TYPES = ("git",)
+SEED_QUESTION = "{}?"  # reward_git.py:64 (and grpo.py:90)
 
 
 class GitVQAReward(Reward):
+    """Options (defaults reproduce the seed): ``question_template`` ("{}?"), ``field`` ("attr_nouns") and
+    ``fallback_field`` ("nouns"; None: ``field`` is required), ``zero_tasks`` (task types scored 0:
+    ("spatial", "numeracy")), ``empty_score`` (score without phrases: 1.0; None makes it an error)."""
+
     name = "git_vqa"
 
-    def __init__(self, model, tokenizer, image_config: dict, *, question_template: str = "is this a {}?",
-                 field: str = "attr_nouns", yes: str = "yes", no: str = "no", batch_size: int = 32,
+    def __init__(self, model, tokenizer, image_config: dict, *, question_template: str = SEED_QUESTION,
+                 field: str = "attr_nouns", fallback_field: str | None = "nouns",
+                 zero_tasks: tuple[str, ...] = ("spatial", "numeracy"), empty_score: float | None = 1.0,
+                 yes: str = "yes", no: str = "no", batch_size: int = 32,
                  name: str | None = None, fallback: float | None = None, device=None):
         super().__init__(name, fallback=fallback, device=device or next(model.parameters()).device)
         batch_slices(1, batch_size)  # validates batch_size
@@ -30,8 +46,12 @@ class GitVQAReward(Reward):
             raise ValueError(f"reward {self.name!r}: question_template needs a '{{}}' for the phrase")
         if tokenizer.cls_token_id is None:
             raise ValueError(f"reward {self.name!r}: GIT questions start with [CLS]; the tokenizer has none")
+        if empty_score is not None and not math.isfinite(float(empty_score)):
+            raise ValueError(f"reward {self.name!r}: empty_score must be finite or None, got {empty_score!r}")
         self.model, self.tokenizer, self.image_config = model, tokenizer, image_config
         self.question_template, self.field, self.batch_size = question_template, field, batch_size
+        self.fallback_field, self.zero_tasks = fallback_field, tuple(zero_tasks)
+        self.empty_score = None if empty_score is None else float(empty_score)
         self.yes_id = single_token_id(tokenizer, yes, self.name)
         self.no_id = single_token_id(tokenizer, no, self.name)
 
@@ -45,12 +65,30 @@ class GitVQAReward(Reward):
         tokenizer = AutoTokenizer.from_pretrained(str(local_dir), local_files_only=True)
         return cls(model, tokenizer, read_image_config(local_dir, name), device=device, **kwargs)
 
-    def questions(self, prompt: str, metadata: dict) -> list[str]:
-        phrases = require_field(metadata, self.field, self.name, prompt)
-        if isinstance(phrases, str) or not phrases:
-            raise RewardError(f"reward {self.name!r}: metadata field {self.field!r} of prompt {prompt!r} must be a "
-                              f"non-empty list of phrases, got {phrases!r}")
+    def plan(self, prompt: str, metadata: dict) -> float | list[str]:
+        """A fixed score (zero task, no phrases) or the questions to ask for this prompt."""
+        check_prompt(prompt, self.name)
+        task = check_task_type(metadata, self.name, prompt)
+        phrases = check_phrases(metadata, self.field, self.name, prompt, required=self.fallback_field is None)
+        fallback = None if self.fallback_field is None else check_phrases(metadata, self.fallback_field, self.name,
+                                                                           prompt)
+        if task in self.zero_tasks:
+            return 0.0
+        if phrases is None:
+            phrases = fallback
+            if not phrases:
+                if self.empty_score is None:
+                    raise RewardError(f"reward {self.name!r}: prompt {_short(prompt)} has neither {self.field!r} "
+                                      f"nor {self.fallback_field!r} phrases to ask about")
+                return self.empty_score
+        elif not phrases:
+            raise RewardError(f"reward {self.name!r}: metadata field {self.field!r} of prompt {_short(prompt)} is an "
+                              "empty list (the seed's mean over no questions is NaN)")
         return [self.question_template.format(p) for p in phrases]
+
+    def questions(self, prompt: str, metadata: dict) -> list[str]:
+        plan = self.plan(prompt, metadata)
+        return [] if isinstance(plan, float) else plan
 
     @torch.no_grad()
     def yes_probability(self, pixels: torch.Tensor, questions: list[str]) -> torch.Tensor:
@@ -65,10 +103,19 @@ class GitVQAReward(Reward):
         return torch.sigmoid(logits[:, self.yes_id].float() - logits[:, self.no_id].float())
 
     def score(self, images, prompts, metadata, cots):
-        pairs = [(i, q) for i, (p, m) in enumerate(zip(prompts, metadata)) for q in self.questions(p, m)]
-        pixels = preprocess(images, self.image_config, next(self.model.parameters()).dtype)
-        probs = torch.cat([self.yes_probability(pixels[[i for i, _ in pairs[s]]], [q for _, q in pairs[s]])
-                           for s in batch_slices(len(pairs), self.batch_size)])
-        owner = torch.tensor([i for i, _ in pairs], device=probs.device)
-        total = torch.zeros(len(prompts), device=probs.device).index_add_(0, owner, probs)
-        return total / torch.bincount(owner, minlength=len(prompts)).float()
+        plans = [self.plan(p, m) for p, m in zip(prompts, metadata)]
+        total = torch.tensor([p if isinstance(p, float) else 0.0 for p in plans], dtype=torch.float32)
+        pairs = [(i, q) for i, plan in enumerate(plans) if not isinstance(plan, float) for q in plan]
+        if not pairs:
+            return total
+        rows = sorted({i for i, _ in pairs})
+        pixels = preprocess(images[rows], self.image_config, next(self.model.parameters()).dtype)
+        where = {r: k for k, r in enumerate(rows)}
+        probs = torch.cat([self.yes_probability(pixels[[where[i] for i, _ in pairs[s]]], [q for _, q in pairs[s]])
+                           for s in batch_slices(len(pairs), self.batch_size)]).cpu()
+        owner = torch.tensor([i for i, _ in pairs])
+        sums = torch.zeros(len(prompts)).index_add_(0, owner, probs)
+        counts = torch.bincount(owner, minlength=len(prompts)).float()
+        asked = counts > 0
+        total[asked] = sums[asked] / counts[asked]
+        return total
