@@ -310,7 +310,11 @@ class RemoteJudgeReward(Reward):
 
     def judge(self, image: torch.Tensor, prompt: str, metadata: dict, cot: str,
               batch_deadline: float | None = None) -> float:
-        reply = self.post(self.request_body(image, self.question(prompt, metadata, cot)), batch_deadline)
+        body = self.request_body(image, self.question(prompt, metadata, cot))
+        try:
+            reply = self.post(body, batch_deadline)
+        except _RequestFailed as e:
+            raise _RequestFailed(f"{e} [prompt {_short(prompt)}]") from None
         answer = None
         try:
             choice = reply["choices"][0]
