@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import unicodedata
 from dataclasses import dataclass, field
+
+from .checks import ArgumentError, check_str
 
 
 @dataclass
@@ -81,34 +85,133 @@ def _parse_jsonl_line(line: str, where: str) -> PromptRecord:
     return PromptRecord(prompt, obj)
 
 
+_JSONL_EXTENSIONS = (".jsonl", ".json", ".ndjson", ".jsonlines")
+_BOMS = (  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
+    (b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xef\xbb\xbf", "utf-8"),
+    (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"),
+)
+
+
+def _control_problem(text: str) -> str | None:
+    """The first control character (Unicode category Cc, tab allowed) in ``text``, described, or None."""
+    for col, ch in enumerate(text, start=1):
+        if ch != "\t" and unicodedata.category(ch) == "Cc":
+            name = "NUL" if ch == "\0" else f"control character U+{ord(ch):04X}"
+            return f"{name} at column {col}"
+    return None
+
+
+def _read_regular_file(path: str) -> bytes:
+    """The file's bytes; never blocks on a FIFO or device (stat first, then a non-blocking open)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prompt file not found: {path!r}") from None
+    except OSError as e:
+        raise PromptFileError(f"{path}: cannot stat the prompt file ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise PromptFileError(f"{path!r} is a directory, expected a prompt file (.jsonl or .txt)")
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    for test, kind in kinds:
+        if test(st.st_mode):
+            raise PromptFileError(f"{path}: is {kind}, not a regular file; prompts are read from regular files "
+                                  f"only (copy the stream to a file first)")
+    if not stat.S_ISREG(st.st_mode):
+        raise PromptFileError(f"{path}: not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise PromptFileError(f"{path}: cannot open the prompt file ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # replaced between stat and open
+            raise PromptFileError(f"{path}: not a regular file")
+        return f.read()
+
+
+def _decode(path: str, data: bytes) -> str:
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data[len(bom):].decode(encoding)
+            except UnicodeDecodeError as e:
+                line = data[len(bom):len(bom) + e.start].decode(encoding, "replace").count("\n") + 1
+                raise PromptFileError(f"{path}:{line}: not valid {encoding.upper()} text after its byte-order "
+                                      f"mark ({e.reason})") from None
+    head = data[:4096]
+    if len(head) >= 2 and head.count(0) * 4 >= len(head):
+        # ASCII text saved as UTF-16 without a BOM: every other byte is NUL
+        even, odd = head[0::2].count(0), head[1::2].count(0)
+        if max(even, odd) * 2 >= len(head) // 2 and min(even, odd) * 8 < len(head) // 2:
+            raise PromptFileError(f"{path}:1: looks like UTF-16 text without a byte-order mark (every other "
+                                  f"byte is NUL); save the file as UTF-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise PromptFileError(f"{path}:{line}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _sniff_jsonl(lines: list[str]) -> bool:
+    """True when the first non-blank line is a JSON object (JSONL; one without "prompt" is then an
+    error naming the line, rather than a prompt that reads like JSON)."""
+    for line in lines:
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                return False
+            return isinstance(obj, dict)
+    return False
+
+
 def load_prompts(path, fmt: str | None = None) -> list[PromptRecord]:
     """Read prompts from ``path``.
 
-    ``fmt`` is "jsonl" or "text"; by default ``.jsonl``/``.json`` files are JSONL and anything
-    else is plain text. Whitespace is stripped, blank lines are skipped, any Unicode is fine.
+    ``fmt`` is "jsonl" or "text". By default the format is chosen from the extension, case-insensitively
+    (``.jsonl``, ``.json``, ``.ndjson``, ``.jsonlines`` are JSONL) or, for any other name, sniffed: a
+    file whose first non-blank line is a JSON object is JSONL (so it needs a "prompt" field), anything
+    else plain text. Whitespace is stripped, blank lines are skipped, any Unicode is fine; UTF-8 (with or
+    without a BOM) and UTF-16/32 with a BOM are read. Errors name the file and the line: invalid
+    UTF-8, UTF-16 without a BOM, a NUL or other control character (tab excepted) in a prompt, a
+    malformed JSONL record. A FIFO, socket or device is refused at once (never read, never blocks).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    fmt = check_str("fmt", fmt, choices=("jsonl", "text"), optional=True)
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"prompt file not found: {path!r}")
-    if os.path.isdir(path):
-        raise PromptFileError(f"{path!r} is a directory, expected a prompt file (.jsonl or .txt)")
+    text = _decode(path, _read_regular_file(path))
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    sniffed = False
     if fmt is None:
-        fmt = "jsonl" if path.endswith((".jsonl", ".json")) else "text"
-    if fmt not in ("jsonl", "text"):
-        raise ValueError(f"fmt must be 'jsonl' or 'text', got {fmt!r}")
+        if path.lower().endswith(_JSONL_EXTENSIONS):
+            fmt = "jsonl"
+        else:
+            sniffed = _sniff_jsonl(lines)
+            fmt = "jsonl" if sniffed else "text"
     records = []
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM from Windows editors
-            for lineno, raw in enumerate(f, start=1):
-                line = raw.strip()
-                if not line:
-                    continue
-                if fmt == "jsonl":
-                    records.append(_parse_jsonl_line(line, f"{path}:{lineno}"))
-                else:
-                    records.append(PromptRecord(line))
-    except UnicodeDecodeError as e:
-        raise PromptFileError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    for lineno, raw in enumerate(lines, start=1):
+        where = f"{path}:{lineno}"
+        line = raw.strip()
+        if not line:
+            continue
+        if fmt == "jsonl":
+            try:
+                record = _parse_jsonl_line(line, where)
+            except PromptFileError as e:
+                if sniffed:
+                    raise PromptFileError(f"{e} (read as JSONL because the first line is a JSON object; "
+                                          f"pass fmt='text' for plain text)") from None
+                raise
+            problem = _control_problem(record.prompt)
+            if problem:
+                raise PromptFileError(f"{where}: field 'prompt' contains a {problem}")
+        else:
+            problem = _control_problem(line)
+            if problem:
+                raise PromptFileError(f"{where}: prompt text contains a {problem}")
+            record = PromptRecord(line)
+        records.append(record)
     if not records:
         raise PromptFileError(f"{path}: no prompts found (the file is empty or blank)")
     return records
