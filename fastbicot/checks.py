@@ -13,6 +13,8 @@ API (all raise :class:`ArgumentError` and return the normalised value)::
     check_bool(name, value, *, optional=False) -> bool | None
     check_str(name, value, *, choices=None, allow_empty=False, optional=False) -> str | None
     check_regular_file(name, path) -> pathlib.Path
+    check_writable_file(name, path) -> pathlib.Path
+    arg_type(check, **kwargs) -> callable      # argparse ``type=`` adapter for the checks above
 
 Rules:
 
@@ -26,6 +28,11 @@ Rules:
 * ``optional=True`` lets ``None`` through (returned as ``None``).
 * ``check_regular_file`` checks existence and that ``path`` is a regular file (never opens it, so a
   FIFO or device cannot block the caller).
+* ``check_writable_file`` checks, before any work is done, that ``path`` can be written later: not a
+  directory, parent directory creatable (it is created) and writable (a temporary file is created
+  and removed there, which also catches read-only file systems).
+* ``arg_type(check_int, low=1)`` turns a check into an argparse ``type=``: argparse then reports
+  ``argument --batch: must be >= 1, got 0`` and exits with status 2 at parse time.
 
 :class:`ArgumentError` subclasses both ``ValueError`` and ``TypeError``, so callers may catch either;
 its message always starts with the argument's name.
@@ -36,19 +43,23 @@ self-contained and carry their own inline copies of these checks.
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 __all__ = [
     "ArgumentError",
+    "arg_type",
     "check_bool",
     "check_float",
     "check_int",
     "check_regular_file",
     "check_str",
+    "check_writable_file",
 ]
 
 
@@ -178,3 +189,54 @@ def check_regular_file(name: str, path) -> Path:
                 else "not a regular file")
         raise ArgumentError(f"{name}: {str(p)!r} is {kind}, expected a regular file")
     return p
+
+
+def check_writable_file(name: str, path) -> Path:
+    """Return ``Path(path)`` after checking it can be written (creates missing parent directories)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ArgumentError(f"{name} must be a non-empty path, got {_describe(path)}")
+    p = Path(path)
+    if p.is_dir():
+        raise ArgumentError(f"{name}: {str(p)!r} is a directory, expected a file path")
+    if p.exists() and not p.is_file():
+        raise ArgumentError(f"{name}: {str(p)!r} exists and is not a regular file")
+    parent = p.parent if str(p.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArgumentError(f"{name}: cannot create the directory {str(parent)!r}: {exc.strerror or exc}") from exc
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ArgumentError(f"{name}: {str(p)!r} is not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ArgumentError(f"{name}: cannot write in {str(parent)!r}: {exc.strerror or exc}") from exc
+    return p
+
+
+def arg_type(check, **kwargs):
+    """An argparse ``type=`` converter running ``check`` (check_int / check_float / check_str / ...)."""
+
+    def convert(text):
+        value = text
+        if check is check_int:
+            try:
+                value = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        elif check is check_float:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        try:
+            return check("value", value, **kwargs)
+        except ArgumentError as exc:
+            message = str(exc)
+            for prefix in ("value: ", "value "):
+                message = message.removeprefix(prefix)
+            raise argparse.ArgumentTypeError(message) from None
+
+    convert.__name__ = check.__name__.removeprefix("check_")  # argparse names the type in some messages
+    return convert

@@ -3,6 +3,7 @@
 import math
 import os
 import random
+import re
 import stat
 
 import numpy as np
@@ -10,11 +11,13 @@ import pytest
 
 from fastbicot.checks import (
     ArgumentError,
+    arg_type,
     check_bool,
     check_float,
     check_int,
     check_regular_file,
     check_str,
+    check_writable_file,
 )
 
 BAD_FLOATS = [float("nan"), -float("nan"), float("inf"), -float("inf"), np.float32("nan"), np.float64("inf"),
@@ -132,3 +135,48 @@ def test_check_regular_file(tmp_path):
         check_regular_file("path", "/dev/null")
     with pytest.raises(ArgumentError, match="^path must be a path"):
         check_regular_file("path", 3)
+
+
+def test_check_writable_file(tmp_path):
+    target = tmp_path / "new" / "deeper" / "out.json"
+    assert check_writable_file("--json", target) == target
+    assert target.parent.is_dir() and not target.exists() and list(target.parent.iterdir()) == []
+    with pytest.raises(ArgumentError, match="^--json: .* is a directory"):
+        check_writable_file("--json", tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ArgumentError, match="^--json: cannot create the directory"):
+        check_writable_file("--json", blocker / "out.json")
+    with pytest.raises(ArgumentError, match="^--json: .* not a regular file"):
+        check_writable_file("--json", "/dev/null")
+    with pytest.raises(ArgumentError, match="^--json must be a non-empty path"):
+        check_writable_file("--json", "")
+    if os.geteuid() != 0:  # root may write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        with pytest.raises(ArgumentError, match="cannot write"):
+            check_writable_file("--json", ro / "out.json")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--n", "0"], "argument --n: must be >= 1, got 0"),
+    (["--n", "2.7"], "argument --n: must be an integer, got '2.7'"),
+    (["--n", "x"], "argument --n: must be an integer"),
+    (["--x", "nan"], "argument --x: must be a finite number, got NaN"),
+    (["--x", "inf"], "argument --x: must be a finite number, got inf"),
+    (["--x", "-1"], "argument --x: must be > 0"),
+    (["--mode", "c"], r"argument --mode: must be one of \['a', 'b'\]"),
+])
+def test_arg_type_reports_the_flag(argv, match, capsys):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=arg_type(check_int, low=1), default=1)
+    ap.add_argument("--x", type=arg_type(check_float, low=0.0, low_open=True), default=1.0)
+    ap.add_argument("--mode", type=arg_type(check_str, choices=("a", "b")), default="a")
+    with pytest.raises(SystemExit) as err:
+        ap.parse_args(argv)
+    assert err.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert ap.parse_args(["--n", "3", "--x", "0.5", "--mode", "b"]).n == 3
