@@ -5,7 +5,7 @@ from .clip_score import CLIPScoreReward, PickScoreReward
 from .git_vqa import GitVQAReward
 from .grounding_dino import GroundingDinoDetector, GroundingDinoReward
 from .hps import HPSReward, convert_hps_checkpoint, open_clip_to_clip_model, open_clip_to_clip_state_dict
-from .orm import ORMReward
+from .orm import ORMJudgeReward, ORMReward
 from .vlm_judge import VLMJudgeReward, parse_boxed
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "GroundingDinoDetector",
     "GroundingDinoReward",
     "HPSReward",
+    "ORMJudgeReward",
     "ORMReward",
     "PickScoreReward",
     "VLMJudgeReward",
