@@ -284,6 +284,28 @@ def test_hps_converter_matches_open_clip_forward(tmp_path, seed):
     assert reward.model.logit_scale.item() == pytest.approx(math.log(100.0))
     with pytest.raises(ValueError, match="unexpected keys.*visual.extra"):
         open_clip_to_clip_state_dict({**sd, "visual.extra.weight": torch.zeros(1)})
+    # atomic: a conversion that fails while writing leaves the previous directory as it was, no temp dirs
+    before = sorted(p.name for p in out.iterdir())
+    import transformers as tf
+
+    real = tf.CLIPModel.save_pretrained
+
+    def broken(self, path, **kw):
+        real(self, path, **kw)
+        raise OSError("disk full")
+
+    tf.CLIPModel.save_pretrained = broken
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            convert_hps_checkpoint(ckpt, tok_dir, out, vision_heads=2, text_heads=2)
+        with pytest.raises(OSError, match="disk full"):
+            convert_hps_checkpoint(ckpt, tok_dir, tmp_path / "fresh", vision_heads=2, text_heads=2)
+    finally:
+        tf.CLIPModel.save_pretrained = real
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert not (tmp_path / "fresh").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    torch.testing.assert_close(HPSReward.from_pretrained(out, batch_size=2, dtype="fp32")(images, prompts), got)
 
 
 # ----------------------------------------------------------------------------- GIT VQA
@@ -827,3 +849,45 @@ def test_clip_on_cuda_half_matches_cpu_fp32(tmp_path, seed, dtype):
     got = gpu(images, prompts)  # CPU images are moved to the reward's device; scores come back on the CPU
     assert got.device.type == "cpu" and got.dtype == torch.float32
     torch.testing.assert_close(got, cpu(images, prompts), atol=1.0, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- the T2I-R1 preset
+
+
+def test_t2i_r1_rewards_preset(tmp_path, seed):
+    from fastbicot.rewards import RewardEnsemble, t2i_r1_rewards
+
+    dirs = {k: tmp_path / k for k in ("hps", "git", "gdino", "orm")}
+    save_tiny_clip(dirs["hps"])
+    save_tiny_git(dirs["git"])
+    save_tiny_grounding_dino(dirs["gdino"])
+    _, processor = save_tiny_llava_onevision(dirs["orm"])
+    processor.tokenizer.save_pretrained(dirs["orm"])
+    processor.image_processor.save_pretrained(dirs["orm"])
+    paths = {k: str(v) for k, v in dirs.items()}
+    ens = t2i_r1_rewards(**paths, dtype="fp32", orm_kwargs={"gate": "expectation"})
+    assert isinstance(ens, RewardEnsemble) and ens.names == ["hps", "git", "gdino", "orm"]
+    assert ens.mode == "sum" and ens.weights == [1.0] * 4
+    git, gdino, orm = ens.rewards[1], ens.rewards[2], ens.rewards[3]
+    assert git.question_template == "{}?" and git.fallback_field == "nouns"
+    assert gdino.rules == "t2i_r1" and gdino.detector.box_threshold == 0.3
+    assert gdino.rule_kwargs["threshold"] == 0.3 and gdino.rule_kwargs["fix_above"] is True
+    assert orm.temperature == 0.3 and orm.gate == "expectation"
+    images = rand_images(2, 16, 16)
+    prompts = ["a red car", "two cat"]
+    meta = [{"task_type": "color", "nouns": ["car"], "attr_nouns": ["red car"]},
+            {"task_type": "numeracy", "nouns": ["cat"], "numeracy_info": [{"obj_name": "cat", "num": 2}]}]
+    out = ens(images, prompts, meta)
+    singles = [HPSReward.from_pretrained(paths["hps"], dtype="fp32"), GitVQAReward.from_pretrained(paths["git"], dtype="fp32"),
+               GroundingDinoReward.from_pretrained(paths["gdino"], dtype="fp32"),
+               ORMReward.from_pretrained(paths["orm"], dtype="fp32", gate="expectation")]
+    parts = [r(images, prompts, meta) for r in singles]
+    for name, part in zip(ens.names, parts):
+        torch.testing.assert_close(out.components[name], part)
+    torch.testing.assert_close(out.total, sum(parts))
+    exact = t2i_r1_rewards(**paths, seed_exact=True)
+    assert not any(exact.rewards[2].rule_kwargs[k] for k in ("fix_above", "fix_proximity", "fix_nms"))
+    with pytest.raises(TypeError, match="unknown options.*'gdino_options'"):
+        t2i_r1_rewards(**paths, gdino_options={})
+    with pytest.raises(FileNotFoundError):
+        t2i_r1_rewards(**{**paths, "git": str(tmp_path / "missing")})

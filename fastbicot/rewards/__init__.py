@@ -17,6 +17,7 @@ from .base import (
     group_normalize,
     require_field,
 )
+from .presets import t2i_r1_rewards
 from .remote import RemoteJudgeReward
 from .rules import (
     Detection,
@@ -28,6 +29,7 @@ from .rules import (
     rule_plan,
     rule_score,
     spatial_rule_score,
+    t2i_r1_score,
 )
 from .spatial import RELATIONS, spatial_score
 
@@ -52,6 +54,8 @@ __all__ = [
     "rule_score",
     "spatial_rule_score",
     "spatial_score",
+    "t2i_r1_rewards",
+    "t2i_r1_score",
 ]
 
 

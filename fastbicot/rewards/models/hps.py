@@ -124,23 +124,27 @@ def convert_hps_checkpoint(checkpoint, tokenizer_dir, out_dir, **config_kwargs) 
     """Write the open_clip HPS checkpoint (path or state dict) as a CLIPModel directory loadable by
     ``HPSReward.from_pretrained(out_dir)``: weights, the CLIP tokenizer from ``tokenizer_dir`` (any
     transformers CLIP tokenizer directory, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K) and open_clip's
-    eval preprocessing as preprocessor_config.json."""
+    eval preprocessing as preprocessor_config.json. The directory is written atomically (a temporary
+    directory renamed into place; an existing ``out_dir`` is replaced only once everything is written)."""
     from transformers import AutoTokenizer
 
     sd = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu", weights_only=True)
     sd = sd.get("state_dict", sd)
+    from ...convert import atomic_output_dir
+
     model = open_clip_to_clip_model(sd, **config_kwargs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(out)
-    size = model.config.vision_config.image_size
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": _OPENAI_MEAN, "image_std": _OPENAI_STD,
-    }, indent=2))
-    return out
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    # written to a temporary directory and renamed into place: no half-written checkpoint on failure
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        size = model.config.vision_config.image_size
+        (tmp / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": _OPENAI_MEAN, "image_std": _OPENAI_STD,
+        }, indent=2))
+    return Path(out_dir)
 
 
 class HPSReward(CLIPScoreReward):
