@@ -8,7 +8,13 @@ that eager function, and FlashInfer's samplers (guidance combined in torch first
     python bench/cfg_sampling.py --device cpu --no-compile --json out.json
 
 Time is the median of triton.testing.do_bench on GPU and of a perf_counter loop on CPU; peak
-memory is the CUDA allocator's peak above the inputs during one call (not measured on CPU).
+memory is, per implementation, the CUDA allocator's peak above the inputs during one call
+(reset_peak_memory_stats before each); on CPU it is not measured (null: one call allocates a few
+[B, V] rows, below what RSS sampling resolves).
+
+Every flag is checked at parse time (exit status 2, the flag named); the --json file is checked for
+writability first and rewritten after every measurement ("complete": false until the end); exit
+status 1 when any implementation failed.
 """
 
 import argparse
@@ -23,7 +29,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fastbicot.checks import ArgumentError, arg_type, check_int, check_writable_file
 from fastbicot.kernels.cfg_sample import cfg_sample
+
+METHODS = ("fastbicot", "torch_eager", "torch_compile", "flashinfer")
 
 CONFIGS = {  # name -> (guidance_scale, temperature, top_k, top_p); Janus-Pro samples with w = 5
     "plain": (5.0, 1.0, 0, 1.0),
@@ -65,7 +74,7 @@ def measure(fn, device, reps):
 
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats()  # per implementation: measure() runs once per method
         fn()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -78,31 +87,90 @@ def measure(fn, device, reps):
     return statistics.median(times) * 1e3, None
 
 
-def main():
+def _device(text):
+    if text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be 'cpu' or 'cuda', got {text!r}")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda requested but CUDA is not available here; use --device cpu")
+    return text
+
+
+def _csv(choices):
+    def convert(text):
+        names = [m.strip() for m in text.split(",") if m.strip()]
+        unknown = [m for m in names if m not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {unknown or [text]}; choose from {list(choices)}")
+        if len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"repeated name in {text!r}")
+        return names
+
+    return convert
+
+
+def _write_json(path, payload):
+    """Atomic rewrite: a crash leaves the previous complete snapshot, never a truncated file."""
+    if path is None:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    ap.add_argument("--batch", type=int, nargs="+", help="rows (default: 32..512 on GPU, 4 16 on CPU)")
-    ap.add_argument("--vocab", type=int, default=16384)
+    pos = arg_type(check_int, low=1)
+    ap.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=pos, nargs="+", help="rows (default: 32..512 on GPU, 4 16 on CPU)")
+    ap.add_argument("--vocab", type=pos, default=16384)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--methods", type=_csv(METHODS), default=None,
+                    help=f"comma-separated, from {','.join(METHODS)} (default: all available)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build on CPU)")
-    ap.add_argument("--reps", type=int, default=10, help="timed repetitions on CPU")
-    ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args()
+    ap.add_argument("--reps", type=pos, default=10, help="timed repetitions on CPU")
+    ap.add_argument("--json", help="write the results here (checked for writability first)")
+    args = ap.parse_args(argv)
+    if args.json is not None:
+        try:
+            check_writable_file("--json", args.json)
+        except ArgumentError as e:
+            ap.error(f"argument {e}")
     device, dtype = args.device, getattr(torch, args.dtype)
     batches = args.batch or ([32, 64, 128, 256, 512] if device == "cuda" else [4, 16])
+    for name in args.configs:
+        top_k = CONFIGS[name][2]
+        if top_k > args.vocab:
+            ap.error(f"argument --vocab: config {name!r} uses top_k={top_k} > --vocab {args.vocab}")
 
-    methods = {
-        "fastbicot": lambda c, u, w, t, k, p: cfg_sample(
-            c, u, guidance_scale=w, temperature=t, top_k=k, top_p=p, seed=0, offset=1, check_nan=False),
-        "torch_eager": torch_eager,
-    }
-    if not args.no_compile:
-        methods["torch_compile"] = torch.compile(torch_eager, dynamic=False)
-    if device == "cuda" and (fi := flashinfer_sampler()) is not None:
-        methods["flashinfer"] = fi
+    wanted = args.methods or [m for m in METHODS if not (m == "torch_compile" and args.no_compile)]
+    if args.methods and "torch_compile" in args.methods and args.no_compile:
+        ap.error("argument --methods: torch_compile named together with --no-compile")
+    methods = {}
+    failures = []
+    for m in wanted:
+        if m == "fastbicot":
+            methods[m] = lambda c, u, w, t, k, p: cfg_sample(
+                c, u, guidance_scale=w, temperature=t, top_k=k, top_p=p, seed=0, offset=1, check_nan=False)
+        elif m == "torch_eager":
+            methods[m] = torch_eager
+        elif m == "torch_compile":
+            methods[m] = torch.compile(torch_eager, dynamic=False)
+        elif m == "flashinfer":
+            fi = flashinfer_sampler() if device == "cuda" else None
+            if fi is not None:
+                methods[m] = fi
+            elif args.methods:  # asked for by name: not having it is a failure, not a silent skip
+                ap.error("argument --methods: flashinfer requested but not usable here (needs CUDA and flashinfer)")
 
     results = []
+    meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "command": " ".join([os.path.basename(__file__), *(sys.argv[1:] if argv is None else argv)]),
+            "peak_memory": ("CUDA allocator peak above the inputs during one call, reset per implementation"
+                            if device == "cuda" else "not measured on CPU (null)")}
+    doc = {"meta": meta, "complete": False, "results": results, "failures": failures}
+    _write_json(args.json, doc)
     print(f"device={device} dtype={args.dtype} V={args.vocab}")
     print(f"{'config':<10} {'B':>5} {'method':<14} {'ms':>9} {'peak MiB':>9} {'vs eager':>9}")
     for name in args.configs:
@@ -115,23 +183,30 @@ def main():
                 try:
                     ms, peak = measure(functools.partial(fn, c, u, w, t, k, p), device, args.reps)
                 except Exception as e:  # noqa: BLE001 - e.g. no compiler for torch.compile; bench the rest
-                    print(f"{name:<10} {B:>5} {method:<14} failed: {type(e).__name__}: {e}".splitlines()[0])
+                    msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                    failures.append({"config": name, "batch": B, "method": method, "error": msg})
+                    _write_json(args.json, doc)
+                    print(f"{name:<10} {B:>5} {method:<14} failed: {msg}")
                     continue
                 eager_ms = ms if method == "torch_eager" else eager_ms
                 results.append({"config": name, "batch": B, "vocab": args.vocab, "dtype": args.dtype, "device": device,
-                                    "method": method, "median_ms": ms, "peak_mib": peak})
+                                "method": method, "median_ms": ms, "peak_mib": peak})
+                _write_json(args.json, doc)
             for r in results:
                 if r["config"] == name and r["batch"] == B:
                     r["speedup_vs_eager"] = eager_ms / r["median_ms"] if eager_ms else None
                     mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
                     sp = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
                     print(f"{name:<10} {B:>5} {r['method']:<14} {r['median_ms']:>9.3f} {mem:>9} {sp:>9}")
-    if args.json:
-        meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+            _write_json(args.json, doc)
+    doc["complete"] = True
+    _write_json(args.json, doc)
+    if failures:
+        print(f"FAILED: {len(failures)} measurement(s): "
+              + ", ".join(f"{f['config']}/{f['batch']}/{f['method']}" for f in failures), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

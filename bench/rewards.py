@@ -10,12 +10,23 @@ answers instantly (PNG encoding + HTTP overhead per image). Model-backed rewards
 fastbicot.rewards.models when present: the CLIP family (CLIPScore ViT-L/14, PickScore and HPS v2.1
 ViT-H/14) is built with random weights at the real sizes on CUDA or tiny sizes on CPU, anything else
 only from --checkpoint; missing ones are reported as skipped. Prints a table and writes JSON.
+
+Peak memory per reward (its construction + warm-up + timed calls): CUDA max_memory_allocated after
+reset_peak_memory_stats (absolute, the reward's weights included); CPU the process's peak resident
+set (VmHWM) after resetting it to the current RSS through /proc/self/clear_refs (whole process;
+null where unavailable).
+
+Every flag is checked at parse time (exit status 2, the flag named); the --json file is checked for
+writability first and rewritten after every reward ("complete": false until the end); exit status 1
+when a reward failed (one named with --checkpoint that cannot be built counts as failed; a model
+reward merely absent is "skipped").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import threading
@@ -27,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fastbicot.checks import ArgumentError, arg_type, check_int, check_writable_file
 from fastbicot.rewards import DetectorReward, RemoteJudgeReward
 
 PROMPTS = [  # one record per T2I-CompBench task type
@@ -132,9 +144,9 @@ def _word_tokenizer(words=("a", "photo", "of")):
 
 # CLIP tower sizes: (hidden, layers, heads, mlp, projection); tiny ones for CPU
 CLIP_SIZES = {
-    "vit-l-14": dict(vision=(1024, 24, 16, 4096), text=(768, 12, 12, 3072), proj=768),
-    "vit-h-14": dict(vision=(1280, 32, 16, 5120), text=(1024, 24, 16, 4096), proj=1024),
-    "tiny": dict(vision=(64, 2, 2, 128), text=(64, 2, 2, 128), proj=32),
+    "vit-l-14": {"vision": (1024, 24, 16, 4096), "text": (768, 12, 12, 3072), "proj": 768},
+    "vit-h-14": {"vision": (1280, 32, 16, 5120), "text": (1024, 24, 16, 4096), "proj": 1024},
+    "tiny": {"vision": (64, 2, 2, 128), "text": (64, 2, 2, 128), "proj": 32},
 }
 
 
@@ -148,24 +160,24 @@ def build_clip_family(cls_name, arch, device):
     tok = _word_tokenizer()
     v, t = s["vision"], s["text"]
     cfg = CLIPConfig(
-        vision_config=dict(
-            hidden_size=v[0],
-            num_hidden_layers=v[1],
-            num_attention_heads=v[2],
-            intermediate_size=v[3],
-            image_size=side,
-            patch_size=14,
-        ),
-        text_config=dict(
-            hidden_size=t[0],
-            num_hidden_layers=t[1],
-            num_attention_heads=t[2],
-            intermediate_size=t[3],
-            vocab_size=max(len(tok), 49408 if arch != "tiny" else 0),
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=2,
-        ),  # 2: legacy CLIP pooling at the argmax id
+        vision_config={
+            "hidden_size": v[0],
+            "num_hidden_layers": v[1],
+            "num_attention_heads": v[2],
+            "intermediate_size": v[3],
+            "image_size": side,
+            "patch_size": 14,
+        },
+        text_config={
+            "hidden_size": t[0],
+            "num_hidden_layers": t[1],
+            "num_attention_heads": t[2],
+            "intermediate_size": t[3],
+            "vocab_size": max(len(tok), 49408 if arch != "tiny" else 0),
+            "max_position_embeddings": 77,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },  # 2: legacy CLIP pooling at the argmax id
         projection_dim=s["proj"],
     )
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -202,57 +214,154 @@ def time_reward(reward, images, prompts, metadata, iters):
     return {"ms_per_batch": 1e3 * dt, "images_per_s": images.shape[0] / dt}
 
 
+def _device(text):
+    if text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be 'cpu' or 'cuda', got {text!r}")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda requested but CUDA is not available here; use --device cpu")
+    return text
+
+
+def _checkpoint(text):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected CLASS=DIR, got {text!r}")
+    cls_name, path = text.split("=", 1)
+    known = [*RANDOM_BUILDERS, *OTHER_MODEL_REWARDS]
+    if cls_name not in known:
+        raise argparse.ArgumentTypeError(f"unknown reward class {cls_name!r}; choose from {known}")
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{cls_name}: checkpoint directory not found: {path!r}")
+    return cls_name, path
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _peak_start(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_gb(device, started):
+    if not started:
+        return None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 1e9
+    try:
+        return _rss_kib("VmHWM") * 1024 / 1e9
+    except OSError:
+        return None
+
+
+def _write_json(path, payload):
+    """Atomic rewrite: a crash leaves the previous complete snapshot, never a truncated file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--size", type=int, default=384, help="image side in pixels (Janus: 384)")
-    ap.add_argument("--iters", type=int, default=3)
+    pos = arg_type(check_int, low=1)
+    ap.add_argument("--device", type=_device, default="cpu")
+    ap.add_argument("--batch", type=pos, default=16)
+    ap.add_argument("--size", type=arg_type(check_int, low=8), default=384, help="image side in pixels (Janus: 384)")
+    ap.add_argument("--iters", type=pos, default=3)
     ap.add_argument(
         "--checkpoint",
+        type=_checkpoint,
         action="append",
         default=[],
         metavar="CLASS=DIR",
         help="bench fastbicot.rewards.models.CLASS.from_pretrained(DIR)",
     )
-    ap.add_argument("--json", default="bench/out/rewards.json")
+    ap.add_argument("--json", default="bench/out/rewards.json", help="checked for writability first")
     args = ap.parse_args(argv)
+    try:
+        out = check_writable_file("--json", args.json)
+    except ArgumentError as e:
+        ap.error(f"argument {e}")
+    checkpoints = dict(args.checkpoint)
+    if len(checkpoints) != len(args.checkpoint):
+        ap.error("argument --checkpoint: a class is named twice")
     device = torch.device(args.device)
     images = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8, device=device)
     metadata = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     prompts = [m["prompt"] for m in metadata]
 
     results = {}
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    doc = {
+        "device": dev_name,
+        "batch": args.batch,
+        "size": args.size,
+        "iters": args.iters,
+        "torch": torch.__version__,
+        "command": " ".join([os.path.basename(__file__), *(sys.argv[1:] if argv is None else argv)]),
+        "peak_memory": (
+            "CUDA max_memory_allocated per reward, reset before it (weights included)"
+            if device.type == "cuda"
+            else "CPU peak RSS (VmHWM) per reward, reset before it via /proc/self/clear_refs (whole process)"
+        ),
+        "complete": False,
+        "results": results,
+    }
+    _write_json(out, doc)
 
-    def run(name, build):
+    def run(name, build, required=False):
+        started = _peak_start(device)
         try:
             reward = build()
-        except Exception as e:  # a missing optional model must not stop the others
-            results[name] = {"skipped": f"{type(e).__name__}: {e}"[:200]}
+        except Exception as e:  # noqa: BLE001 -- a missing optional model must not stop the others
+            key = "error" if required else "skipped"
+            results[name] = {key: f"{type(e).__name__}: {e}"[:300]}
+            _write_json(out, doc)
             return
-        results[name] = time_reward(reward, images, prompts, metadata, args.iters)
+        try:
+            results[name] = time_reward(reward, images, prompts, metadata, args.iters)
+            results[name]["peak_mem_gb"] = _peak_gb(device, started)
+        except Exception as e:  # noqa: BLE001 -- a reward failing is reported, the others still run
+            results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        _write_json(out, doc)
         del reward
 
-    run("detector_rules (synthetic detections)", lambda: DetectorReward(random_detector).to(device))
+    run("detector_rules (synthetic detections)", lambda: DetectorReward(random_detector).to(device), True)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Instant)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    run("remote_judge (loopback, instant answer)", lambda: RemoteJudgeReward(url, "m", max_concurrency=8))
+    run("remote_judge (loopback, instant answer)", lambda: RemoteJudgeReward(url, "m", max_concurrency=8), True)
     httpd.shutdown()
 
     try:
         import fastbicot.rewards.models as M
     except ImportError as e:
         M = None
-        results["fastbicot.rewards.models"] = {"skipped": f"not importable: {e}"}
+        results["fastbicot.rewards.models"] = {
+            ("error" if checkpoints else "skipped"): f"not importable: {e}"
+        }
     if M is not None:
-        checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
         for cls_name in [*RANDOM_BUILDERS, *OTHER_MODEL_REWARDS]:
             if cls_name in checkpoints:
                 run(
                     f"{cls_name} ({checkpoints[cls_name]})",
                     lambda c=cls_name: getattr(M, c).from_pretrained(checkpoints[c], device=device),
+                    required=True,
                 )
             elif cls_name in RANDOM_BUILDERS:
                 arch = RANDOM_BUILDERS[cls_name] if device.type == "cuda" else "tiny"
@@ -261,32 +370,26 @@ def main(argv=None):
                 )
             else:
                 results[cls_name] = {"skipped": "needs --checkpoint CLASS=DIR (no random-weight builder)"}
+    doc["complete"] = True
+    _write_json(out, doc)
 
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"rewards on {dev_name}, batch {args.batch}, {args.size}x{args.size} images, {args.iters} iters")
-    print(f"{'reward':<48} {'ms/batch':>10} {'images/s':>10}")
+    print(f"{'reward':<48} {'ms/batch':>10} {'images/s':>10} {'peak GB':>8}")
     for name, r in results.items():
         if "skipped" in r:
             print(f"{name:<48} {'skipped: ' + r['skipped']}")
+        elif "error" in r:
+            print(f"{name:<48} {'FAILED: ' + r['error']}")
         else:
-            print(f"{name:<48} {r['ms_per_batch']:>10.2f} {r['images_per_s']:>10.1f}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "device": dev_name,
-                "batch": args.batch,
-                "size": args.size,
-                "iters": args.iters,
-                "torch": torch.__version__,
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+            mem = "-" if r.get("peak_mem_gb") is None else f"{r['peak_mem_gb']:.2f}"
+            print(f"{name:<48} {r['ms_per_batch']:>10.2f} {r['images_per_s']:>10.1f} {mem:>8}")
     print(f"wrote {out}")
+    failed = [name for name, r in results.items() if "error" in r]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

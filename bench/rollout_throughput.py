@@ -7,6 +7,17 @@ The same work for every implementation: ``--batch`` prompts (BOS, random text to
 images/s, ms per decode step, % of the memory-bandwidth floor per step
 (weight bytes + the KV bytes every row must read, / bandwidth; DESIGN.md §10), peak memory and the
 attention backend. Random weights of the real shapes (JanusPolicy.from_preset).
+
+Peak memory is measured per implementation, during its warm-up call: CUDA max_memory_allocated
+after reset_peak_memory_stats (absolute: the model's weights included); CPU the process's peak
+resident set (VmHWM, /proc/self/status) after resetting it to the current RSS through
+/proc/self/clear_refs (absolute: the model and the Python process included; null where clear_refs
+is unavailable).
+
+Every flag is checked at parse time (exit status 2, the flag named); the --json file is checked for
+writability first and rewritten after the warm-ups and after every timed round ("complete": false
+until the end), so a failure mid-run keeps what was measured; exit status 1 when an implementation
+failed (its error is in the JSON, the others are still timed).
 """
 
 from __future__ import annotations
@@ -14,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -23,12 +33,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fastbicot.checks import ArgumentError, arg_type, check_float, check_int, check_writable_file
 from fastbicot.models import JanusPolicy
 from fastbicot.rollout import generate_images
 from fastbicot.rollout.generate import decode_backend
 from fastbicot.rollout.seed_loop import hf_generate_images, seed_generate_images
 
 HBM_GBS = {"H100": 3350.0, "H200": 4800.0, "B200": 8000.0, "A100": 2039.0}
+IMPLS = ("seed_loop", "hf_generate", "fastbicot")
 
 
 def measure_cpu_bandwidth_gbs(nbytes=1 << 28) -> float:
@@ -76,48 +88,149 @@ def timed(fn, device, clock):
     return clock() - t0
 
 
-def run_all(fns, device, repeats, clock=time.perf_counter):
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _peak_start(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _peak_gb(device, started):
+    if not started:
+        return None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        return _rss_kib("VmHWM") * 1024 / 1e9
+    except OSError:
+        return None
+
+
+def run_all(fns, device, repeats, clock=time.perf_counter, on_progress=None):
     """Median seconds per call of every implementation, timed round-robin so that a change in
-    machine load (shared CPUs) hits every implementation alike; peak memory per implementation."""
-    peaks = {}
+    machine load (shared CPUs) hits every implementation alike; peak memory per implementation
+    (measured during its own warm-up call). An implementation that raises is recorded in
+    ``errors`` and left out of the later rounds; the others go on.
+
+    Returns (medians, peaks, errors); ``on_progress(medians, peaks, errors, rounds_done)`` is called
+    after the warm-ups and after every round."""
+    peaks, errors = {}, {}
     for name, fn in fns.items():  # warm-up: allocator, CUDA graph capture, lazy init
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        fn()
-        peaks[name] = (
-            torch.cuda.max_memory_allocated()
-            if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        ) / 1e9
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
+        started = _peak_start(device)
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- one failing implementation must not hide the others
+            errors[name] = f"warm-up: {type(e).__name__}: {e}"[:500]
+            continue
+        peaks[name] = _peak_gb(device, started)
+    times = {name: [] for name in fns if name not in errors}
+
+    def medians():
+        return {name: statistics.median(t) for name, t in times.items() if t and name not in errors}
+
+    if on_progress is not None:
+        on_progress(medians(), peaks, errors, 0)
+    for r in range(repeats):
         for name, fn in fns.items():
-            times[name].append(timed(fn, device, clock))
-    return {name: statistics.median(t) for name, t in times.items()}, peaks
+            if name in errors:
+                continue
+            try:
+                times[name].append(timed(fn, device, clock))
+            except Exception as e:  # noqa: BLE001
+                errors[name] = f"round {r + 1}: {type(e).__name__}: {e}"[:500]
+        if on_progress is not None:
+            on_progress(medians(), peaks, errors, r + 1)
+    return medians(), peaks, errors
+
+
+def _device(text):
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N], got {text!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError("cuda requested but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _impls(text):
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in IMPLS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown implementation(s) {unknown or [text]}; choose from {list(IMPLS)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"repeated implementation in {text!r}")
+    return names
+
+
+def _write_json(path, payload):
+    """Atomic rewrite: a crash leaves the previous complete snapshot, never a truncated file."""
+    if path is None:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pos = arg_type(check_int, low=1)
     ap.add_argument("--preset", default="tiny", choices=["tiny", "janus-pro-1b", "janus-pro-7b"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=32, help="images per call (CFG doubles the rows)")
+    ap.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=pos, default=32, help="images per call (CFG doubles the rows)")
     ap.add_argument(
-        "--prompt-len", type=int, default=32, help="tokens per image prompt, BOS and BOI included"
+        "--prompt-len", type=arg_type(check_int, low=2), default=32,
+        help="tokens per image prompt, BOS and BOI included",
     )
-    ap.add_argument("--guidance", type=float, default=5.0)
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (small models: 1 avoids contention)")
-    ap.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth; default: detected")
+    ap.add_argument("--guidance", type=arg_type(check_float, low=0.0), default=5.0)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--repeats", type=pos, default=5)
+    ap.add_argument("--threads", type=pos, default=1, help="CPU threads (small models: 1 avoids contention)")
+    ap.add_argument("--bandwidth-gbs", type=arg_type(check_float, low=0.0, low_open=True), default=None,
+                    help="memory bandwidth; default: detected")
     ap.add_argument(
         "--clock",
         default="wall",
         choices=["wall", "cpu"],
         help="cpu: process CPU time (fair on a shared, oversubscribed CPU; use with --threads 1)",
     )
-    ap.add_argument("--impls", default="seed_loop,hf_generate,fastbicot")
-    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--impls", type=_impls, default=list(IMPLS), help=f"comma-separated, from {','.join(IMPLS)}")
+    ap.add_argument("--json", default=None, help="write the results here (checked for writability first)")
     args = ap.parse_args(argv)
+    if args.json is not None:
+        try:
+            check_writable_file("--json", args.json)
+        except ArgumentError as e:
+            ap.error(f"argument {e}")
+    from fastbicot.models.janus import PRESETS
+
+    spec = PRESETS[args.preset]
+    n_image = (spec.image_size // 2 ** (len(spec.vq_channel_multiplier) - 1)) ** 2
+    if args.prompt_len + n_image > spec.max_position_embeddings:
+        ap.error(f"argument --prompt-len: {args.prompt_len} prompt + {n_image} image tokens exceed the "
+                 f"{args.preset} model's {spec.max_position_embeddings} positions")
 
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -153,31 +266,13 @@ def main(argv=None):
     }
     bw = device_bandwidth_gbs(device, args.bandwidth_gbs)
     floor = floor_ms_per_step(policy, args.batch, args.prompt_len, bw)
-    names = args.impls.split(",")
-    unknown = set(names) - set(impls)
-    if unknown:
-        raise SystemExit(f"unknown --impls {sorted(unknown)}; choose from {sorted(impls)}")
-    with torch.no_grad():
-        clock = time.process_time if args.clock == "cpu" else time.perf_counter
-        secs, peaks = run_all({n: impls[n][0] for n in names}, device, args.repeats, clock)
-    results = []
-    for name in names:
-        ms = secs[name] / policy.num_image_tokens * 1e3
-        results.append(
-            {
-                "impl": name,
-                "images_per_s": args.batch / secs[name],
-                "ms_per_step": ms,
-                "pct_of_floor": 100.0 * floor / ms,
-                "peak_mem_gb": peaks[name],
-                "attention_backend": impls[name][1],
-            }
-        )
+    names = args.impls
     dev_name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)"
     )
+    results = []
     out = {
         "device": dev_name,
         "preset": args.preset,
@@ -188,29 +283,72 @@ def main(argv=None):
         "dtype": str(dtype).replace("torch.", ""),
         "bandwidth_gbs": bw,
         "floor_ms_per_step": floor,
+        "command": " ".join([os.path.basename(__file__), *(sys.argv[1:] if argv is None else argv)]),
+        "peak_memory": (
+            "CUDA max_memory_allocated during the implementation's warm-up, reset before it (weights included)"
+            if device.type == "cuda"
+            else "CPU peak RSS (VmHWM) during the implementation's warm-up, reset before it via "
+            "/proc/self/clear_refs (whole process: weights and Python included)"
+        ),
+        "complete": False,
+        "rounds_done": 0,
         "results": results,
+        "errors": {},
     }
+
+    def rows(secs, peaks):
+        table = []
+        for name in names:
+            if name not in secs:
+                continue
+            ms = secs[name] / policy.num_image_tokens * 1e3
+            table.append(
+                {
+                    "impl": name,
+                    "images_per_s": args.batch / secs[name],
+                    "ms_per_step": ms,
+                    "pct_of_floor": 100.0 * floor / ms,
+                    "peak_mem_gb": peaks.get(name),
+                    "attention_backend": impls[name][1],
+                }
+            )
+        return table
+
+    def progress(secs, peaks, errors, rounds):
+        results[:] = rows(secs, peaks)
+        out["errors"] = dict(errors)
+        out["rounds_done"] = rounds
+        _write_json(args.json, out)
+
+    _write_json(args.json, out)
+    with torch.no_grad():
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        secs, peaks, errors = run_all({n: impls[n][0] for n in names}, device, args.repeats, clock, progress)
+    progress(secs, peaks, errors, args.repeats)
+    out["complete"] = True
+    _write_json(args.json, out)
     print(
         f"{args.preset} on {dev_name}, batch {args.batch}, {policy.num_image_tokens} image tokens, "
         f"{args.clock} clock, floor {floor:.4f} ms/step at {bw:.0f} GB/s"
     )
     print(f"{'impl':<12} {'images/s':>10} {'ms/step':>9} {'% floor':>8} {'peak GB':>8}  backend")
     for r in results:
+        mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
         print(
             f"{r['impl']:<12} {r['images_per_s']:>10.2f} {r['ms_per_step']:>9.3f} {r['pct_of_floor']:>8.2f} "
-            f"{r['peak_mem_gb']:>8.2f}  {r['attention_backend']}"
+            f"{mem:>8}  {r['attention_backend']}"
         )
     base = {r["impl"]: r["images_per_s"] for r in results}
     if "fastbicot" in base:
         for other in ("hf_generate", "seed_loop"):
             if other in base:
                 print(f"fastbicot / {other}: {base['fastbicot'] / base[other]:.2f}x")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    if errors:
+        for name, err in errors.items():
+            print(f"FAILED {name}: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
