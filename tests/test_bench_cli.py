@@ -1,0 +1,215 @@
+"""bench/*.py command lines: every flag checked at parse time, --json checked before any work and
+written incrementally, a failing implementation gives exit status 1, peak memory per implementation."""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+_MODULES = {}
+
+
+def bench(name):
+    """Import bench/<name>.py as a module (once)."""
+    if name not in _MODULES:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        _MODULES[name] = module
+    return _MODULES[name]
+
+
+NO_CUDA = not torch.cuda.is_available()
+SIZES = ["0", "-1", "2.5", "x", "nan", ""]
+
+BAD_FLAGS = {
+    "grpo_loss": [
+        *[("--samples", v) for v in SIZES], *[("--hidden", v) for v in SIZES], *[("--reps", v) for v in SIZES],
+        *[("--cot", v) for v in ["-1", "1.5", "x"]], *[("--image", v) for v in ["-3", "inf"]],
+        ("--methods", "fastbicot,nope"), ("--methods", ""), ("--methods", "fastbicot,fastbicot"),
+        ("--device", "gpu"), ("--device", "cuda:0"),
+    ],
+    "cfg_sampling": [
+        *[("--vocab", v) for v in SIZES], *[("--reps", v) for v in SIZES], *[("--batch", v) for v in SIZES],
+        ("--dtype", "float64"), ("--configs", "greedy"), ("--methods", "torch_eager,sorting"),
+        ("--device", "tpu"),
+    ],
+    "vq_decode": [
+        *[("--iters", v) for v in SIZES], *[("--threads", v) for v in SIZES],
+        *[("--warmup", v) for v in ["-1", "0.5", "x"]],
+        ("--batches", "1,0"), ("--batches", "1,,2"), ("--batches", "-4"), ("--batches", "a"),
+        ("--methods", "hf_fp32,hf_fp64"), ("--methods", ","), ("--config", "huge"), ("--device", "cuda:x"),
+        ("--device", "mps"),
+    ],
+    "rollout_throughput": [
+        *[("--batch", v) for v in SIZES], *[("--repeats", v) for v in SIZES], *[("--threads", v) for v in SIZES],
+        *[("--prompt-len", v) for v in ["1", "0", "-5", "3.5", "100000"]],
+        *[("--guidance", v) for v in ["nan", "inf", "-1", "x"]],
+        *[("--bandwidth-gbs", v) for v in ["0", "-3", "nan", "inf"]],
+        ("--impls", "fastbicot,vllm"), ("--impls", ""), ("--preset", "janus-9b"), ("--dtype", "float8"),
+        ("--clock", "gpu"), ("--device", "cuda:7"),
+    ],
+    "rewards": [
+        *[("--batch", v) for v in SIZES], *[("--iters", v) for v in SIZES], *[("--size", v) for v in ["4", "0", "x"]],
+        ("--checkpoint", "HPSReward"), ("--checkpoint", "NoSuchReward=/tmp"), ("--checkpoint", "HPSReward=/no/dir"),
+        ("--device", "gpu"),
+    ],
+}
+if NO_CUDA:
+    for flags in BAD_FLAGS.values():
+        flags.append(("--device", "cuda"))
+CASES = [(name, flag, value) for name, flags in BAD_FLAGS.items() for flag, value in flags]
+
+
+@pytest.mark.parametrize("name,flag,value", CASES, ids=[f"{n}:{f}={v}" for n, f, v in CASES])
+def test_bad_flags_fail_at_parse_time_naming_the_flag(name, flag, value, capsys, tmp_path):
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as err:
+        bench(name).main([f"{flag}={value}", "--json", str(out)])
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err
+    assert f"argument {flag}" in stderr, stderr
+    assert not out.exists()  # nothing ran
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FLAGS))
+def test_unwritable_json_fails_before_running(name, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for target in (tmp_path, blocker / "out.json"):
+        with pytest.raises(SystemExit) as err:
+            bench(name).main(["--json", str(target)])
+        assert err.value.code == 2
+        assert "argument --json" in capsys.readouterr().err
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_grpo_loss_failure_is_exit_1_and_keeps_rows(tmp_path, monkeypatch):
+    mod = bench("grpo_loss")
+    out = tmp_path / "g" / "out.json"
+    small = ["--device", "cpu", "--samples", "1", "--cot", "1", "--image", "2", "--hidden", "8", "--reps", "1",
+             "--methods", "fastbicot,torch_eager", "--json", str(out)]
+
+    def broken(*a, **k):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(mod, "eager_step", broken)
+    assert mod.main(small) == 1
+    doc = _load(out)
+    assert doc["complete"] is True
+    ok = [r for r in doc["rows"] if "error" not in r]
+    bad = [r for r in doc["rows"] if "error" in r]
+    assert {r["method"] for r in ok} == {"fastbicot"} and len(ok) == 2 and all(r["ms"] > 0 for r in ok)
+    assert {r["method"] for r in bad} == {"torch_eager"} and "injected failure" in bad[0]["error"]
+    # a crash mid-run (not an Exception) leaves every row measured before it in the file
+    calls = {"n": 0}
+    real = mod.measure
+
+    def crash_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "measure", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(small)
+    doc = _load(out)
+    assert doc["complete"] is False and len(doc["rows"]) == 2
+
+
+def test_cfg_sampling_failure_is_exit_1(tmp_path, monkeypatch):
+    mod = bench("cfg_sampling")
+    out = tmp_path / "out.json"
+    monkeypatch.setattr(mod, "torch_eager", lambda *a: (_ for _ in ()).throw(ValueError("injected")))
+    rc = mod.main(["--device", "cpu", "--no-compile", "--batch", "2", "--vocab", "4096", "--reps", "1",
+                   "--configs", "plain", "--methods", "fastbicot,torch_eager", "--json", str(out)])
+    assert rc == 1
+    doc = _load(out)
+    assert doc["complete"] and [r["method"] for r in doc["results"]] == ["fastbicot"]
+    assert doc["failures"][0]["method"] == "torch_eager" and "injected" in doc["failures"][0]["error"]
+
+
+def test_vq_decode_failure_is_exit_1(tmp_path, monkeypatch):
+    mod = bench("vq_decode")
+    out = tmp_path / "out.json"
+    real = mod._make
+
+    def make(method, model, dtype):
+        if method == "fastbicot_torch_fp32":
+            raise RuntimeError("injected")
+        return real(method, model, dtype)
+
+    monkeypatch.setattr(mod, "_make", make)
+    monkeypatch.setitem(mod.CONFIGS, "tiny", {**mod.CONFIGS["tiny"], "num_patches": 4})
+    rc = mod.main(["--device", "cpu", "--config", "tiny", "--methods", "hf_fp32,fastbicot_torch_fp32",
+                   "--warmup", "0", "--iters", "1", "--json", str(out)])
+    assert rc == 1
+    doc = _load(out)
+    assert doc["complete"] and doc["results"][0]["method"] == "hf_fp32" and doc["results"][0]["ms"] > 0
+    assert "injected" in doc["results"][1]["error"]
+
+
+def test_rollout_failure_is_exit_1_and_others_are_timed(tmp_path, monkeypatch):
+    mod = bench("rollout_throughput")
+    out = tmp_path / "out.json"
+
+    def broken(*a, **k):
+        raise RuntimeError("injected hf failure")
+
+    monkeypatch.setattr(mod, "hf_generate_images", broken)
+    monkeypatch.setattr(mod, "measure_cpu_bandwidth_gbs", lambda: 10.0)
+    rc = mod.main(["--preset", "tiny", "--device", "cpu", "--batch", "1", "--repeats", "1",
+                   "--impls", "hf_generate,fastbicot", "--json", str(out)])
+    assert rc == 1
+    doc = _load(out)
+    assert doc["complete"] and [r["impl"] for r in doc["results"]] == ["fastbicot"]
+    assert "injected hf failure" in doc["errors"]["hf_generate"]
+    assert doc["results"][0]["images_per_s"] > 0
+
+
+def test_rollout_peak_memory_is_per_implementation():
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs a writable /proc/self/clear_refs")
+    mod = bench("rollout_throughput")
+    keep = []
+
+    def big():
+        t = torch.ones(300 * 2**20 // 4)  # 300 MB, touched
+        keep.append(t)
+        keep.pop()
+
+    secs, peaks, errors = mod.run_all({"big": big, "small": lambda: None}, torch.device("cpu"), 1)
+    assert not errors and set(secs) == {"big", "small"}
+    # with a process-wide peak (ru_maxrss) "small" would report big's 300 MB too
+    assert peaks["big"] - peaks["small"] > 0.2, peaks
+
+
+def test_rewards_failure_is_exit_1(tmp_path, monkeypatch):
+    mod = bench("rewards")
+    out = tmp_path / "out.json"
+
+    def broken(images, queries, per_phrase=4):
+        raise RuntimeError("injected detector failure")
+
+    monkeypatch.setattr(mod, "random_detector", broken)
+    monkeypatch.setattr(mod, "RANDOM_BUILDERS", {})
+    monkeypatch.setattr(mod, "OTHER_MODEL_REWARDS", [])
+    rc = mod.main(["--device", "cpu", "--batch", "2", "--size", "16", "--iters", "1", "--json", str(out)])
+    assert rc == 1
+    doc = _load(out)
+    results = doc["results"]
+    assert doc["complete"]
+    assert "injected detector failure" in results["detector_rules (synthetic detections)"]["error"]
+    judge = results["remote_judge (loopback, instant answer)"]
+    assert judge["images_per_s"] > 0 and "peak_mem_gb" in judge
