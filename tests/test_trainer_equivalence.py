@@ -44,6 +44,7 @@ def merge(a: dict, b: dict) -> dict:
 
 
 def make_trainer(seed, tmp_path, dtype="float64", policy=None, **sections):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "prompts.txt"
     data.write_text("\n".join(PROMPTS))
     base = dict(

@@ -125,7 +125,8 @@ def save_reward_curve(metrics_path: str, out_path: str, window: int = 5) -> str:
 
 
 def save_sample_grid(batch, rewards, out_path: str, *, max_samples: int = 8, title: str = "") -> str:
-    """PNG grid: each cell an image with its prompt, CoT (plan) and reward (total and components)."""
+    """PNG grid: each cell an image with its prompt, CoT (plan) and reward (total and components;
+    ``rewards`` may be None for unscored samples)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,13 +146,14 @@ def save_sample_grid(batch, rewards, out_path: str, *, max_samples: int = 8, tit
         ax.imshow(batch.images[i].cpu().numpy(), interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        parts = [f"R={float(rewards.total[i]):.3f}"] + [
+        parts = [] if rewards is None else [f"R={float(rewards.total[i]):.3f}"] + [
             f"{k}={float(v[i]):.2f}" for k, v in rewards.components.items()]
         text = "\n".join([
             textwrap.shorten(s.prompt, 60, placeholder="…"),
             "plan: " + textwrap.shorten(s.cot_text or "(empty)", 110, placeholder="…"),
             "  ".join(parts),
         ])
+        text = "".join(ch if ch.isprintable() or ch == "\n" else "·" for ch in text)  # raw bytes of a young policy
         ax.set_title("\n".join(textwrap.fill(t, 38) for t in text.split("\n")), fontsize=7, loc="left")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")

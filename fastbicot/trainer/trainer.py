@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from ..data import PromptRecord, load_prompts
+from ..data import load_prompts
 from ..rewards import Reward, RewardEnsemble, RewardError
 from ..rollout import RolloutEngine
 from .advantage import group_advantages
@@ -244,6 +244,13 @@ class Trainer:
                 for m, idx in enumerate(micros):
                     loss, sums, fwd = self._micro(train, idx, ref=refs[m], old=olds[m],
                                                   entropy=it == 0 and c.log.entropy)
+                    bad = ~torch.isfinite(fwd.logprobs.detach())
+                    if bool(bad.any()):  # at mu = 1 the loss value does not depend on them: check here
+                        k = int(train.seq_ids[train.token_slice(idx)][bad.cpu()][0])
+                        raise TrainingError(
+                            f"step {step}: {int(bad.sum())} log-probs are not finite (first in the sample of "
+                            f"prompt {batch.samples[train.samples[k].index].prompt!r}); the policy's weights or "
+                            "activations hold NaN/inf; no optimizer step was taken")
                     if not bool(torch.isfinite(loss)):
                         raise TrainingError(f"step {step}: the loss is {float(loss)} (update {it + 1}, "
                                             f"micro-batch {m + 1}/{len(micros)}); no optimizer step was taken")
@@ -366,6 +373,63 @@ class Trainer:
         return dst
 
 
+    def load_checkpoint(self, path: str) -> None:
+        """Continue from a checkpoint written by save_checkpoint: policy weights, optimizer and
+        scheduler state, the step (hence the data position and the rollout's random stream), RNG."""
+        state_path = os.path.join(path, "trainer_state.pt")
+        if not os.path.isfile(state_path):
+            raise FileNotFoundError(f"{path!r} is not a fastbicot checkpoint (no trainer_state.pt)")
+        load_policy_weights(self.policy, path)
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        self.optim.load_state_dict(state["optim"])
+        self.step_idx = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        metrics = os.path.join(self.config.output_dir, "metrics.jsonl")
+        if os.path.isfile(metrics):  # drop lines of steps after the checkpoint (a crash between saves)
+            import json
+
+            with open(metrics, encoding="utf-8") as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= self.step_idx]
+            tmp = metrics + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+            os.replace(tmp, metrics)
+
+
+def find_checkpoint(output_dir: str, which: str = "latest") -> str:
+    """``output_dir``'s latest checkpoint (``which="latest"``) or the one of step ``which``."""
+    if not os.path.isdir(output_dir):
+        raise FileNotFoundError(f"--resume: output_dir {output_dir!r} does not exist")
+    ckpts = sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint-")
+                   and os.path.isfile(os.path.join(output_dir, d, "trainer_state.pt")))
+    if which == "latest":
+        if not ckpts:
+            raise FileNotFoundError(f"--resume: no checkpoint in {output_dir!r}")
+        return os.path.join(output_dir, ckpts[-1])
+    if not str(which).isdigit():
+        raise ValueError(f"--resume: expected 'latest' or a step number, got {which!r}")
+    name = f"checkpoint-{int(which):06d}"
+    if name not in ckpts:
+        raise FileNotFoundError(f"--resume: no checkpoint of step {which} in {output_dir!r} (have {ckpts})")
+    return os.path.join(output_dir, name)
+
+
+def load_policy_weights(policy, path: str) -> None:
+    """Load every ``*.safetensors`` file of a transformers-format directory into ``policy``; a missing
+    or unexpected tensor is an error naming it."""
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path!r} holds no *.safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(path, f)))
+    missing, unexpected = policy.hf_model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path!r} does not match the policy: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
 def save_policy(policy, path: str) -> None:
     """transformers' format (loadable by JanusForConditionalGeneration / JanusPolicy.from_pretrained),
     with the tokenizer and the BOI id (generation_config.json's generation_kwargs)."""
@@ -397,4 +461,5 @@ def prepare_output_dir(path: str, *, overwrite: bool, resume: bool) -> None:
         raise ConfigError(f"output_dir {path!r} is not writable ({e.strerror})") from None
 
 
-__all__ = ["PromptRecord", "Trainer", "TrainingError", "build_policy", "save_policy", "step_seed"]
+__all__ = ["Trainer", "TrainingError", "build_policy", "find_checkpoint", "load_policy_weights", "save_policy",
+           "step_seed"]

@@ -1,0 +1,165 @@
+"""``fastbicot`` command line: train | generate | convert.
+
+    fastbicot train --config configs/t2i_r1.yaml --optim.lr=2e-6 --output_dir=runs/x [--resume [STEP]] [--overwrite]
+    fastbicot generate --config configs/t2i_r1.yaml --prompts prompts.jsonl --out samples/ [--checkpoint DIR]
+    fastbicot convert janus SRC DST | convert orm SRC DST
+
+Settings come from the YAML file; ``--section.key=value`` overrides any of them. A bad key, type or
+value exits with status 2 and one line naming it; nothing is written before the config is valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _split_overrides(rest: list) -> list:
+    """Unknown ``--a.b=v`` / ``--a.b v`` arguments -> ["a.b=v", ...]; anything else is an error."""
+    out, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise SystemExit(f"fastbicot: unexpected argument {arg!r} (overrides look like --section.key=value)")
+        if "=" in arg:
+            out.append(arg[2:])
+            i += 1
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            out.append(f"{arg[2:]}={rest[i + 1]}")
+            i += 2
+        else:
+            raise SystemExit(f"fastbicot: override {arg} needs a value (--section.key=value)")
+    return out
+
+
+def _config(args, rest):
+    from .trainer.config import TrainerConfig
+
+    return TrainerConfig.from_yaml(args.config, _split_overrides(rest))
+
+
+def cmd_train(args, rest) -> int:
+    from .trainer import Trainer
+
+    config = _config(args, rest)
+    trainer = Trainer(config)
+    if args.resume is not None:
+        from .trainer.trainer import find_checkpoint
+
+        ckpt = find_checkpoint(config.output_dir, args.resume)
+        trainer.load_checkpoint(ckpt)
+        print(f"fastbicot: resumed from {ckpt} at step {trainer.step_idx}", file=sys.stderr)
+    out = trainer.train(overwrite=args.overwrite)
+    print(f"fastbicot: done. metrics: {os.path.join(out, 'metrics.jsonl')}\n"
+          f"  reward curve: {os.path.join(out, 'reward_curve.png')}\n"
+          f"  sample grids: {os.path.join(out, 'grids')}/\n"
+          f"  final policy: {os.path.join(out, 'final')} (transformers format)")
+    return 0
+
+
+def cmd_generate(args, rest) -> int:
+    import json
+
+    import torch
+    from PIL import Image
+
+    from .data import load_prompts
+    from .rollout import RolloutEngine
+    from .trainer.metrics import save_sample_grid
+    from .trainer.trainer import build_policy
+
+    config = _config(args, rest)
+    model = config.model
+    if args.checkpoint:
+        model = model.replace(path=args.checkpoint, preset=None, builder=None)
+    records = load_prompts(args.prompts)
+    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+    policy = build_policy(model)
+    engine = RolloutEngine(policy, config.rollout, progress=True)
+    G = args.num if args.num is not None else config.rollout.num_generations
+    lines, grid_batch = [], None
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(records), args.batch), desc="generate", unit="batch"):
+        chunk = records[start:start + args.batch]
+        batch = engine.generate(chunk, num_generations=G, seed=args.seed + start)
+        grid_batch = grid_batch or batch
+        for s, img in zip(batch.samples, batch.images):
+            name = f"{start + s.prompt_index:05d}_{len(lines) % G}.png"
+            Image.fromarray(img.cpu().numpy()).save(os.path.join(args.out, "images", name))
+            lines.append({"prompt": s.prompt, "cot": s.cot_text, "image": f"images/{name}", **s.metadata})
+    with open(os.path.join(args.out, "samples.jsonl"), "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    save_sample_grid(grid_batch, None, os.path.join(args.out, "grid.png"), max_samples=8, title="fastbicot generate")
+    with open(os.path.join(args.out, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(config.replace(model=model.to_dict()).to_yaml())
+    del torch
+    print(f"fastbicot: wrote {len(lines)} images to {args.out}/images, samples.jsonl and grid.png")
+    return 0
+
+
+def cmd_convert(args, rest) -> int:
+    if rest:
+        raise SystemExit(f"fastbicot convert: unexpected arguments {rest}")
+    from . import convert
+
+    fn = {"janus": convert.convert_janus, "orm": convert.convert_orm}[args.kind]
+    out = fn(args.src, args.dst)
+    print(f"fastbicot: wrote {out or args.dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastbicot", description="Fast BiCoT-GRPO (T2I-R1) training")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="BiCoT-GRPO training from a YAML config (+ --section.key=value overrides)")
+    t.add_argument("--config", required=True)
+    t.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue the run in output_dir from its latest (or the given step's) checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    t.set_defaults(fn=cmd_train)
+    g = sub.add_parser("generate", help="images + CoTs for a prompt file, and a grid")
+    g.add_argument("--config", required=True)
+    g.add_argument("--prompts", required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--checkpoint", help="a transformers-format policy directory (e.g. OUTPUT_DIR/final)")
+    g.add_argument("--num", type=int, help="images per prompt (default: rollout.num_generations)")
+    g.add_argument("--batch", type=int, default=8, help="prompts per rollout")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+    c = sub.add_parser("convert", help="convert the seed's checkpoints to transformers' format")
+    c.add_argument("kind", choices=["janus", "orm"])
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.set_defaults(fn=cmd_convert)
+    return p
+
+
+def main(argv=None) -> int:
+    from .settings import ConfigError
+    from .trainer.trainer import TrainingError
+
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    for name in ("num", "batch"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            parser.error(f"--{name} must be >= 1, got {v}")
+    try:
+        return args.fn(args, rest)
+    except ConfigError as e:
+        if os.environ.get("FASTBICOT_DEBUG") == "1":
+            raise
+        print(f"fastbicot: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, TypeError, TrainingError) as e:
+        if os.environ.get("FASTBICOT_DEBUG") == "1":  # the full traceback
+            raise
+        print(f"fastbicot: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, TrainingError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
