@@ -90,8 +90,7 @@ def cmd_generate(args, rest) -> int:
             Image.fromarray(img.cpu().numpy()).save(os.path.join(args.out, "images", name))
             lines.append({"prompt": s.prompt, "cot": s.cot_text, "image": f"images/{name}", **s.metadata})
     with open(os.path.join(args.out, "samples.jsonl"), "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
     save_sample_grid(grid_batch, None, os.path.join(args.out, "grid.png"), max_samples=8, title="fastbicot generate")
     with open(os.path.join(args.out, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(config.replace(model=model.to_dict()).to_yaml())

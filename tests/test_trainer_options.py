@@ -168,7 +168,7 @@ def test_cfg_scaled_logprobs_divide_the_guided_logits_by_w(seed, tmp_path):
         for k, s in enumerate(batch.samples):
             n, b = len(s.image_tokens), len(s.image_context_ids)
 
-            def hid(ctx):
+            def hid(ctx, s=s, b=b, n=n):
                 e = torch.cat([p.embed_text(torch.tensor([ctx])), p.embed_image(s.image_tokens[None, :-1])], 1)
                 return p.trunk(e)[0][0, b - 1 : b - 1 + n]
 

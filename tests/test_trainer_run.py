@@ -53,10 +53,13 @@ def test_train_writes_metrics_grids_curve_and_a_loadable_policy(seed, tmp_path):
 
     JanusForConditionalGeneration.from_pretrained(os.path.join(out, "final"))
     # the same output dir again: refused, nothing touched
-    before = open(os.path.join(out, "metrics.jsonl")).read()
+    metrics = os.path.join(out, "metrics.jsonl")
+    with open(metrics) as f:
+        before = f.read()
     with pytest.raises(ConfigError, match="already holds a run"):
         make_trainer(seed, tmp_path, dtype="float32", steps=3).train()
-    assert open(os.path.join(out, "metrics.jsonl")).read() == before
+    with open(metrics) as f:
+        assert f.read() == before
 
 
 def test_resume_continues_exactly(seed, tmp_path):
