@@ -22,6 +22,12 @@ class PromptRecord:
     prompt: str
     metadata: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if not isinstance(self.prompt, str):
+            raise ArgumentError(f"PromptRecord.prompt must be a str, got {type(self.prompt).__name__}")
+        if not isinstance(self.metadata, dict):
+            raise ArgumentError(f"PromptRecord.metadata must be a dict, got {type(self.metadata).__name__}")
+
 
 class PromptFileError(ValueError):
     """A prompt file that cannot be read; the message names the file and the line."""

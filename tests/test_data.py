@@ -208,3 +208,10 @@ def test_bad_fmt_is_named(tmp_path, fmt):
 def test_bad_path_type_is_named(path):
     with pytest.raises((ValueError, TypeError), match="path"):
         load_prompts(path)
+
+
+@pytest.mark.parametrize("prompt,metadata", [(None, {}), (3, {}), (b"a", {}), ("a", None), ("a", [("k", 1)])],
+                         ids=repr)
+def test_prompt_record_checks_its_fields(prompt, metadata):
+    with pytest.raises(ValueError, match="PromptRecord"):
+        PromptRecord(prompt, metadata)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,3 +209,12 @@ def test_negative_token_weights_rejected():
     with pytest.raises(ValueError, match="token_weights"):
         grpo_loss(torch.zeros(3), torch.ones(1), torch.zeros(3, dtype=torch.long),
                   token_weights=torch.tensor([1.0, -1.0, 1.0]))
+
+
+@pytest.mark.parametrize("name,value", [("beta", np.float32("nan")), ("eps_low", np.float64("inf")),
+                                        ("eps_high", np.bool_(True)), ("beta", torch.tensor([0.1, 0.2])),
+                                        ("max_tokens", np.float64(4.0))], ids=repr)
+def test_bad_numpy_and_tensor_scalars_name_the_argument(name, value):
+    logp, seq_ids, adv = torch.zeros(4), torch.tensor([0, 0, 1, 1]), torch.ones(2)
+    with pytest.raises((ValueError, TypeError), match=name):
+        grpo_loss(logp, adv, seq_ids, ref_logprobs=torch.zeros(4), loss_type="dr_grpo", **{name: value})

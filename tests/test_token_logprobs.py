@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +196,11 @@ def test_valid_temperatures_match_reference(seed):
         got = token_logprobs(h, w, t, temperature=temperature)
         want = token_logprobs_reference(h, w, t, temperature=float(temperature))
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [np.float32("nan"), np.float64("inf"), np.float16(0), np.bool_(True)],
+                         ids=repr)
+def test_bad_numpy_temperature_names_it(temperature):
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises((ValueError, TypeError), match="temperature"):
+        token_logprobs(h, w, t, temperature=temperature)

@@ -124,7 +124,10 @@ class Reward:
 
     def to(self, device) -> Reward:
         """Move every torch module / tensor attribute to ``device``; later calls score there."""
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ArgumentError(f"reward {self.name!r}: device {device!r} is not a torch device ({e})") from e
         for key, value in vars(self).items():
             if isinstance(value, (torch.nn.Module, torch.Tensor)):
                 setattr(self, key, value.to(self.device))
