@@ -1,0 +1,65 @@
+"""The embedded default world (DESIGN.md §9): fastbicot training end to end on a laptop CPU.
+
+A tiny Janus-architecture policy (``build_policy``) with a word-level tokenizer, 8 x 8-token images
+whose codebook decodes to flat colour patches, prompts about colours, counts and positions in the
+T2I-CompBench format (``make_prompts``), programmatic rewards on the decoded pixels
+(``toy_rewards``), and imperfect synthetic SFT data for a warm start (``sft_examples``).
+Everything here uses fastbicot's public API only; see docs/toy.md.
+"""
+
+from .codebook import BACKGROUND, CODE_NAMES, CODE_OF, NUM_CODES, PALETTE, set_toy_codebook
+from .layout import GRID, SLOTS, ToyObject, parse_plan, plan_text, render_tokens
+from .policy import IMAGE_SIZE, PIXELS_PER_TOKEN, build_policy, toy_config
+from .prompts import TASK_TYPES, make_prompts, write_prompts
+from .rewards import (
+    Component,
+    ToyColorReward,
+    ToyCountReward,
+    ToySpatialReward,
+    find_objects,
+    toy_reward_ensemble,
+    toy_rewards,
+)
+from .sft import sft_examples, write_sft_jsonl
+from .vocab import COLORS, TOY_INSTRUCTION, TOY_SYSTEM, TOY_TEMPLATE, WORDS, build_tokenizer
+
+# keyword arguments for fastbicot.RolloutEngine / RolloutConfig that fit the toy world
+TOY_ROLLOUT = {"template": TOY_TEMPLATE, "system": TOY_SYSTEM, "instruction": TOY_INSTRUCTION, "max_new_tokens": 32}
+
+__all__ = [
+    "BACKGROUND",
+    "CODE_NAMES",
+    "CODE_OF",
+    "COLORS",
+    "GRID",
+    "IMAGE_SIZE",
+    "NUM_CODES",
+    "PALETTE",
+    "PIXELS_PER_TOKEN",
+    "SLOTS",
+    "TASK_TYPES",
+    "TOY_INSTRUCTION",
+    "TOY_ROLLOUT",
+    "TOY_SYSTEM",
+    "TOY_TEMPLATE",
+    "WORDS",
+    "Component",
+    "ToyColorReward",
+    "ToyCountReward",
+    "ToyObject",
+    "ToySpatialReward",
+    "build_policy",
+    "build_tokenizer",
+    "find_objects",
+    "make_prompts",
+    "parse_plan",
+    "plan_text",
+    "render_tokens",
+    "set_toy_codebook",
+    "sft_examples",
+    "toy_config",
+    "toy_reward_ensemble",
+    "toy_rewards",
+    "write_prompts",
+    "write_sft_jsonl",
+]
