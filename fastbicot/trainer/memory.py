@@ -1,0 +1,800 @@
+"""Memory plan: the per-GPU bytes of a training recipe, from the model's config alone (docs/memory_plan.md).
+
+    plan = plan_memory(TrainerConfig.from_yaml("configs/t2i_r1.yaml"), gpus=8, gpu_memory_gib=80)
+    print(plan.format())        # a table in GiB: every item, the peak of each phase, fits / advice
+
+The model is built on the meta device (``JanusPolicy.from_preset(name, device="meta")``, or
+transformers' ``JanusConfig`` read from a local checkpoint's config.json), so no weight is ever
+loaded; a ``model.builder`` policy is built and measured as it is. Sharding is FSDP2 as the trainer
+applies it: ``fully_shard`` per decoder layer, then the root; trainable parameters, their gradients,
+the fp32 master weights and the AdamW states are sharded over ``gpus``; frozen modules are
+replicated; the bf16 compute parameters are all-gathered one layer at a time (plus the root group:
+embeddings, final norm, text head) during the update and all at once during the rollout.
+
+Every item is a formula of the config's shapes (the docstring of each ``_*`` helper below and
+docs/memory_plan.md give it); ``MemoryTracker`` measures the same quantities on CPU, and
+tests/test_memory_plan.py holds each formula to the measurement within a stated factor.
+
+Phases and the moments whose sum is each phase's peak (items resident in every phase -- weights,
+optimizer states, the reference, reward models -- are added to every moment):
+
+    rollout  CoT prefill + decode (CoT KV cache) | CoT -> image switch (both caches allocated) |
+             image prefill | image decode | VQ decode (the image cache is still referenced)
+    reward   the images and the reward models (their activations are not modelled)
+    update   reference forward | policy forward+backward (saved activations, one recomputed layer,
+             the backward working set, the fused log-prob kernel) | optimizer step
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import TrainerConfig
+
+GiB = 1 << 30
+PHASES = ("rollout", "reward", "update")
+
+# Parameter counts of the model rewards (their weights live on the policy's GPU unless
+# rewards.functions[i].device says otherwise); loaded in bf16 on CUDA. Approximate, public sizes.
+REWARD_PARAMS = {
+    "hps": 986e6,  # HPS v2.1: open_clip ViT-H-14 (vision + text towers)
+    "pickscore": 986e6,  # PickScore_v1: CLIP ViT-H-14
+    "clip": 428e6,  # CLIP ViT-L/14
+    "git": 394e6,  # GIT-large (VQAv2)
+    "gdino": 172e6,  # GroundingDINO SwinT-OGC (grounding-dino-tiny)
+    "orm": 8.03e9,  # the seed's ORM: LLaVA-OneVision-Qwen2-7B fine-tune
+    "remote_judge": 0,  # served elsewhere
+}
+
+
+# ----------------------------------------------------------------------------------------- shapes
+
+
+@dataclass
+class ModelShapes:
+    """What the plan needs of the model: dimensions and parameter counts by role."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    text_vocab: int
+    image_vocab: int
+    image_embed: int  # the image head's hidden width (generation_head.proj_out out_features)
+    image_tokens: int
+    image_size: int
+    vq_levels: list  # [(channels, resolution)] of the VQ decoder's levels
+    max_positions: int
+    trainable: int  # parameter counts
+    frozen: int
+    layer_trainable_max: int  # the largest decoder layer's trainable parameters (one FSDP2 unit)
+    root_trainable: int  # trainable parameters outside the decoder layers (the root FSDP2 unit)
+    ref_unused: int  # parameters the reference forward never reads (vision encoder, aligner, VQ)
+    largest_param: int
+    text_head_trainable: bool
+    image_head_bias: bool
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
+def _hf_model(config: TrainerConfig, policy=None):
+    """The transformers Janus module of the config's model, on the meta device when built here."""
+    m = config.model
+    if policy is not None:
+        return getattr(policy, "hf_model", policy)
+    if m.preset is not None:
+        from ..models import JanusPolicy
+
+        return JanusPolicy.from_preset(m.preset, device="meta").hf_model
+    if m.path is not None:
+        from transformers import JanusConfig, JanusForConditionalGeneration
+
+        cfg = JanusConfig.from_pretrained(m.path)
+        with torch.device("meta"):
+            return JanusForConditionalGeneration(cfg)
+    if m.builder is not None:
+        from .rewards import load_callable
+
+        policy = load_callable(m.builder, "model.builder")(seed=m.seed)
+        return policy.hf_model
+    raise ValueError("model: give model.path, model.preset or model.builder to plan its memory")
+
+
+def model_shapes(config: TrainerConfig, policy=None) -> ModelShapes:
+    """Dimensions and parameter counts (by trainable / frozen / FSDP2 unit) of the config's model."""
+    hf = _hf_model(config, policy)
+    cfg = hf.config
+    text = cfg.text_config
+    trainable_pats, frozen_pats = config.model.trainable, config.model.frozen
+    trainable = frozen = root = ref_unused = largest = 0
+    per_layer: dict = {}
+    text_head_trainable = False
+    for name, p in hf.named_parameters():
+        n = p.numel()
+        largest = max(largest, n)
+        on = any(fnmatch.fnmatchcase(name, t) for t in trainable_pats) and not any(
+            fnmatch.fnmatchcase(name, f) for f in frozen_pats)
+        if name.startswith(("model.vision_model.", "model.aligner.", "model.vqmodel.")):
+            ref_unused += n
+        if on:
+            trainable += n
+            parts = name.split(".")
+            if name.startswith("model.language_model.layers."):
+                per_layer[parts[3]] = per_layer.get(parts[3], 0) + n
+            else:
+                root += n
+            if name.startswith("lm_head."):
+                text_head_trainable = True
+        else:
+            frozen += n
+    gh = hf.model.generation_head
+    vq = cfg.vq_config
+    mult = list(vq.channel_multiplier)
+    grid = int(vq.num_patches)
+    levels, res = [], grid
+    for i, cm in enumerate(reversed(mult)):
+        levels.append((int(vq.base_channels) * int(cm), res))
+        if i != len(mult) - 1:
+            res *= 2
+    return ModelShapes(
+        name=config.model.preset or config.model.path or config.model.builder or "model",
+        hidden=int(text.hidden_size), layers=int(text.num_hidden_layers), heads=int(text.num_attention_heads),
+        kv_heads=int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads),
+        head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
+        intermediate=int(text.intermediate_size), text_vocab=int(text.vocab_size),
+        image_vocab=int(vq.num_embeddings), image_embed=int(gh.proj_out.out_features),
+        image_tokens=int(cfg.vision_config.num_image_tokens), image_size=res,
+        vq_levels=levels, max_positions=int(text.max_position_embeddings),
+        trainable=trainable, frozen=frozen, layer_trainable_max=max(per_layer.values(), default=0),
+        root_trainable=root, ref_unused=ref_unused, largest_param=largest,
+        text_head_trainable=text_head_trainable, image_head_bias=gh.vision_head.bias is not None,
+    )
+
+
+@dataclass
+class Lengths:
+    """Token lengths of the longest rows (the plan is for the longest: static caches are sized by them).
+
+    cot_context  [BOS] + the rendered CoT prompt (left-truncated to rollout.max_prompt_length)
+    cot          sampled CoT tokens (EOS included); the CoT cache is always sized by max_new_tokens
+    image_context  the image step's context, BOS ... BOI
+    """
+
+    cot_context: int
+    cot: int
+    image_context: int
+
+
+def default_lengths(config: TrainerConfig, *, prompt_tokens: int = 20, cot_tokens: int | None = None,
+                    chars_per_token: float = 5.0) -> Lengths:
+    """The longest rows of a step, estimated from the config's templates: ``chars_per_token`` 5 is
+    DeepSeek's BPE on the seed's English CoT prompt (774 chars, ~150 tokens); ``prompt_tokens`` the
+    prompt (T2I-CompBench prompts are 10-25 tokens); ``cot_tokens`` the CoT (None: the worst case,
+    rollout.cot.max_new_tokens)."""
+    from ..rollout.cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt
+
+    r = config.rollout
+    cot = r.cot.max_new_tokens if cot_tokens is None else min(cot_tokens, r.cot.max_new_tokens)
+    tmpl = len(cot_prompt("", r.template, r.system, r.instruction))
+    ctx = 1 + math.ceil(tmpl / chars_per_token) + prompt_tokens
+    if r.max_prompt_length is not None:
+        ctx = min(ctx, r.max_prompt_length)
+    body = cot - 1  # the CoT without its EOS
+    if r.max_textcot_length is not None:
+        body = min(body, r.max_textcot_length)
+    if r.image_mode == "continue":
+        img = ctx + body + 1
+    else:
+        fixed = len(IMAGE_TEMPLATE_HEAD.format(prompt="")) + len(IMAGE_TEMPLATE_TAIL)
+        img = 1 + math.ceil(fixed / chars_per_token) + prompt_tokens + body + 1
+    return Lengths(ctx, cot, img)
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class Item:
+    key: str
+    label: str
+    nbytes: int
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    """Per-GPU bytes of every item, the moments of each phase (lists of item keys alive together),
+    the peak per phase, whether the worst phase fits ``gpu_memory_gib`` less ``margin``, advice."""
+
+    title: str
+    gpus: int
+    gpu_memory_gib: float
+    margin: float
+    items: dict  # key -> Item
+    moments: dict  # phase -> {moment name: [item keys]}
+    assumptions: dict = field(default_factory=dict)
+    advice: list = field(default_factory=list)
+
+    def bytes(self, key: str) -> int:
+        return self.items[key].nbytes if key in self.items else 0
+
+    def moment_bytes(self, phase: str) -> dict:
+        return {m: sum(self.bytes(k) for k in keys) for m, keys in self.moments[phase].items()}
+
+    @property
+    def peaks(self) -> dict:
+        """phase -> (peak bytes, the moment that reaches it)."""
+        out = {}
+        for ph in self.moments:
+            mb = self.moment_bytes(ph)
+            name = max(mb, key=mb.get)
+            out[ph] = (mb[name], name)
+        return out
+
+    @property
+    def peak(self) -> int:
+        return max(b for b, _ in self.peaks.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.peaks.items(), key=lambda kv: kv[1][0])[0]
+
+    @property
+    def budget(self) -> float:
+        return self.gpu_memory_gib * GiB * (1 - self.margin)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def summary(self) -> dict:
+        """Plain numbers (GiB) for JSON: items, peaks, fits."""
+        return {
+            "title": self.title, "gpus": self.gpus, "gpu_memory_gib": self.gpu_memory_gib, "margin": self.margin,
+            "items_gib": {k: round(i.nbytes / GiB, 3) for k, i in self.items.items()},
+            "peaks_gib": {ph: {"gib": round(b / GiB, 3), "moment": m} for ph, (b, m) in self.peaks.items()},
+            "fits": self.fits, "assumptions": self.assumptions, "advice": list(self.advice),
+        }
+
+    def format(self) -> str:
+        """A readable table in GiB: the items, the phases each is alive in, the peaks, the verdict."""
+        phases = list(self.moments)
+        alive = {k: [ph for ph in phases if any(k in keys for keys in self.moments[ph].values())] for k in self.items}
+        w = max(len(i.label) for i in self.items.values()) + 2
+        lines = [self.title, (f"per GPU, {self.gpus} GPU(s) x {self.gpu_memory_gib:g} GiB, margin "
+                              f"{self.margin:.0%} (fragmentation, CUDA context)")]
+        if self.assumptions:
+            lines.append("  " + ", ".join(f"{k}={v}" for k, v in self.assumptions.items()))
+        lines.append("")
+        head = f"{'item':<{w}}{'GiB':>9}  " + " ".join(f"{ph:^7}" for ph in phases)
+        lines += [head, "-" * len(head)]
+        for k, it in self.items.items():
+            if it.nbytes == 0:
+                continue
+            marks = " ".join(f"{'x' if ph in alive[k] else '.':^7}" for ph in phases)
+            note = f"  {it.note}" if it.note else ""
+            lines.append(f"{it.label:<{w}}{it.nbytes / GiB:>9.3f}  {marks}{note}")
+        lines.append("-" * len(head))
+        for ph, (b, m) in self.peaks.items():
+            lines.append(f"{'peak ' + ph:<{w}}{b / GiB:>9.3f}  at: {m}")
+        verdict = "FITS" if self.fits else "DOES NOT FIT"
+        lines.append(f"{'budget':<{w}}{self.budget / GiB:>9.3f}  -> {verdict} (peak {self.peak / GiB:.2f} GiB in "
+                     f"{self.peak_phase})")
+        if self.advice:
+            lines.append("")
+            lines.append("to fit / to save memory:" if not self.fits else "notes:")
+            lines += [f"  - {a}" for a in self.advice]
+        return "\n".join(lines)
+
+
+def _reward_names(config, rewards=None) -> list:
+    if rewards is not None:
+        return list(rewards)
+    return [f.name for f in config.rewards.functions
+            if f.device in (None, "auto") or str(f.device).startswith("cuda")]
+
+
+def _dtype_bytes(name: str, device: str) -> int:
+    if name == "auto":
+        return 2 if device == "cuda" else 4
+    return torch.empty(0, dtype=getattr(torch, name)).element_size()
+
+
+def _cpu_logprob_bytes(n, h, v, b, need_w) -> int:
+    """The CPU path of token_logprobs' backward (kernels/token_logprobs.py): fp32 dh [n, h] (+ an
+    fp32 copy of the input when it is not fp32), the [rows, cols] logits chunk, and with a
+    trainable head dW [V, h] plus its fp32 [cols, h] chunk."""
+    if n == 0:
+        return 0
+    rows = min(n, 256)
+    cols = max(1, min(v, (1 << 20) // max(rows, h)))
+    out = n * h * (4 + (4 if b != 4 else 0)) + rows * cols * 4
+    if need_w:
+        out += v * h * b + cols * h * 4
+    return out
+
+
+def layer_saved_bytes(s: ModelShapes, b: int) -> int:
+    """Bytes one decoder layer saves for backward per token (no checkpointing), HF Llama + SDPA:
+    each RMSNorm keeps its fp32 input, its normalised input in the compute dtype and its output
+    (4H + 2bH); attention keeps q, k, v (after RoPE), its output and o_proj's contiguous input
+    (5bH; flash/efficient SDPA, no [L, L] matrix); the SiLU MLP keeps gate, silu(gate), up and
+    their product (4bI)."""
+    H, Iw = s.hidden, s.intermediate
+    return 2 * (4 * H + 2 * b * H) + 5 * b * H + 4 * b * Iw
+
+
+def layer_work_bytes(s: ModelShapes, b: int) -> int:
+    """Per token, the backward working set of one layer on top of what is saved: gradients of the
+    MLP's three [T, I] tensors and a few [T, H] gradients / fp32 norm temporaries."""
+    H, Iw = s.hidden, s.intermediate
+    return 3 * b * Iw + 4 * b * H + 8 * H
+
+
+def layer_forward_bytes(s: ModelShapes, b: int) -> int:
+    """Per token, the transient activations of one layer's no-grad forward (the rollout's prefill
+    and the reference forward): residual, normed input, q, k, v, attention output, gate, up, silu."""
+    H, Iw = s.hidden, s.intermediate
+    return b * (7 * H + 3 * Iw) + 8 * H
+
+
+def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.0, margin: float = 0.10,
+                reference: str = "replicated", device: str = "cuda", lengths: Lengths | None = None,
+                cot_tokens: int | None = None, prompt_tokens: int = 20, rewards: list | None = None, policy=None,
+                shapes: ModelShapes | None = None, advise: bool = True) -> MemoryPlan:
+    """The per-GPU memory of ``config`` trained on ``gpus`` GPUs of ``gpu_memory_gib`` each (FSDP2).
+
+    reference   "replicated" (what Trainer does: a deep copy of the whole policy on every GPU),
+                "sharded" (fully_shard like the policy: 1/N resident, a layer all-gathered at a time),
+                "cpu" (kept in host memory, streamed a layer at a time)
+    device      "cuda" (the plan's target) or "cpu" (the CPU code paths: fp32, chunked log-prob
+                kernel, per-tensor AdamW, flattened KV, fused decode weights) -- for the CPU check
+    lengths     the longest rows (default: ``default_lengths(config, prompt_tokens=, cot_tokens=)``,
+                the worst case cot = rollout.cot.max_new_tokens)
+    rewards     reward names on the policy's GPU (default: config.rewards.functions whose device is
+                the policy's); sizes from REWARD_PARAMS
+    policy / shapes   an already-built model (tests) or its shapes, instead of config.model
+    """
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
+    if not gpu_memory_gib > 0:
+        raise ValueError(f"gpu_memory_gib must be > 0, got {gpu_memory_gib!r}")
+    if reference not in ("replicated", "sharded", "cpu"):
+        raise ValueError(f"reference must be replicated, sharded or cpu, got {reference!r}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda or cpu, got {device!r}")
+    s = shapes or model_shapes(config, policy)
+    L = lengths or default_lengths(config, prompt_tokens=prompt_tokens, cot_tokens=cot_tokens)
+    c, r, lo, o = config, config.rollout, config.loss, config.optim
+    N = gpus
+    b = _dtype_bytes(c.model.dtype, device)
+    mb = _dtype_bytes(o.master_dtype, device)
+    masters = mb != b
+    cpu = device == "cpu"
+    ckpt = c.model.gradient_checkpointing
+    G = r.num_generations
+    P = math.ceil(c.data.prompts_per_step / N)  # prompt groups this rank rolls out
+    R = P * G
+    cfg = r.guidance_scale > 1
+    cont = r.image_mode == "continue"
+    Nimg = s.image_tokens
+    H, Iw = s.hidden, s.intermediate
+    kv_tok = 2 * s.layers * s.kv_heads * s.head_dim * b
+    items: dict = {}
+
+    def add(key, label, nbytes, note=""):
+        items[key] = Item(key, label, int(max(0, nbytes)), note)
+
+    shard = 1 if N == 1 else N
+    # ---- resident: weights, optimizer, reference, reward models --------------------------------
+    add("params.trainable", "policy trainable weights" + (" (shard)" if N > 1 else ""), s.trainable * b / shard)
+    add("params.frozen", "policy frozen modules (replicated)", s.frozen * b)
+    add("master", "fp32 master weights" + (" (shard)" if N > 1 else ""), s.trainable * mb / shard if masters else 0)
+    add("adam", "AdamW exp_avg + exp_avg_sq" + (" (shard)" if N > 1 else ""), 2 * s.trainable * mb / shard)
+    if lo.beta > 0:
+        ref_b = s.total * b
+        if reference == "sharded":
+            ref_b = s.total * b / shard
+        elif reference == "cpu":
+            ref_b = 0
+        add("reference", f"reference model ({reference})", ref_b)
+    add("rope", "RoPE tables (rollout trunk)", 4 * s.max_positions * s.head_dim * b)
+    rw, unknown = 0, []
+    for name in _reward_names(c, rewards):
+        n = REWARD_PARAMS.get(name)
+        if n is None:
+            unknown.append(name)
+        else:
+            rw += n * 2
+    add("rewards", "reward models (bf16)", rw, f"not counted: {', '.join(unknown)}" if unknown else "")
+    if cpu:  # Trunk.fuse_weights: [q k rot(q) rot(k) v], [gate up] and the native [q k v] copies
+        add("fused", "CPU fused decode weights", s.layers * (8 * H * H + 2 * Iw * H) * b)
+    resident = [k for k in ("params.trainable", "params.frozen", "master", "adam", "reference", "rope", "rewards",
+                            "fused") if k in items]
+
+    # ---- rollout ---------------------------------------------------------------------------------
+    add("rollout.unsharded", "all-gathered trainable weights", s.trainable * b if N > 1 else 0,
+        "FSDP2 unshard for the rollout")
+    cap = L.cot_context + r.cot.max_new_tokens + 2
+    if cont:
+        kv_cot = kv_tok * (2 * P * cap + 2 * R * (cap + Nimg))
+    else:
+        kv_cot = kv_tok * (P * cap + R * cap)
+    add("kv.cot", f"KV cache, CoT phase ({R} rows x {cap} + {P} prefixes)", kv_cot)
+    rows = 2 * R if cfg else R
+    Li = L.image_context
+    if cont:
+        kv_img = 0
+    else:
+        kv_img = kv_tok * ((R + P) * Li + rows * (Li + 1 + Nimg))
+        add("kv.image", f"KV cache, image phase ({rows} rows x {Li + 1 + Nimg} + {R + P} prefixes x {Li})", kv_img)
+    # prefill: every layer's K/V of the batch is staged in a list before the cache copy, + one layer
+    pre_c = P * (L.cot_context - 1)
+    add("prefill.cot", "CoT prefill (K/V staging + a layer)", pre_c * (kv_tok + layer_forward_bytes(s, b)))
+    pre_i = (R + (1 if cfg else 0)) * (Li - 1) if not cont else (R if cfg else 0) * Li
+    add("prefill.image", "image prefill (K/V staging + a layer)", pre_i * (kv_tok + layer_forward_bytes(s, b)))
+    if cpu:  # KVCache.flatten: the concatenated [prefix | suffix] and its gathered copy
+        add("flatten.cot", "CPU flatten of CoT prefixes", 2 * kv_tok * R * L.cot_context)
+        add("flatten.image", "CPU flatten of image prefixes", 2 * kv_tok * rows * Li if not cont else 0)
+    # decode: CoT logits + sampler; image: the embedding table, the head copy, logits, sampler
+    add("decode.cot", "CoT decode step (logits, sampler)", R * s.text_vocab * 4 * 4 + R * (8 * H + 3 * Iw) * b)
+    table = s.image_vocab * H * b
+    head = s.image_vocab * s.image_embed * b
+    add("decode.image_tables", "image decode tables (embedding, head copy)", table + head)
+    add("decode.image_setup", "image embedding table build (aligner MLP)", 2 * s.image_vocab * H * b)
+    step = R * s.image_vocab * 4 * 4 + rows * (8 * H + 3 * Iw) * b + R * Nimg * 12
+    if cpu:  # the Gumbel noise of a chunk of steps, the RoPE rows of every step
+        step += min(1 << 22, Nimg * R * s.image_vocab) * b + Nimg * rows * 2 * s.head_dim * b
+    add("decode.image", "image decode step (logits, sampler, buffers)", step)
+    full = max(ch * res * res for ch, res in s.vq_levels)
+    pix = s.image_size * s.image_size * 3
+    add("vq", f"VQ decode of {R} images", R * (4 * full * b + pix * (b + 4)))
+    add("images", "uint8 images", R * pix)
+    ro = resident + ["rollout.unsharded"]
+    cot_m = ro + ["kv.cot", "prefill.cot", "decode.cot"] + (["flatten.cot"] if cpu else [])
+    moments = {"rollout": {"CoT decode": cot_m}}
+    if cont:
+        moments["rollout"]["image prefill"] = ro + ["kv.cot", "prefill.image"]
+        moments["rollout"]["image decode"] = ro + ["kv.cot", "decode.image_tables", "decode.image"]
+        moments["rollout"]["VQ decode"] = ro + ["kv.cot", "decode.image_tables", "vq", "images"]
+    else:
+        moments["rollout"]["CoT -> image cache switch"] = ro + ["kv.cot", "kv.image"]
+        moments["rollout"]["image prefill"] = ro + ["kv.image", "prefill.image"] + (["flatten.image"] if cpu else [])
+        moments["rollout"]["image decode"] = ro + ["kv.image", "decode.image_setup", "decode.image_tables",
+                                                   "decode.image"]
+        moments["rollout"]["VQ decode"] = ro + ["kv.image", "decode.image_tables", "vq", "images"]
+    moments["reward"] = {"rewards": resident + ["images"]}
+
+    # ---- update ------------------------------------------------------------------------------------
+    M = o.micro_batch_prompts * G  # rows of each kind in a micro-batch
+    kinds = []  # (name, rows, padded length)
+    if cont:
+        kinds.append(("image", M, Li + Nimg - 1))
+    else:
+        kinds.append(("cot", M, L.cot_context + L.cot - 1))
+        kinds.append(("image", M, Li + Nimg - 1))
+    if lo.cfg_logprobs != "none":
+        kinds.append(("uncond", M, Li + Nimg - 1))
+    nT, nI = M * L.cot, M * Nimg * (1 if lo.cfg_logprobs == "none" else 2)
+    per_layer = (b * H) if ckpt else layer_saved_bytes(s, b)
+    tokens = sum(n * Lk for _, n, Lk in kinds)
+    tmax = max(n * Lk for _, n, Lk in kinds)
+    saved = tokens * (s.layers * per_layer + 4 * H + 2 * b * H)  # + the final norm
+    saved += sum(n * Lk * Lk for _, n, Lk in kinds)  # bool attention masks [n, 1, L, L]
+    saved += nT * H * b + nI * (H + 2 * s.image_embed) * b  # gathered hidden, image head activations
+    add("act.saved", "activations saved for backward" + (" (checkpointed)" if ckpt else ""), saved,
+        f"micro-batch {o.micro_batch_prompts} x {G}, {tokens} tokens")
+    add("act.recompute", "one recomputed layer (checkpointing)", tmax * layer_saved_bytes(s, b) if ckpt else 0)
+    add("act.work", "backward working set of a layer", tmax * layer_work_bytes(s, b))
+    # the fused log-prob kernel's backward: fp32 grad of its input, the grad_logits chunk, dW
+    if cpu:
+        t_k = _cpu_logprob_bytes(nT, H, s.text_vocab, b, s.text_head_trainable)
+        i_k = _cpu_logprob_bytes(nI, s.image_embed, s.image_vocab, b, False)
+    else:
+        t_k = nT * H * (4 + b) + (s.text_vocab * H * b if s.text_head_trainable else 0) + min(
+            16 << 20, nT * s.text_vocab * b)
+        i_k = nI * s.image_embed * (4 + b) + min(16 << 20, nI * s.image_vocab * b)
+    add("logprob", "fused log-prob backward (text / image head)", max(t_k if nT else 0, i_k))
+    grads_b = s.trainable * b / shard
+    add("grads", "gradients" + (" (shard)" if N > 1 else ""), grads_b)
+    if N > 1:
+        unsh = s.root_trainable * b + 2 * s.layer_trainable_max * b
+        add("update.unsharded", "all-gathered weights (root + 2 layers)", unsh, "embeddings, lm_head, norm stay "
+                                                                            "gathered")
+        add("update.grads_unsharded", "unsharded grads (root + 1 layer)", (s.root_trainable + s.layer_trainable_max) * b)
+    ref_t = max(n * Lk for _, n, Lk in kinds)
+    if lo.beta > 0:
+        ref_act = ref_t * layer_forward_bytes(s, b) + tokens * b * H * 2 + nT * H * b + nI * (H + 2 * s.image_embed) * b
+        if reference != "replicated":  # a layer gathered (sharded) or streamed from the host
+            ref_act += 2 * s.layer_trainable_max * b + (s.root_trainable * b if reference == "sharded" else 0)
+        add("act.reference", "reference forward (no grad)", ref_act)
+    if masters:
+        add("opt.master_grads", "fp32 gradients of the masters (step)", s.trainable * mb / shard)
+    # torch AdamW: foreach on CUDA (a full _foreach_sqrt copy), per tensor on CPU
+    add("opt.temps", "AdamW step temporaries", (s.trainable / shard if not cpu else 2 * s.largest_param) * mb)
+    up = resident + ["grads"] + (["update.unsharded", "update.grads_unsharded"] if N > 1 else [])
+    moments["update"] = {
+        "policy forward+backward": up + ["act.saved", "act.recompute", "act.work"],
+        "log-prob backward": up + ["act.saved", "logprob"],
+        "optimizer step": resident + ["grads", "opt.master_grads", "opt.temps"],
+    }
+    if lo.beta > 0:
+        moments["update"]["reference forward"] = resident + ["act.reference"] + (
+            ["update.unsharded"] if N > 1 else [])
+    plan = MemoryPlan(
+        title=f"fastbicot memory plan: {s.name}, {c.data.prompts_per_step} prompts x G={G}, "
+              f"micro-batch {o.micro_batch_prompts} prompt(s), {'bf16' if b == 2 else f'{8 * b}-bit'} compute, "
+              f"{'fp32 masters, ' if masters else ''}{'checkpointing' if ckpt else 'no checkpointing'}, "
+              f"beta={lo.beta:g}, reference {reference}",
+        gpus=N, gpu_memory_gib=float(gpu_memory_gib), margin=margin, items=items, moments=moments,
+        assumptions={"prompts/gpu": P, "rows": R, "cot_context": L.cot_context, "cot": L.cot,
+                     "cot_cache": cap, "image_context": Li, "image_tokens": Nimg, "params": s.total,
+                     "trainable": s.trainable, "dtype_bytes": b},
+    )
+    if advise:
+        plan.advice = _advice(plan, config, s, L, gpus=N, gpu_memory_gib=gpu_memory_gib, margin=margin,
+                              reference=reference, device=device, rewards=rewards)
+    return plan
+
+
+def R_of(plan) -> int:
+    return int(plan.assumptions["rows"])
+
+
+def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, device, rewards) -> list:
+    """What to change: each candidate re-planned, with its peak."""
+    out = []
+    kw = dict(gpus=gpus, gpu_memory_gib=gpu_memory_gib, margin=margin, reference=reference, device=device,
+              lengths=L, shapes=s, advise=False, rewards=rewards)
+
+    def tryit(desc, cfg=None, **over):
+        p = plan_memory(cfg or config, **{**kw, **over})
+        saved = plan.peak - p.peak
+        if saved > 0.01 * GiB:
+            out.append(f"{desc}: peak {p.peak / GiB:.1f} GiB ({'fits' if p.fits else 'still too big'})")
+
+    o, r = config.optim, config.rollout
+    if plan.peak_phase == "update" or not plan.fits:
+        if o.micro_batch_prompts > 1:
+            tryit(f"optim.micro_batch_prompts={o.micro_batch_prompts // 2}",
+                  config.replace(optim=o.replace(micro_batch_prompts=max(1, o.micro_batch_prompts // 2))))
+        if not config.model.gradient_checkpointing:
+            tryit("model.gradient_checkpointing=true", config.replace(model=config.model.replace(
+                gradient_checkpointing=True)))
+    if "reference" in plan.items and plan.bytes("reference") > 0:
+        out.append(f"the replicated reference holds {s.ref_unused * 2 / GiB:.2f} GiB of modules its forward never "
+                   "reads (vision encoder, aligner, VQ model): copy only the language model and the generation "
+                   "modules" if reference == "replicated" else "")
+        alts = {"sharded": "shard the reference with fully_shard (a layer gathered at a time)",
+                "cpu": "keep the reference in host memory, streamed a layer at a time"}
+        for alt, desc in alts.items():
+            if alt != reference:
+                tryit(desc, reference=alt)
+    if plan.bytes("rewards") > 0:
+        tryit(f"move the reward models ({plan.bytes('rewards') / GiB:.1f} GiB on every GPU) to another device "
+              "(rewards.functions[i].device) or a remote judge", rewards=[])
+    if plan.peaks["rollout"][0] >= plan.peak * 0.9 and config.data.prompts_per_step > gpus:
+        tryit("roll out one prompt group at a time per GPU (an engine option to add; proxy: data.prompts_per_step"
+              f"={gpus})", config.replace(data=config.data.replace(prompts_per_step=gpus),
+                                          optim=o.replace(micro_batch_prompts=1)))
+    if plan.peaks["rollout"][0] >= plan.peak * 0.9 or not plan.fits:
+        if r.cot.max_new_tokens > 256:
+            L2 = Lengths(L.cot_context, min(L.cot, 256), L.image_context - max(0, L.cot - 256))
+            tryit("rollout.cot.max_new_tokens=256 (the CoT cache and the longest rows)",
+                  config.replace(rollout=r.replace(cot=r.cot.replace(max_new_tokens=256))), lengths=L2)
+        if "kv.image" in plan.items:
+            out.append(f"engine: free the CoT cache before allocating the image cache (both live at the switch: "
+                       f"{(plan.bytes('kv.cot')) / GiB:.2f} GiB) -- rollout/engine.py `del cache` first")
+            if device == "cuda":
+                kv_tok = 2 * s.layers * s.kv_heads * s.head_dim * int(plan.assumptions["dtype_bytes"])
+                rows = 2 * R_of(plan) if config.rollout.guidance_scale > 1 else R_of(plan)
+                waste = kv_tok * rows * (L.image_context - 1)
+                out.append(f"engine (CUDA, prefixes not flattened): size the image cache's suffixes by the rows' "
+                           f"remainders + 1 + image tokens, not by the whole context that already sits in the prefix "
+                           f"blocks: up to {waste / GiB:.2f} GiB")
+        pre = plan.bytes("prefill.image")
+        if pre > 0.5 * GiB:
+            out.append(f"trunk.prefill: write each layer's K/V into the cache as it is computed instead of "
+                       f"returning all layers' K/V: the image prefill's staging is {pre / GiB:.2f} GiB")
+    if gpus < 8 and not plan.fits:
+        for n in (2, 4, 8):
+            if n > gpus and config.data.prompts_per_step >= n:
+                tryit(f"{n} GPUs", gpus=n)
+                break
+    return [a for a in out if a]
+
+
+# ------------------------------------------------------------------------------ the seed's recipe
+
+
+def plan_seed_memory(config: TrainerConfig, *, gpus: int = 8, gpu_memory_gib: float = 80.0, margin: float = 0.10,
+                     lengths: Lengths | None = None, cot_tokens: int | None = None, prompt_tokens: int = 20,
+                     rewards: list | None = None, policy=None, shapes: ModelShapes | None = None) -> MemoryPlan:
+    """Estimated per-GPU memory of the seed (CaraJ7/T2I-R1) running ``config``'s shapes: DeepSpeed
+    ZeRO-3 over ``gpus`` (every parameter sharded, bf16 params + fp32 masters + fp32 Adam states +
+    bf16 and fp32 gradient partitions), one prompt x G per GPU per micro-step, an unsharded bf16
+    reference copy per GPU, eager HF generation gathering the whole model, a DynamicCache (one layer
+    re-concatenated per step), CFG by row doubling on rows right-padded to the longest, bf16
+    logits + bf16 log_softmax of the completion positions in the update, gradient checkpointing."""
+    s = shapes or model_shapes(config, policy)
+    L = lengths or default_lengths(config, prompt_tokens=prompt_tokens, cot_tokens=cot_tokens)
+    b, N, G = 2, gpus, config.rollout.num_generations
+    H, Nimg = s.hidden, s.image_tokens
+    kv_tok = 2 * s.layers * s.kv_heads * s.head_dim * b
+    items = {}
+
+    def add(key, label, nbytes, note=""):
+        items[key] = Item(key, label, int(max(0, nbytes)), note)
+
+    add("params", "bf16 weights (ZeRO-3 shard, whole model)", s.total * b / N)
+    add("master", "fp32 master weights (shard)", s.trainable * 4 / N)
+    add("adam", "Adam exp_avg + exp_avg_sq (shard)", s.trainable * 8 / N)
+    add("grads", "bf16 + fp32 gradient partitions", s.trainable * 6 / N)
+    add("reference", "reference model (unsharded bf16 copy)", s.total * b)
+    rw = sum(REWARD_PARAMS.get(n, 0) * 2 for n in _reward_names(config, rewards))
+    add("rewards", "reward models (bf16)", rw)
+    add("gathered", "ZeRO-3 gathered weights for generate (whole model)", s.total * b)
+    Lcot = L.cot_context + config.rollout.cot.max_new_tokens
+    add("kv.cot", f"DynamicCache CoT ({G} rows x {Lcot}) + one layer re-cat", kv_tok * G * Lcot * (1 + 1 / s.layers))
+    Li = L.image_context
+    rows = 2 * G if config.rollout.guidance_scale > 1 else G
+    add("kv.image", f"DynamicCache image ({rows} rows x {Li + Nimg}) + one layer re-cat",
+        kv_tok * rows * (Li + Nimg) * (1 + 1 / s.layers))
+    add("prefill", "eager prefill (one layer of activations)", rows * Li * layer_forward_bytes(s, b))
+    full = max(ch * res * res for ch, res in s.vq_levels)
+    add("vq", f"HF VQ decode of {G} images", G * 6 * full * b)
+    add("live", "ZeRO-3 live / prefetched params in the update", min(1e9, s.root_trainable + 2 * s.layer_trainable_max)
+        * b)
+    rows_t = [(G, L.cot_context + L.cot), (G, Li + Nimg)]
+    tokens = sum(n * x for n, x in rows_t)
+    tmax = max(n * x for n, x in rows_t)
+    add("act.saved", "checkpointed activations", tokens * (s.layers * b * H + 4 * H + 2 * b * H))
+    add("act.recompute", "one recomputed layer + working set", tmax * (layer_saved_bytes(s, b) + layer_work_bytes(s, b)))
+    txt = G * L.cot * s.text_vocab * b
+    img = G * Nimg * s.image_vocab * b
+    add("logits", "bf16 logits + log_softmax (+ grad) of the longer head", 3 * max(txt, img),
+        f"text {G}x{L.cot}x{s.text_vocab}")
+    add("opt.temps", "optimizer step: fp32 grads", s.trainable * 4 / N)
+    res = ["params", "master", "adam", "reference", "rewards"]
+    moments = {
+        "rollout": {"CoT generate": res + ["gathered", "kv.cot"],
+                    "image prefill": res + ["gathered", "kv.image", "prefill"],
+                    "VQ decode": res + ["gathered", "vq"]},
+        "reward": {"rewards": res},
+        "update": {"forward+backward": res + ["grads", "live", "act.saved", "act.recompute", "logits"],
+                   "optimizer step": res + ["grads", "opt.temps"]},
+    }
+    return MemoryPlan(
+        title=f"the seed (DeepSpeed ZeRO-3, HF eager generate) on {s.name}: 1 prompt x G={G} per GPU",
+        gpus=N, gpu_memory_gib=float(gpu_memory_gib), margin=margin, items=items, moments=moments,
+        assumptions={"cot_context": L.cot_context, "cot": L.cot, "image_context": Li},
+    )
+
+
+# ---------------------------------------------------------------------------------- measurement
+
+
+class MemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
+    """Live bytes of the tensor storages created while active, and their peak -- on any device, CPU
+    included, where torch keeps no allocator statistics.
+
+    Every aten op's outputs pass through ``__torch_dispatch__``; a storage seen for the first time
+    is counted with its ``nbytes()`` and watched through a C++ weak reference
+    (``StorageWeakRef``), so it leaves the count when its last tensor (Python, autograd's saved
+    tensors, a cache) lets it go. Before counting a new allocation the dead storages are swept, so
+    ``peak`` is the high-water mark of live bytes at op granularity. Not seen: storages allocated
+    before entering (add ``baseline``), scratch memory an op allocates and frees inside itself
+    (e.g. a C++ kernel's workspace), and the allocator's own slack.
+    """
+
+    def __init__(self):
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._ref = StorageWeakRef
+        self.live: dict = {}
+        self.current = 0
+        self.peak = 0
+
+    def _sweep(self):
+        dead = [k for k, (w, _) in self.live.items() if w.expired()]
+        for k in dead:
+            self.current -= self.live.pop(k)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        new = []
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                w = self._ref(st)
+                old = self.live.get(w.cdata)
+                if old is None or old[0].expired():
+                    new.append((w, st.nbytes()))
+        if new:
+            self._sweep()
+            for w, n in new:
+                self.live[w.cdata] = (w, n)
+                self.current += n
+            self.peak = max(self.peak, self.current)
+        return out
+
+    def reset_peak(self):
+        self._sweep()
+        self.peak = self.current
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def cli(argv=None) -> int:
+    """``fastbicot plan --config X.yaml --gpus N [--gpu-memory 80] [--reference replicated|sharded|cpu]
+    [--cot-tokens K] [--seed-recipe] [--json] [--section.key=value ...]``: print the plan; exit 0 when
+    it fits, 1 when it does not, 2 on a bad config."""
+    p = argparse.ArgumentParser(prog="fastbicot plan", description="per-GPU memory plan of a training recipe")
+    p.add_argument("--config", required=True)
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--margin", type=float, default=0.10, help="fraction kept free (default 0.10)")
+    p.add_argument("--reference", default="replicated", choices=["replicated", "sharded", "cpu"])
+    p.add_argument("--cot-tokens", type=int, default=None, help="assumed CoT length (default: max_new_tokens)")
+    p.add_argument("--prompt-tokens", type=int, default=20)
+    p.add_argument("--seed-recipe", action="store_true", help="also print the seed's (ZeRO-3 + HF) estimate")
+    p.add_argument("--json", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    from ..settings import ConfigError
+
+    overrides = []
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if not a.startswith("--"):
+            print(f"fastbicot plan: unexpected argument {a!r}", file=sys.stderr)
+            return 2
+        if "=" in a:
+            overrides.append(a[2:])
+            i += 1
+        elif i + 1 < len(rest):
+            overrides.append(f"{a[2:]}={rest[i + 1]}")
+            i += 2
+        else:
+            print(f"fastbicot plan: override {a} needs a value", file=sys.stderr)
+            return 2
+    try:
+        config = TrainerConfig.from_yaml(args.config, overrides)
+        plan = plan_memory(config, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, margin=args.margin,
+                           reference=args.reference, cot_tokens=args.cot_tokens, prompt_tokens=args.prompt_tokens)
+    except (ConfigError, ValueError) as e:
+        print(f"fastbicot plan: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+
+        out = {"plan": plan.summary()}
+        if args.seed_recipe:
+            out["seed"] = plan_seed_memory(config, gpus=args.gpus, gpu_memory_gib=args.gpu_memory,
+                                           margin=args.margin, cot_tokens=args.cot_tokens,
+                                           prompt_tokens=args.prompt_tokens).summary()
+        print(json.dumps(out, indent=1))
+    else:
+        print(plan.format())
+        if args.seed_recipe:
+            print()
+            print(plan_seed_memory(config, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, margin=args.margin,
+                                   cot_tokens=args.cot_tokens, prompt_tokens=args.prompt_tokens).format())
+    return 0 if plan.fits else 1
+
+
+__all__ = ["Item", "Lengths", "MemoryPlan", "MemoryTracker", "ModelShapes", "cli", "default_lengths",
+           "layer_saved_bytes", "model_shapes", "plan_memory", "plan_seed_memory"]
