@@ -49,7 +49,10 @@ def _check_scalar(fn, name, value, *, low=None, high=None, low_open=False, high_
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a real number, got {value!r} ({type(value).__name__})")
-    x = float(value)
+    try:
+        x = float(value)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"{fn}: {name} must be finite, got an integer with {len(str(value))} digits") from None
     if not math.isfinite(x):
         raise ValueError(f"{fn}: {name} must be finite, got {x}")
     if (low is not None and (x <= low if low_open else x < low)) or (
@@ -216,16 +219,17 @@ def _check(logprobs, advantages, seq_ids, old_logprobs, ref_logprobs, token_weig
                          ("seq_ids", seq_ids, False), ("old_logprobs", old_logprobs, True),
                          ("ref_logprobs", ref_logprobs, True), ("token_weights", token_weights, True)):
         _check_tensor(fn, name, t, optional=opt)
-    beta = _check_scalar(fn, "beta", beta, low=0.0)
+    fmax = torch.finfo(torch.float32).max  # the per-token math runs in fp32
+    beta = _check_scalar(fn, "beta", beta, low=0.0, high=fmax)
     eps_low = _check_scalar(fn, "eps_low", eps_low, low=0.0, high=1.0, high_open=True)
-    eps_high = _check_scalar(fn, "eps_high", eps_high, low=0.0)
+    eps_high = _check_scalar(fn, "eps_high", eps_high, low=0.0, high=fmax / 2)
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral):
             raise TypeError(f"grpo_loss: max_tokens must be a positive integer or None, got {max_tokens!r} "
                              f"({type(max_tokens).__name__})")
         max_tokens = int(max_tokens)
-        if max_tokens <= 0:
-            raise ValueError(f"grpo_loss: max_tokens must be positive, got {max_tokens}")
+        if not 0 < max_tokens <= 2**53:
+            raise ValueError(f"grpo_loss: max_tokens must be in [1, 2**53], got {max_tokens}")
     if logprobs.dim() != 1 or not logprobs.is_floating_point():
         raise ValueError(f"grpo_loss: logprobs must be a 1-D float tensor [N], got {logprobs.dtype} "
                          f"{tuple(logprobs.shape)}")

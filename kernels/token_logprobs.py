@@ -48,7 +48,10 @@ def _check_scalar(fn, name, value, *, low=None, high=None, low_open=False, high_
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a real number, got {value!r} ({type(value).__name__})")
-    x = float(value)
+    try:
+        x = float(value)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"{fn}: {name} must be finite, got an integer with {len(str(value))} digits") from None
     if not math.isfinite(x):
         raise ValueError(f"{fn}: {name} must be finite, got {x}")
     if (low is not None and (x <= low if low_open else x < low)) or (
@@ -377,6 +380,9 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0):
                          ("bias", bias, True)):
         _check_tensor(fn, name, t, optional=opt)
     temperature = _check_scalar(fn, "temperature", temperature, low=0.0, low_open=True)
+    if 1.0 / temperature > torch.finfo(torch.float32).max:  # 1/T is applied in fp32
+        raise ValueError(f"token_logprobs: temperature must be >= {1.0 / torch.finfo(torch.float32).max:.3g} "
+                         f"(1/temperature overflows float32), got {temperature}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: hidden [N, H] and weight [V, H] expected, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")

@@ -211,7 +211,7 @@ def test_negative_token_weights_rejected():
                   token_weights=torch.tensor([1.0, -1.0, 1.0]))
 
 
-@pytest.mark.parametrize("name,value", [("beta", np.float32("nan")), ("eps_low", np.float64("inf")),
+@pytest.mark.parametrize("name,value", [("beta", np.float32("nan")), ("beta", 10**400), ("eps_high", 1e308), ("eps_low", 10**400), ("beta", 1e39), ("max_tokens", 10**400), ("max_tokens", 2**63), ("eps_low", np.float64("inf")),
                                         ("eps_high", np.bool_(True)), ("beta", torch.tensor([0.1, 0.2])),
                                         ("max_tokens", np.float64(4.0))], ids=repr)
 def test_bad_numpy_and_tensor_scalars_name_the_argument(name, value):

@@ -198,7 +198,7 @@ def test_valid_temperatures_match_reference(seed):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("temperature", [np.float32("nan"), np.float64("inf"), np.float16(0), np.bool_(True)],
+@pytest.mark.parametrize("temperature", [np.float32("nan"), np.float64("inf"), np.float16(0), np.bool_(True), 10**400, 1e-320, 1e-39],
                          ids=repr)
 def test_bad_numpy_temperature_names_it(temperature):
     h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
