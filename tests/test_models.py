@@ -4,6 +4,7 @@ import json
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -305,13 +306,14 @@ def test_check_token_ids(seed):
         if bad:
             ids.view(-1)[rng.randrange(ids.numel())] = rng.choice([-1, V, V + rng.randint(0, 10**6), -(10**9)])
         outside = bool(((ids < 0) | (ids >= V)).any())  # independent reference
-        for form in (ids, ids.to(torch.int32), ids.tolist()):
+        for form in (ids, ids.to(torch.int32), ids.tolist(), ids.numpy(), [ids[i] for i in range(len(ids))]):
             if outside:
                 with pytest.raises(ValueError, match="prompt_ids"):
                     policy.check_token_ids(form, "prompt_ids")
             else:
                 assert policy.check_token_ids(form, "prompt_ids") is form
-    for bad in (torch.zeros(3), torch.zeros(3, dtype=torch.bool), [1, 2.7], [1, True], [[1], [None]], "abc", 5):
+    for bad in (torch.zeros(3), torch.zeros(3, dtype=torch.bool), [1, 2.7], [1, True], [[1], [None]], "abc", 5,
+                np.zeros(3), np.array([True]), [np.float64(1.0)], [1, "2"]):
         with pytest.raises(ValueError, match="cot_ids"):
             policy.check_token_ids(bad, "cot_ids")
     assert policy.check_token_ids(torch.zeros(0, dtype=torch.long), "x").numel() == 0

@@ -333,6 +333,11 @@ def _first_id(x):
 
 def check_token_ids(ids, name: str, vocab_size: int, *, vocab: str = "text"):
     """Module-level form of ``JanusPolicy.check_token_ids``: every id must be an integer in [0, vocab_size)."""
+    if type(ids).__module__ == "numpy" and hasattr(ids, "dtype"):  # numpy array or scalar
+        if ids.dtype.kind not in "iu":
+            raise ArgumentError(f"{name}: token ids must be integers, got a numpy array of {ids.dtype}")
+        check_token_ids(torch.as_tensor(ids), name, vocab_size, vocab=vocab)
+        return ids
     if isinstance(ids, torch.Tensor):
         if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
             raise ArgumentError(f"{name}: token ids must be an integer tensor, got {ids.dtype}")
