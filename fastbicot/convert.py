@@ -18,10 +18,14 @@ error unless ``overwrite=True``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+import torch
 
 
 class ConversionError(ValueError):
@@ -58,3 +62,252 @@ def atomic_output_dir(dst_dir, *, overwrite: bool = False):
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- reading checkpoints
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{what}: {str(path)!r} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{what}: {str(path)!r} is not valid JSON ({e})") from None
+
+
+def load_state_dict_dir(src_dir) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory: model.safetensors / pytorch_model.bin, or their sharded
+    ``*.index.json`` forms."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(src)!r} does not exist")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = src / index_name
+        if index.is_file():
+            files = sorted(set(_read_json(index, "checkpoint index").get("weight_map", {}).values()))
+            break
+    else:
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (src / f).is_file()][:1]
+    if not files:
+        raise ConversionError(f"{str(src)!r} holds no weights (model.safetensors, pytorch_model.bin or an index)")
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            raise ConversionError(f"weight file {str(path)!r} named in the index is missing")
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            out.update(load_file(str(path)))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            out.update(sd.get("state_dict", sd) if isinstance(sd, dict) else sd)
+    return out
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+             "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+    found = [n for n in names if (src / n).is_file()]
+    if not any(n in found for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ConversionError(f"{str(src)!r} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    for n in found:
+        shutil.copy2(src / n, dst / n)
+
+
+# ----------------------------------------------------------------------------- Janus (DeepSeek format)
+
+_LAYER = re.compile(r"^(\d+)\.(.*)$")
+# heads of the SigLIP towers DeepSeek's config names (vision_config.params.model_name)
+_SIGLIP_HEADS = {"siglip_large_patch16_384": 16, "siglip_so400m_patch14_384": 16}
+
+
+def _mlp_projector_key(rest: str, prefix: str) -> str:
+    """MlpProjector ``layers.{0, 2, 4, ...}`` (Linear, GELU, Linear, ...) -> fc1, hidden_layers.{0, 1, ...}."""
+    m = re.match(r"^layers\.(\d+)\.(weight|bias)$", rest)
+    if not m or int(m.group(1)) % 2:
+        raise ConversionError(f"unexpected aligner key {prefix}{rest!r}")
+    i = int(m.group(1)) // 2
+    return f"{prefix}fc1.{m.group(2)}" if i == 0 else f"{prefix}hidden_layers.{i - 1}.{m.group(2)}"
+
+
+def _vq_key(rest: str) -> str:
+    for part, (old, new) in (("encoder.", ("conv_blocks", "down")), ("decoder.", ("conv_blocks", "up"))):
+        if rest.startswith(part + old + "."):
+            rest = part + new + "." + rest[len(part + old + "."):]
+    rest = re.sub(r"\.res\.(\d+)\.", r".block.\1.", rest)
+    rest = re.sub(r"\bmid\.0\.", "mid.block_1.", rest)
+    rest = re.sub(r"\bmid\.1\.", "mid.attn_1.", rest)
+    rest = re.sub(r"\bmid\.2\.", "mid.block_2.", rest)
+    return "model.vqmodel." + rest
+
+
+def _vision_key(rest: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    v = "model.vision_model."
+    if rest == "pos_embed":
+        return {v + "embeddings.position_embedding.weight": value.reshape(value.shape[-2], value.shape[-1])}
+    if rest.startswith("patch_embed.proj."):
+        return {v + "embeddings.patch_embedding." + rest.split(".")[-1]: value}
+    if rest.startswith("norm."):
+        return {v + "post_layernorm." + rest.split(".")[-1]: value}
+    m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", rest)
+    if not m:
+        raise ConversionError(f"unexpected vision tower key 'vision_model.vision_tower.{rest}'")
+    layer, module, kind = m.groups()
+    base = f"{v}encoder.layers.{layer}."
+    if module == "attn.qkv":
+        q, k, w = value.chunk(3, dim=0)
+        return {base + f"self_attn.{n}_proj.{kind}": t for n, t in zip("qkv", (q, k, w))}
+    names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.projection_layer",
+             "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    if module not in names:
+        raise ConversionError(f"unexpected vision tower key 'vision_model.vision_tower.{rest}'")
+    return {base + f"{names[module]}.{kind}": value}
+
+
+def janus_state_dict_to_hf(state_dict: dict) -> dict[str, torch.Tensor]:
+    """DeepSeek Janus parameter names -> transformers' JanusForConditionalGeneration names (qkv split,
+    position embedding squeezed; the SigLIP attention-pool head and the VQ codebook-usage buffer, unused
+    by transformers, are dropped). An unknown key is a ConversionError naming it."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith("language_model.model."):
+            new = {"model.language_model." + key[len("language_model.model."):]: value}
+        elif key == "language_model.lm_head.weight":
+            new = {"lm_head.weight": value}
+        elif key.startswith("gen_embed."):
+            new = {"model.generation_embeddings." + key[len("gen_embed."):]: value}
+        elif key.startswith("gen_head.output_mlp_projector."):
+            new = {"model.generation_head.proj_out." + key.split(".")[-1]: value}
+        elif key.startswith("gen_head.vision_head."):
+            new = {"model.generation_head.vision_head." + key.split(".")[-1]: value}
+        elif key.startswith("gen_aligner."):
+            new = {_mlp_projector_key(key[len("gen_aligner."):], "model.generation_aligner."): value}
+        elif key.startswith("aligner."):
+            new = {_mlp_projector_key(key[len("aligner."):], "model.aligner."): value}
+        elif key.startswith("gen_vision_model."):
+            rest = key[len("gen_vision_model."):]
+            new = {} if rest == "quantize.codebook_used" else {_vq_key(rest): value}
+        elif key.startswith("vision_model.vision_tower."):
+            rest = key[len("vision_model.vision_tower."):]
+            new = {} if rest.startswith("attn_pool.") else _vision_key(rest, value)
+        else:
+            raise ConversionError(f"unexpected key {key!r} in the DeepSeek Janus checkpoint")
+        for k in new:
+            if k in out:
+                raise ConversionError(f"two source keys map to {k!r}")
+        out.update(new)
+    return out
+
+
+def _count(sd: dict, pattern: str) -> int:
+    r = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := r.match(k))})
+
+
+def janus_config_from_deepseek(config: dict, state_dict: dict, *, vision_heads: int | None = None,
+                               image_token_id: int | None = None):
+    """transformers' JanusConfig for a DeepSeek Janus config.json; the vision tower's and the VQ model's
+    sizes are read from the weights' shapes (DeepSeek's config names them only by class)."""
+    from transformers import JanusConfig
+
+    for part in ("language_config", "vision_config", "aligner_config", "gen_vision_config", "gen_aligner_config",
+                 "gen_head_config"):
+        if part not in config:
+            raise ConversionError(f"config.json has no {part!r}: not a DeepSeek Janus (multi_modality) checkpoint")
+
+    def shape(key):
+        if key not in state_dict:
+            raise ConversionError(f"the checkpoint has no {key!r}")
+        return tuple(state_dict[key].shape)
+
+    text = {k: v for k, v in config["language_config"].items() if k not in ("torch_dtype", "dtype")}
+    text.setdefault("model_type", "llama")
+    text["tie_word_embeddings"] = False
+    vt = "vision_model.vision_tower."
+    hidden, _, patch, _ = shape(vt + "patch_embed.proj.weight")
+    n_pos = shape(vt + "pos_embed")[-2]
+    grid = round(n_pos ** 0.5)
+    if grid * grid != n_pos:
+        raise ConversionError(f"vision pos_embed has {n_pos} positions, not a square grid")
+    name = config["vision_config"].get("params", {}).get("model_name")
+    heads = vision_heads or _SIGLIP_HEADS.get(name)
+    if heads is None:
+        raise ConversionError(f"vision tower {name!r}: its head count is unknown; pass vision_heads=")
+    aligner_depth = _count(state_dict, r"^aligner\.layers\.(\d+)\.weight$")
+    vision = {"hidden_size": hidden, "num_hidden_layers": _count(state_dict, r"^vision_model\.vision_tower\.blocks\.(\d+)\."),
+              "num_attention_heads": heads, "patch_size": patch, "image_size": grid * patch,
+              "mlp_ratio": shape(vt + "blocks.0.mlp.fc1.weight")[0] / hidden, "layer_norm_eps": 1e-6,
+              "attention_bias": vt + "blocks.0.attn.qkv.bias" in state_dict, "num_image_tokens": n_pos,
+              "projection_dim": shape("aligner.layers.0.weight")[0], "depth": aligner_depth}
+    g = "gen_vision_model."
+    num_embeddings, embed_dim = shape(g + "quantize.embedding.weight")
+    base = shape(g + "encoder.conv_in.weight")[0]
+    n_levels = _count(state_dict, r"^gen_vision_model\.encoder\.conv_blocks\.(\d+)\.")
+    mult = [shape(g + f"encoder.conv_blocks.{i}.res.0.conv1.weight")[0] // base for i in range(n_levels)]
+    vq = {"embed_dim": embed_dim, "num_embeddings": num_embeddings, "base_channels": base, "channel_multiplier": mult,
+          "latent_channels": shape(g + "encoder.conv_out.weight")[0],
+          "num_res_blocks": _count(state_dict, r"^gen_vision_model\.encoder\.conv_blocks\.0\.res\.(\d+)\."),
+          "num_patches": grid, "projection_dim": shape("gen_aligner.layers.0.weight")[0],
+          "num_hidden_layers": _count(state_dict, r"^gen_aligner\.layers\.(\d+)\.weight$"),
+          "image_token_embed_dim": shape("gen_head.output_mlp_projector.weight")[1]}
+    # transformers' JanusVQVAEHead is Linear(image_token_embed_dim -> projection_dim) -> GELU -> Linear(->
+    # num_embeddings) with projection_dim shared with the generation aligner's width
+    if shape("gen_head.output_mlp_projector.weight")[0] != vq["projection_dim"]:
+        raise ConversionError("gen_head's hidden width differs from gen_aligner's output width; transformers' Janus "
+                              "cannot represent that checkpoint")
+    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=image_token_id,
+                       tie_word_embeddings=False)
+
+
+def convert_janus(src_dir, dst_dir, *, vision_heads: int | None = None, tokenizer_dir=None,
+                  overwrite: bool = False) -> Path:
+    """Convert a DeepSeek-format Janus-Pro / T2I-R1 checkpoint directory into transformers' Janus format.
+
+    ``src_dir``: config.json (``model_type: multi_modality``), the weights (``pytorch_model.bin``,
+    ``model.safetensors`` or sharded with an index) and the tokenizer (or ``tokenizer_dir``).
+    ``dst_dir`` receives config.json, generation_config.json (pad ``<｜▁pad▁｜>``, BOI ``<begin_of_image>``,
+    BOS / EOS from the tokenizer), the weights in their source dtype and the tokenizer, written atomically;
+    it loads with ``fastbicot.JanusPolicy.from_pretrained(dst_dir)``. ``vision_heads``: the SigLIP tower's
+    head count when its ``model_name`` is not a known one. Returns ``Path(dst_dir)``.
+    """
+    from transformers import AutoTokenizer, JanusForConditionalGeneration
+
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"convert_janus: source directory {str(src)!r} does not exist")
+    config = _read_json(src / "config.json", "convert_janus")
+    if config.get("model_type") != "multi_modality":
+        raise ConversionError(f"convert_janus: {str(src)!r} holds model_type {config.get('model_type')!r}, "
+                              "expected DeepSeek's 'multi_modality'")
+    tok_src = Path(tokenizer_dir) if tokenizer_dir is not None else src
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True)
+    vocab = tokenizer.get_vocab()
+    specials = {"pad": "<｜▁pad▁｜>", "boi": "<begin_of_image>", "image": "<image_placeholder>"}
+    missing = [t for t in specials.values() if t not in vocab]
+    if missing:
+        raise ConversionError(f"convert_janus: the tokenizer lacks Janus' special tokens {missing}")
+    source = load_state_dict_dir(src)
+    hf_config = janus_config_from_deepseek(config, source, vision_heads=vision_heads,
+                                           image_token_id=vocab[specials["image"]])
+    weights = janus_state_dict_to_hf(source)
+    with torch.device("meta"):
+        model = JanusForConditionalGeneration(hf_config)
+    expected = set(model.state_dict())
+    missing_keys, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing_keys or extra:
+        raise ConversionError(f"convert_janus: converted weights do not match transformers' Janus: missing "
+                              f"{missing_keys[:8]}{' ...' if len(missing_keys) > 8 else ''}, unexpected "
+                              f"{extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    model.load_state_dict(weights, strict=True, assign=True)
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    gen.pad_token_id = vocab[specials["pad"]]
+    gen.generation_kwargs = {**(getattr(gen, "generation_kwargs", None) or {}), "boi_token_id": vocab[specials["boi"]]}
+    with atomic_output_dir(dst_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        _copy_tokenizer(tok_src, tmp)
+        if (src / "preprocessor_config.json").is_file():
+            shutil.copy2(src / "preprocessor_config.json", tmp / "preprocessor_config.json")
+    return Path(dst_dir)
