@@ -68,11 +68,32 @@ _FIELD_CHECKS = {
 }
 
 
+class _StrictJSONError(ValueError):
+    pass
+
+
+def _reject_constant(name):
+    raise _StrictJSONError(f"non-standard JSON constant {name} (NaN/Infinity are not JSON)")
+
+
+def _no_duplicate_keys(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _StrictJSONError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
 def _parse_jsonl_line(line: str, where: str) -> PromptRecord:
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise PromptFileError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except _StrictJSONError as e:
+        raise PromptFileError(f"{where}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise PromptFileError(f"{where}: invalid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise PromptFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "prompt" not in obj:
@@ -101,9 +122,12 @@ _BOMS = (  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
 def _control_problem(text: str) -> str | None:
     """The first control character (Unicode category Cc, tab allowed) in ``text``, described, or None."""
     for col, ch in enumerate(text, start=1):
-        if ch != "\t" and unicodedata.category(ch) == "Cc":
+        category = unicodedata.category(ch)
+        if ch != "\t" and category == "Cc":
             name = "NUL" if ch == "\0" else f"control character U+{ord(ch):04X}"
             return f"{name} at column {col}"
+        if category == "Cs":  # only reachable through a JSON \ud800-style escape
+            return f"lone surrogate U+{ord(ch):04X} (not encodable text) at column {col}"
     return None
 
 
@@ -186,6 +210,8 @@ def load_prompts(path, fmt: str | None = None) -> list[PromptRecord]:
         raise ArgumentError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     fmt = check_str("fmt", fmt, choices=("jsonl", "text"), optional=True)
     path = os.fspath(path)
+    if isinstance(path, bytes) or "\0" in path:
+        raise ArgumentError(f"path must be a str path without NUL characters, got {path!r}")
     text = _decode(path, _read_regular_file(path))
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     sniffed = False

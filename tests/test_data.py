@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import re
 import threading
 import time
 
@@ -215,3 +216,23 @@ def test_bad_path_type_is_named(path):
 def test_prompt_record_checks_its_fields(prompt, metadata):
     with pytest.raises(ValueError, match="PromptRecord"):
         PromptRecord(prompt, metadata)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "a", "x": NaN}', "NaN"),
+    ('{"prompt": "a", "x": -Infinity}', "-Infinity"),
+    ('{"prompt": "a", "prompt": "b"}', "duplicate key 'prompt'"),
+    ('{"prompt": "a", "meta": {"k": 1, "k": 2}}', "duplicate key 'k'"),
+    ('{"prompt": "a\\ud800b"}', "lone surrogate U+D800"),
+    ('{"prompt": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+])
+def test_strict_json_records(tmp_path, line, message):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(PromptFileError, match=rf"{p}:2: .*{re.escape(message)}"):
+        load_prompts(p)
+
+
+def test_nul_in_path_is_named():
+    with pytest.raises(ValueError, match="path"):
+        load_prompts("a\0b.txt")
