@@ -332,3 +332,13 @@ def test_byte_tokenizer_checks_special_ids(change):
         build_byte_tokenizer(ids)
     with pytest.raises(ValueError, match="special_ids lacks"):
         build_byte_tokenizer({k: v for k, v in BYTE_IDS.items() if k != next(iter(change))})
+
+
+@pytest.mark.parametrize("kwargs,match", [({"tokenizer_dir": 3}, "tokenizer_dir"), ({"attn_implementation": 3},
+                                          "attn_implementation"), ({"allow_missing": [None]}, "allow_missing"),
+                                          ({"allow_unexpected": 5}, "allow_unexpected")], ids=repr)
+def test_from_pretrained_other_arguments_are_named(ckpt, no_weight_loading, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        JanusPolicy.from_pretrained(ckpt, dtype=torch.float32, **kwargs)
+    with pytest.raises(ValueError, match="local_dir"):
+        JanusPolicy.from_pretrained(3)

@@ -199,6 +199,8 @@ class JanusPolicy(nn.Module):
             raise ArgumentError(f"local_dir must be a path, got {type(local_dir).__name__}")
         local_dir = os.fspath(local_dir)
         _check_janus_dir(local_dir)
+        if tokenizer_dir is not None and not isinstance(tokenizer_dir, (str, os.PathLike)):
+            raise ArgumentError(f"tokenizer_dir must be a path or None, got {type(tokenizer_dir).__name__}")
         tok_dir = os.fspath(tokenizer_dir) if tokenizer_dir is not None else local_dir
         if not os.path.isdir(tok_dir):
             raise FileNotFoundError(f"tokenizer_dir not found: {tok_dir!r}")
