@@ -311,3 +311,145 @@ def convert_janus(src_dir, dst_dir, *, vision_heads: int | None = None, tokenize
         if (src / "preprocessor_config.json").is_file():
             shutil.copy2(src / "preprocessor_config.json", tmp / "preprocessor_config.json")
     return Path(dst_dir)
+
+
+# ----------------------------------------------------------------------------- ORM (LLaVA-NeXT llava_qwen format)
+
+_VT = "model.vision_tower.vision_tower.vision_model."
+_SIGLIP_TOWER_HEADS = {"google/siglip-so400m-patch14-384": 16, "siglip-so400m-patch14-384": 16}
+
+
+def orm_state_dict_to_hf(state_dict: dict) -> dict[str, torch.Tensor]:
+    """LLaVA-NeXT ``llava_qwen`` parameter names -> transformers' LlavaOnevisionForConditionalGeneration names.
+    The SigLIP tower keeps its inner names; its position-id buffer is dropped. Unknown keys are errors."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith(_VT):
+            rest = key[len(_VT):]
+            if rest.endswith("position_ids"):
+                continue
+            if rest.startswith("head."):
+                raise ConversionError(f"{key!r}: the ORM's SigLIP tower should have no pooling head "
+                                      "(LLaVA-NeXT replaces it with Identity)")
+            out["model.vision_tower." + rest] = value
+        elif key.startswith("model.mm_projector."):
+            m = re.match(r"^model\.mm_projector\.(\d+)\.(weight|bias)$", key)
+            if not m or m.group(1) not in ("0", "2"):
+                raise ConversionError(f"unexpected projector key {key!r} (expected mlp2x_gelu: mm_projector.0 / .2)")
+            out[f"model.multi_modal_projector.linear_{1 if m.group(1) == '0' else 2}.{m.group(2)}"] = value
+        elif key == "model.image_newline":
+            out["model.image_newline"] = value
+        elif key.startswith("model."):
+            out["model.language_model." + key[len("model."):]] = value
+        elif key == "lm_head.weight":
+            out["lm_head.weight"] = value
+        else:
+            raise ConversionError(f"unexpected key {key!r} in the LLaVA-NeXT checkpoint")
+    return out
+
+
+def orm_config_from_llava(config: dict, state_dict: dict, *, vision_heads: int | None = None,
+                          image_token_id: int):
+    """transformers' LlavaOnevisionConfig for a LLaVA-NeXT llava_qwen config.json; the SigLIP tower's sizes
+    are read from the weights (LLaVA-NeXT names the tower only by ``mm_vision_tower``)."""
+    from transformers import LlavaOnevisionConfig
+
+    def shape(key):
+        if key not in state_dict:
+            raise ConversionError(f"the checkpoint has no {key!r}")
+        return tuple(state_dict[key].shape)
+
+    projector = config.get("mm_projector_type", "mlp2x_gelu")
+    if projector != "mlp2x_gelu":
+        raise ConversionError(f"mm_projector_type {projector!r}: only mlp2x_gelu maps onto transformers' projector")
+    text_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+                 "rope_scaling", "max_window_layers", "use_sliding_window", "sliding_window", "attention_dropout",
+                 "bos_token_id", "eos_token_id", "tie_word_embeddings")
+    text = {k: config[k] for k in text_keys if k in config and config[k] is not None}
+    text["model_type"] = "qwen2"
+    text["vocab_size"] = shape("model.embed_tokens.weight")[0]
+    hidden, _, patch, _ = shape(_VT + "embeddings.patch_embedding.weight")
+    n_pos = shape(_VT + "embeddings.position_embedding.weight")[0]
+    grid = round(n_pos ** 0.5)
+    if grid * grid != n_pos:
+        raise ConversionError(f"SigLIP position embedding has {n_pos} positions, not a square grid")
+    tower = config.get("mm_vision_tower", "")
+    heads = vision_heads or _SIGLIP_TOWER_HEADS.get(tower) or _SIGLIP_TOWER_HEADS.get(str(tower).split("/")[-1])
+    if heads is None:
+        raise ConversionError(f"vision tower {tower!r}: its head count is unknown; pass vision_heads=")
+    vision = {"model_type": "siglip_vision_model", "hidden_size": hidden, "image_size": grid * patch,
+              "patch_size": patch, "num_attention_heads": heads,
+              "num_hidden_layers": _count(state_dict, r"^model\.vision_tower\.vision_tower\.vision_model\.encoder\.layers\.(\d+)\."),
+              "intermediate_size": shape(_VT + "encoder.layers.0.mlp.fc1.weight")[0], "layer_norm_eps": 1e-6,
+              "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False}
+    kwargs = {}
+    if config.get("image_grid_pinpoints"):
+        kwargs["image_grid_pinpoints"] = config["image_grid_pinpoints"]
+    if str(config.get("image_aspect_ratio", "")).startswith("anyres_max"):
+        kwargs["vision_aspect_ratio"] = config["image_aspect_ratio"]
+    # LLaVA-NeXT deletes the tower's last layer and reads hidden_states[-1] (every patch, no CLS): the
+    # converted tower has the remaining layers and transformers reads its last hidden state in full
+    return LlavaOnevisionConfig(text_config=text, vision_config=vision, image_token_id=image_token_id,
+                                vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                projector_hidden_act="gelu", tie_word_embeddings=text.get("tie_word_embeddings", False),
+                                **kwargs)
+
+
+def convert_orm(src_dir, dst_dir, *, vision_heads: int | None = None, overwrite: bool = False) -> Path:
+    """Convert the seed's ORM (ORM-T2I-R1: a LLaVA-NeXT ``llava_qwen`` checkpoint directory with config.json,
+    the weights and the Qwen2 tokenizer) into transformers' LLaVA-OneVision format, loadable with
+    ``fastbicot.rewards.models.ORMReward.from_pretrained(dst_dir)``.
+
+    Adds an ``<image>`` token to the tokenizer when absent (its embedding row is the mean of the existing
+    rows when the embedding matrix has no spare row), writes the SigLIP preprocessing the seed uses
+    (384 x 384 bicubic, mean = std = 0.5) as preprocessor_config.json, and writes atomically.
+    ``vision_heads``: the tower's head count when ``mm_vision_tower`` is not a known SigLIP.
+    """
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"convert_orm: source directory {str(src)!r} does not exist")
+    config = _read_json(src / "config.json", "convert_orm")
+    if config.get("model_type") not in ("llava", "llava_qwen", "qwen2"):
+        raise ConversionError(f"convert_orm: {str(src)!r} holds model_type {config.get('model_type')!r}, expected "
+                              "a LLaVA-NeXT llava_qwen checkpoint ('llava' / 'llava_qwen')")
+    tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    source = load_state_dict_dir(src)
+    weights = orm_state_dict_to_hf(source)
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    emb = weights["model.language_model.embed_tokens.weight"]
+    if image_id >= emb.shape[0]:
+        grow = image_id + 1 - emb.shape[0]
+        for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            if key in weights:
+                w = weights[key]
+                weights[key] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(grow, -1)])
+        source["model.embed_tokens.weight"] = weights["model.language_model.embed_tokens.weight"]
+    hf_config = orm_config_from_llava(config, source, vision_heads=vision_heads, image_token_id=image_id)
+    if hf_config.text_config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = LlavaOnevisionForConditionalGeneration(hf_config)
+    expected = {k for k in model.state_dict() if not (hf_config.text_config.tie_word_embeddings and k == "lm_head.weight")}
+    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or extra:
+        raise ConversionError(f"convert_orm: converted weights do not match transformers' LLaVA-OneVision: missing "
+                              f"{missing[:8]}, unexpected {extra[:8]}")
+    model.load_state_dict(weights, strict=False, assign=True)
+    if hf_config.text_config.tie_word_embeddings:
+        model.tie_weights()
+    size = hf_config.vision_config.image_size
+    with atomic_output_dir(dst_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "LlavaOnevisionImageProcessor", "do_resize": True,
+            "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "image_grid_pinpoints": hf_config.image_grid_pinpoints,
+        }, indent=2))
+    return Path(dst_dir)

@@ -238,3 +238,147 @@ def test_atomic_output_dir(tmp_path):
     with atomic_output_dir(tmp_path / "a") as tmp:
         (tmp / "f").write_text("whole")
     assert (tmp_path / "a" / "f").read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
+
+
+# ----------------------------------------------------------------------------- ORM (LLaVA-NeXT llava_qwen)
+
+QWEN = {"hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": False}
+S_HID, S_PATCH, S_GRID, S_LAYERS, S_HEADS, S_MLP = 16, 4, 4, 2, 2, 24
+
+
+def llava_state_dict(seed, vocab):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    h, inter = QWEN["hidden_size"], QWEN["intermediate_size"]
+    hd = h // QWEN["num_attention_heads"]
+    kv = QWEN["num_key_value_heads"] * hd
+    sd = {"model.embed_tokens.weight": r(vocab, h, scale=1.0), "model.norm.weight": 1 + r(h),
+          "lm_head.weight": r(vocab, h), "model.image_newline": r(h, scale=1.0),
+          "model.mm_projector.0.weight": r(h, S_HID), "model.mm_projector.0.bias": r(h),
+          "model.mm_projector.2.weight": r(h, h), "model.mm_projector.2.bias": r(h)}
+    for i in range(QWEN["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sd.update({p + "self_attn.q_proj.weight": r(h, h), p + "self_attn.q_proj.bias": r(h),
+                   p + "self_attn.k_proj.weight": r(kv, h), p + "self_attn.k_proj.bias": r(kv),
+                   p + "self_attn.v_proj.weight": r(kv, h), p + "self_attn.v_proj.bias": r(kv),
+                   p + "self_attn.o_proj.weight": r(h, h), p + "mlp.gate_proj.weight": r(inter, h),
+                   p + "mlp.up_proj.weight": r(inter, h), p + "mlp.down_proj.weight": r(h, inter),
+                   p + "input_layernorm.weight": 1 + r(h), p + "post_attention_layernorm.weight": 1 + r(h)})
+    vt = "model.vision_tower.vision_tower.vision_model."
+    sd.update({vt + "embeddings.patch_embedding.weight": r(S_HID, 3, S_PATCH, S_PATCH),
+               vt + "embeddings.patch_embedding.bias": r(S_HID),
+               vt + "embeddings.position_embedding.weight": r(S_GRID * S_GRID, S_HID),
+               vt + "embeddings.position_ids": torch.arange(S_GRID * S_GRID)[None],
+               vt + "post_layernorm.weight": 1 + r(S_HID), vt + "post_layernorm.bias": r(S_HID)})
+    for i in range(S_LAYERS):  # LLaVA-NeXT saved the tower after deleting its last layer
+        p = f"{vt}encoder.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sd.update({p + f"self_attn.{n}.weight": r(S_HID, S_HID), p + f"self_attn.{n}.bias": r(S_HID)})
+        sd.update({p + "layer_norm1.weight": 1 + r(S_HID), p + "layer_norm1.bias": r(S_HID),
+                   p + "layer_norm2.weight": 1 + r(S_HID), p + "layer_norm2.bias": r(S_HID),
+                   p + "mlp.fc1.weight": r(S_MLP, S_HID), p + "mlp.fc1.bias": r(S_MLP),
+                   p + "mlp.fc2.weight": r(S_HID, S_MLP), p + "mlp.fc2.bias": r(S_HID)})
+    return sd
+
+
+def siglip_reference(d, pixels):
+    """LLaVA-NeXT's SigLIP tower with its last layer deleted, hidden_states[-1] (no post-layernorm)."""
+    vt = "model.vision_tower.vision_tower.vision_model."
+    x = torch.nn.functional.conv2d(pixels, d[vt + "embeddings.patch_embedding.weight"],
+                                   d[vt + "embeddings.patch_embedding.bias"], stride=S_PATCH)
+    x = x.flatten(2).transpose(1, 2)[0] + d[vt + "embeddings.position_embedding.weight"]
+    hd = S_HID // S_HEADS
+    ln = torch.nn.functional.layer_norm
+    for i in range(S_LAYERS):
+        p = f"{vt}encoder.layers.{i}."
+        a = ln(x, (S_HID,), d[p + "layer_norm1.weight"], d[p + "layer_norm1.bias"], 1e-6)
+        q, k, v = (a @ d[p + f"self_attn.{n}_proj.weight"].T + d[p + f"self_attn.{n}_proj.bias"] for n in "qkv")
+        q, k, v = (t.view(-1, S_HEADS, hd).transpose(0, 1) for t in (q, k, v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1) @ v
+        x = x + att.transpose(0, 1).reshape(-1, S_HID) @ d[p + "self_attn.out_proj.weight"].T + d[p + "self_attn.out_proj.bias"]
+        m = ln(x, (S_HID,), d[p + "layer_norm2.weight"], d[p + "layer_norm2.bias"], 1e-6)
+        m = torch.nn.functional.gelu(m @ d[p + "mlp.fc1.weight"].T + d[p + "mlp.fc1.bias"], approximate="tanh")
+        x = x + m @ d[p + "mlp.fc2.weight"].T + d[p + "mlp.fc2.bias"]
+    return x
+
+
+def qwen_reference(d, x):
+    """Qwen2 (q/k/v biases, RoPE theta from QWEN) in float64 on embeddings [L, H] -> final hidden."""
+    h, heads, kvh = QWEN["hidden_size"], QWEN["num_attention_heads"], QWEN["num_key_value_heads"]
+    hd, eps, L = h // heads, QWEN["rms_norm_eps"], x.shape[0]
+    inv = 1.0 / (QWEN["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    ang = torch.arange(L, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    def rms(t, w):
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def rope(t):
+        return t * cos + torch.cat([-t[..., hd // 2:], t[..., : hd // 2]], -1) * sin
+
+    mask = torch.full((L, L), -math.inf, dtype=torch.float64).triu(1)
+    for i in range(QWEN["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = rms(x, d[p + "input_layernorm.weight"])
+
+        def proj(n, nh, a=a, p=p):
+            return (a @ d[p + f"self_attn.{n}_proj.weight"].T + d[p + f"self_attn.{n}_proj.bias"]).view(L, nh, hd).transpose(0, 1)
+
+        q, k, v = rope(proj("q", heads)), rope(proj("k", kvh)), proj("v", kvh)
+        k, v = k.repeat_interleave(heads // kvh, 0), v.repeat_interleave(heads // kvh, 0)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, -1) @ v
+        x = x + att.transpose(0, 1).reshape(L, h) @ d[p + "self_attn.o_proj.weight"].T
+        m = rms(x, d[p + "post_attention_layernorm.weight"])
+        x = x + (torch.nn.functional.silu(m @ d[p + "mlp.gate_proj.weight"].T) * (m @ d[p + "mlp.up_proj.weight"].T)) \
+            @ d[p + "mlp.down_proj.weight"].T
+    return rms(x, d["model.norm.weight"])
+
+
+def test_convert_orm_matches_the_source_weights(tmp_path, seed):
+    from test_rewards_models import VLM_WORDS, word_tokenizer
+
+    from fastbicot.convert import convert_orm
+    from fastbicot.rewards.models import ORMReward
+
+    tok = word_tokenizer(extra=VLM_WORDS, eos_token="<|im_end|>")  # no "<image>": the converter adds it
+    sd = llava_state_dict(seed, len(tok))
+    src = tmp_path / "orm"
+    src.mkdir()
+    tok.save_pretrained(src)
+    torch.save(sd, src / "pytorch_model.bin")
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "llava", "architectures": ["LlavaQwenForCausalLM"], **QWEN, "vocab_size": len(tok),
+        "mm_vision_tower": "tiny-siglip", "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": S_HID,
+        "mm_vision_select_layer": -2, "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres_max_9",
+        "image_grid_pinpoints": [[16, 16], [16, 32], [32, 16], [32, 32]]}))
+    out = convert_orm(src, tmp_path / "hf", vision_heads=S_HEADS)
+    reward = ORMReward.from_pretrained(out, dtype="fp32", gate="none")
+    assert reward.tokenizer.convert_tokens_to_ids("<image>") == len(tok)  # appended; embeddings grown by one row
+    images = torch.randint(0, 256, (2, S_GRID * S_PATCH, S_GRID * S_PATCH, 3), dtype=torch.uint8)
+    prompts = ["a red car", "two cat and a dog"]
+    got = reward.first_token_logits(images, prompts).double()
+    d = {k: v.double() for k, v in sd.items()}
+    for i, p in enumerate(prompts):
+        pix = (images[i].permute(2, 0, 1)[None].double() / 255 - 0.5) / 0.5  # SigLIP: mean = std = 0.5
+        feats = siglip_reference(d, pix)
+        feats = torch.nn.functional.gelu(feats @ d["model.mm_projector.0.weight"].T + d["model.mm_projector.0.bias"])
+        feats = feats @ d["model.mm_projector.2.weight"].T + d["model.mm_projector.2.bias"]
+        feats = torch.cat([feats, d["model.image_newline"][None]])  # one tile + newline (llava_arch.py:408-413)
+        a, b = (tok(c).input_ids for c in reward.text(p).split("<image>"))
+        emb = d["model.embed_tokens.weight"]
+        hid = qwen_reference(d, torch.cat([emb[a], feats, emb[b]]))
+        ref = hid[-1] @ d["lm_head.weight"].T
+        torch.testing.assert_close(got[i, : len(tok)], ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConversionError, match="unexpected key"):
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        tok.save_pretrained(bad)
+        (bad / "config.json").write_text((src / "config.json").read_text())
+        torch.save({**sd, "vision_resampler.x": torch.zeros(1)}, bad / "pytorch_model.bin")
+        convert_orm(bad, tmp_path / "hf2", vision_heads=S_HEADS)
+    assert not (tmp_path / "hf2").exists()
