@@ -328,18 +328,18 @@ def _cpu_logprob_bytes(n, h, v, b, need_w) -> int:
 def layer_saved_bytes(s: ModelShapes, b: int) -> int:
     """Bytes one decoder layer saves for backward per token (no checkpointing), HF Llama + SDPA:
     each RMSNorm keeps its fp32 input, its normalised input in the compute dtype and its output
-    (4H + 2bH); attention keeps q, k, v (after RoPE), its output and o_proj's contiguous input
-    (5bH; flash/efficient SDPA, no [L, L] matrix); the SiLU MLP keeps gate, silu(gate), up and
-    their product (4bI)."""
+    (4H + 2bH); attention keeps q, k, v (after RoPE) and its output, which o_proj takes as it is
+    (4bH; flash/efficient SDPA: no [L, L] matrix, the output already [B, L, heads, D] in memory);
+    the SiLU MLP keeps gate, silu(gate), up and their product (4bI)."""
     H, Iw = s.hidden, s.intermediate
-    return 2 * (4 * H + 2 * b * H) + 5 * b * H + 4 * b * Iw
+    return 2 * (4 * H + 2 * b * H) + 4 * b * H + 4 * b * Iw
 
 
 def layer_work_bytes(s: ModelShapes, b: int) -> int:
-    """Per token, the backward working set of one layer on top of what is saved: gradients of the
-    MLP's three [T, I] tensors and a few [T, H] gradients / fp32 norm temporaries."""
+    """Per token, what a layer's backward holds beyond its saved tensors at its worst: one [T, I]
+    gradient and two [T, H] gradients (saved tensors are released node by node as it goes)."""
     H, Iw = s.hidden, s.intermediate
-    return 3 * b * Iw + 4 * b * H + 8 * H
+    return b * Iw + 2 * b * H
 
 
 def layer_forward_bytes(s: ModelShapes, b: int) -> int:
@@ -490,7 +490,7 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     per_layer = (b * H) if ckpt else layer_saved_bytes(s, b)
     tokens = sum(n * Lk for _, n, Lk in kinds)
     tmax = max(n * Lk for _, n, Lk in kinds)
-    saved = tokens * (s.layers * per_layer + 4 * H + 2 * b * H)  # + the final norm
+    saved = tokens * (s.layers * per_layer + 4 * H + b * H)  # + the final norm (fp32 input, normed input)
     saved += sum(n * Lk * Lk for _, n, Lk in kinds)  # bool attention masks [n, 1, L, L]
     saved += nT * H * b + nI * (H + 2 * s.image_embed) * b  # gathered hidden, image head activations
     add("act.saved", "activations saved for backward" + (" (checkpointed)" if ckpt else ""), saved,
@@ -692,10 +692,12 @@ class MemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
     Every aten op's outputs pass through ``__torch_dispatch__``; a storage seen for the first time
     is counted with its ``nbytes()`` and watched through a C++ weak reference
     (``StorageWeakRef``), so it leaves the count when its last tensor (Python, autograd's saved
-    tensors, a cache) lets it go. Before counting a new allocation the dead storages are swept, so
-    ``peak`` is the high-water mark of live bytes at op granularity. Not seen: storages allocated
-    before entering (add ``baseline``), scratch memory an op allocates and frees inside itself
-    (e.g. a C++ kernel's workspace), and the allocator's own slack.
+    tensors, a cache) lets it go. Storages an op receives that the tracker has not seen (created
+    before entering, or outside the dispatcher) are remembered with 0 bytes, so views of them (a
+    weight's ``.t()``) are never counted. Before counting a new allocation the dead storages are
+    swept, so ``peak`` is the high-water mark of live bytes at op granularity. Not seen: scratch
+    memory an op allocates and frees inside itself (e.g. a C++ kernel's workspace), tensors made
+    outside the dispatcher (a pybind extension's outputs), and the allocator's own slack.
     """
 
     def __init__(self):
@@ -713,6 +715,12 @@ class MemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
             self.current -= self.live.pop(k)[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):  # storages from before: never counted
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                w = self._ref(t.untyped_storage())
+                old = self.live.get(w.cdata)
+                if old is None or old[0].expired():
+                    self.live[w.cdata] = (w, 0)
         out = func(*args, **(kwargs or {}))
         new = []
         for t in torch.utils._pytree.tree_leaves(out):

@@ -1,0 +1,240 @@
+"""The memory plan (fastbicot/trainer/memory.py) against memory measured on CPU.
+
+How it is measured: ``MemoryTracker``, a TorchDispatchMode that counts every tensor storage an
+aten op creates (``nbytes``) and drops it when a C++ weak reference (``StorageWeakRef``) says the
+storage was freed; its ``peak`` is the high-water mark of live bytes, op by op. torch keeps no
+allocator statistics on CPU, and the profiler's memory events attribute allocations to ops without
+a timeline of frees, so this is the CPU-side equivalent of ``torch.cuda.max_memory_allocated``
+(minus an op's internal scratch). The plan runs with ``device="cpu"`` (the CPU code paths: fp32,
+flattened KV, the chunked log-prob kernel, per-tensor AdamW) and the rows' real lengths.
+
+Factors: the KV caches, weights, gradients and AdamW states are exact formulas (equal bytes); the
+activations saved for backward within 0.8-1.25x; every peak (rollout, backward, the whole update,
+VQ decode) within 0.67-1.5x -- tight enough that dropping or doubling any big term fails.
+"""
+
+import pytest
+import torch
+
+from fastbicot.models import janus as janus_mod
+from fastbicot.models.janus import PRESETS, JanusPolicy, Preset
+from fastbicot.rewards import FunctionReward
+from fastbicot.trainer import Trainer, TrainerConfig
+from fastbicot.trainer.batch import pack
+from fastbicot.trainer.memory import GiB, Lengths, MemoryTracker, cli, model_shapes, plan_memory, plan_seed_memory
+
+SHORT = dict(template="{system} {instruction}", system="Plan.", instruction="Draw {prompt}:")
+PROMPTS = ["a red cube", "two green dogs left of a cat"]
+# A custom size a few times the tiny preset: 3 layers, H=128, 12x12 = 144 image tokens.
+SMALL = Preset(
+    hidden_size=128, num_layers=3, num_heads=4, intermediate_size=352, vocab_size=264,
+    special_ids=PRESETS["tiny"].special_ids, image_size=48, vq_base_channels=32, vq_channel_multiplier=(1, 1, 2),
+    vq_latent_channels=32, vq_num_embeddings=128, vision_hidden=32, vision_layers=1, vision_heads=2,
+    max_position_embeddings=2048,
+)
+EXACT = (0.999, 1.001)
+SAVED = (0.8, 1.25)
+PEAK = (0.67, 1.5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def small_preset(monkeypatch):
+    monkeypatch.setitem(janus_mod.PRESETS, "small", SMALL)
+
+
+def make(seed, tmp_path, size="tiny", ckpt=True, beta=0.01, micro=2):
+    cfg = TrainerConfig.from_dict(dict(
+        output_dir=str(tmp_path / "run"), steps=2, seed=seed,
+        model=dict(preset=size, dtype="float32", gradient_checkpointing=ckpt),
+        data=dict(prompts_per_step=2), optim=dict(micro_batch_prompts=micro), loss=dict(beta=beta),
+        rollout=dict(num_generations=4, cot=dict(max_new_tokens=12), **SHORT),
+        log=dict(progress=False, entropy=False),
+    ))
+    policy = JanusPolicy.from_preset(size, seed=seed % 1000, dtype=torch.float32)
+    reward = FunctionReward("red", lambda im, p, m, c: im[..., 0].double().mean((1, 2)))
+    return cfg, Trainer(cfg, policy=policy, rewards=[reward])
+
+
+def lengths(batch) -> Lengths:
+    s = batch.samples
+    return Lengths(max(len(x.cot_context_ids) for x in s), max(len(x.cot_ids) for x in s),
+                   max(len(x.image_context_ids) for x in s))
+
+
+def plan_for(cfg, trainer, batch, **kw):
+    return plan_memory(cfg, gpus=1, device="cpu", lengths=lengths(batch), policy=trainer.policy, rewards=[], **kw)
+
+
+def ratio(measured, planned, bounds, what):
+    r = planned / measured
+    print(f"{what}: planned/measured {r:.3f}")
+    assert bounds[0] <= r <= bounds[1], f"{what}: planned {planned} / measured {measured} = {r:.3f} not in {bounds}"
+    return r
+
+
+def rollout_measured(trainer, seed, monkeypatch):
+    import fastbicot.rollout.engine as engine
+
+    caches = []
+    real = engine.image_cache
+
+    def spy(*a, **k):
+        c = real(*a, **k)
+        caches.append(c.prefix_kv.nbytes + c.suffix_kv.nbytes)
+        return c
+
+    monkeypatch.setattr(engine, "image_cache", spy)
+    with MemoryTracker() as m:
+        batch = trainer.engine.generate(PROMPTS, seed=seed)
+    return batch, m.peak, caches
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_rollout_kv_caches_exact_and_peak(seed, tmp_path, monkeypatch, size):
+    cfg, tr = make(seed, tmp_path, size)
+    batch, peak, caches = rollout_measured(tr, seed, monkeypatch)
+    plan = plan_for(cfg, tr, batch)
+    assert len(caches) == 2  # reprompt: the CoT cache, then the image cache
+    ratio(caches[0], plan.bytes("kv.cot"), EXACT, "CoT KV cache")
+    ratio(caches[1], plan.bytes("kv.image"), EXACT, "image KV cache")
+    # everything the rollout allocates: the plan's rollout peak less what existed before it
+    before = sum(plan.bytes(k) for k in ("params.trainable", "params.frozen", "reference", "adam", "master"))
+    ratio(peak, plan.peaks["rollout"][0] - before, PEAK, f"rollout peak ({size})")
+
+
+@pytest.mark.parametrize("size,ckpt", [("tiny", True), ("tiny", False), ("small", True), ("small", False)])
+def test_update_activations(seed, tmp_path, monkeypatch, size, ckpt):
+    cfg, tr = make(seed, tmp_path, size, ckpt=ckpt)
+    batch = tr.engine.generate(PROMPTS, seed=seed)
+    plan = plan_for(cfg, tr, batch)
+    scores = tr.score(batch)
+    adv, _, _ = tr.advantages(batch, scores)
+    train = pack(batch, adv, cfg.loss)
+    idx = train.micro_batches(cfg.optim.micro_batch_prompts)[0]
+    ref = tr._ref_logprobs(train, idx)
+    tr.policy.train()
+    with MemoryTracker() as m:
+        loss, _, _ = tr._micro(train, idx, ref=ref, old=None, entropy=False)
+        saved = m.current
+        loss.backward()
+    ratio(saved, plan.bytes("act.saved"), SAVED, f"saved activations ({size}, checkpointing={ckpt})")
+    bwd = max(plan.bytes("act.recompute") + plan.bytes("act.work"), plan.bytes("logprob")) + plan.bytes("grads")
+    ratio(m.peak, plan.bytes("act.saved") + bwd, PEAK, f"forward+backward peak ({size}, checkpointing={ckpt})")
+    if ckpt:  # the recomputed layer dominates the backward
+        ratio(m.peak - saved, bwd, PEAK, f"backward peak above the saved activations ({size})")
+    grads = sum(p.grad.nbytes for p in tr.policy.parameters() if p.grad is not None)
+    ratio(grads, plan.bytes("grads"), EXACT, "gradients")
+
+
+def test_checkpointing_saves_what_the_plan_says(seed, tmp_path):
+    """The planned saving of gradient checkpointing is the measured one (within the saved factor)."""
+    got = {}
+    for ckpt in (True, False):
+        cfg, tr = make(seed, tmp_path / str(ckpt), "small", ckpt=ckpt, beta=0)
+        batch = tr.engine.generate(PROMPTS, seed=seed)
+        plan = plan_for(cfg, tr, batch)
+        adv, _, _ = tr.advantages(batch, tr.score(batch))
+        train = pack(batch, adv, cfg.loss)
+        idx = train.micro_batches(2)[0]
+        tr.policy.train()
+        with MemoryTracker() as m:
+            tr._micro(train, idx, ref=None, old=None, entropy=False)
+            got[ckpt] = (m.current, plan.bytes("act.saved"))
+    measured = got[False][0] / got[True][0]
+    planned = got[False][1] / got[True][1]
+    assert 0.8 <= planned / measured <= 1.25, (measured, planned)
+    assert measured > 3  # checkpointing matters at this size: the check is not vacuous
+
+
+def test_whole_update_and_optimizer_states(seed, tmp_path):
+    cfg, tr = make(seed, tmp_path, "tiny")
+    batch = tr.engine.generate(PROMPTS, seed=seed)
+    plan = plan_for(cfg, tr, batch)
+    adv, _, _ = tr.advantages(batch, tr.score(batch))
+    with MemoryTracker() as m:
+        tr.update(batch, adv)
+    existing = sum(plan.bytes(k) for k in ("params.trainable", "params.frozen", "reference", "rope", "fused"))
+    ratio(m.peak, plan.peaks["update"][0] - existing, PEAK, "update peak")
+    states = sum(t.nbytes for st in tr.optim.optimizer.state.values() for t in st.values()
+                 if isinstance(t, torch.Tensor) and t.dim() > 0)
+    ratio(states, plan.bytes("adam"), EXACT, "AdamW states")
+    assert plan.bytes("master") == 0  # fp32 model: the optimizer steps the parameters directly
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_vq_decode(seed, tmp_path, size):
+    from fastbicot.rollout.engine import decode_images
+
+    cfg, tr = make(seed, tmp_path, size)
+    p = tr.policy
+    R = cfg.data.prompts_per_step * cfg.rollout.num_generations
+    tokens = torch.randint(0, p.image_vocab_size, (R, p.num_image_tokens))
+    plan = plan_memory(cfg, gpus=1, device="cpu", lengths=Lengths(20, 12, 30), policy=p, rewards=[])
+    with MemoryTracker() as m:
+        decode_images(p, tokens, cfg.rollout.pixel_rounding)
+    ratio(m.peak, plan.bytes("vq") + plan.bytes("images"), PEAK, f"VQ decode ({size})")
+
+
+def test_weights_from_meta_equal_the_real_model(seed):
+    cfg = TrainerConfig.from_dict(dict(model=dict(preset="small")))
+    meta = model_shapes(cfg)  # built on the meta device
+    real = JanusPolicy.from_preset("small", seed=seed % 1000)
+    s = model_shapes(cfg, real)
+    assert (meta.trainable, meta.frozen) == (s.trainable, s.frozen)
+    n_train = sum(p.numel() for n, p in real.hf_model.named_parameters()
+                  if n.startswith(("model.language_model.", "lm_head.")))
+    assert s.trainable == n_train
+    assert s.total == sum(p.numel() for p in real.parameters())
+
+
+def test_7b_recipe_numbers():
+    """Janus-Pro-7B shapes (meta device): DESIGN.md's 480 KiB of KV per token, 16 bytes per trainable
+    parameter of sharded state (bf16 weight + fp32 master + two fp32 Adam states), sharding 1/N."""
+    cfg = TrainerConfig.from_dict(dict(model=dict(preset="janus-pro-7b")))
+    s = model_shapes(cfg)
+    assert 6.8e9 < s.trainable < 7.0e9 and 7.3e9 < s.total < 7.5e9
+    p8 = plan_memory(cfg, gpus=8, shapes=s, rewards=[])
+    p1 = plan_memory(cfg, gpus=1, shapes=s, rewards=[], advise=False)
+    cap = p8.assumptions["cot_cache"]
+    assert p8.bytes("kv.cot") == 480 * 1024 * cap * (2 + 16)  # 2 prompts/GPU: 2 prefixes + 16 rows
+    state = sum(p8.bytes(k) for k in ("params.trainable", "master", "adam"))
+    assert state == pytest.approx(14 * s.trainable / 8, rel=1e-6)
+    assert p8.bytes("grads") == pytest.approx(2 * s.trainable / 8, rel=1e-6)
+    assert p1.bytes("adam") == pytest.approx(8 * p8.bytes("adam"), rel=1e-6)
+    assert p1.bytes("reference") == p8.bytes("reference") == 2 * s.total  # replicated
+    assert not p1.fits and p1.advice == []
+    assert p8.advice  # worst case (1024-token CoTs) does not fit 8 x 80 GB with the engine as it is
+    text = p8.format()
+    assert "peak rollout" in text and "KV cache, image phase" in text
+    sharded = plan_memory(cfg, gpus=8, shapes=s, rewards=[], reference="sharded", advise=False)
+    assert sharded.bytes("reference") == pytest.approx(p8.bytes("reference") / 8, rel=1e-6)
+    seed_plan = plan_seed_memory(cfg, gpus=8, shapes=s, rewards=[])
+    assert seed_plan.bytes("reference") == 2 * s.total and seed_plan.peak > 20 * GiB
+
+
+def test_cli(tmp_path, capsys):
+    path = tmp_path / "x.yaml"
+    path.write_text("model:\n  preset: tiny\nrollout:\n  cot:\n    max_new_tokens: 16\n")
+    assert cli(["--config", str(path), "--gpus", "2", "--gpu-memory", "1", "--optim.micro_batch_prompts=2"]) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "2 GPU(s)" in out and "micro-batch 2" in out
+    assert cli(["--config", str(path), "--gpus", "1", "--gpu-memory", "0.001"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert cli(["--config", str(path), "--gpus", "1", "--optim.nope=1"]) == 2
+    assert cli(["--config", str(path), "--gpus", "0"]) == 2
+
+
+def test_bad_arguments():
+    cfg = TrainerConfig.from_dict(dict(model=dict(preset="tiny")))
+    for kw in (dict(gpus=0), dict(gpus=True), dict(gpus=1, gpu_memory_gib=0), dict(gpus=1, reference="disk"),
+               dict(gpus=1, device="tpu")):
+        with pytest.raises(ValueError):
+            plan_memory(cfg, **kw)
