@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every Triton kernel specialization the launchers pick at real shapes.
 
-    python tests/aot_compile.py [--quick | --full] [--targets sm_90,sm_80] [--jobs N] [--json OUT]
+    python tests/aot_compile.py [--quick | --full | --all] [--targets sm_90,sm_80] [--jobs N] [--json OUT]
 
 No GPU is needed: each kernel is compiled by Triton's own compiler and the ptxas that ships with
 triton for GPUTarget("cuda", 90, 32) (H100/H200) and GPUTarget("cuda", 80, 32) (A100). The
@@ -17,8 +17,14 @@ specializations are compiled once.
 Fails (exit 1) on a compile error or when a kernel needs more shared memory per block than the
 target has (sm_90: 227 KB, sm_80: 163 KB: such a launch raises OutOfResources). Prints one row per
 compile: registers per thread, spill stores/loads and stack frame (bytes per thread, from ptxas
--v), shared memory per block, warps and stages. --quick compiles a small subset (the default
-pytest run, tests/test_aot_compile.py); --full everything (.ci/run).
+-v), shared memory per block, warps and stages. Three sets:
+  --quick  the prefix kernel (bf16/fp32) on both targets and one production launch of every other
+           kernel on sm_90 (the default pytest run, tests/test_aot_compile.py; ~1 min on 2 cores);
+  --full   every kernel x every tile/warp/stage config its launcher picks at the real shapes x
+           bf16/fp32 x both targets, the sampler with its production flag sets plus all flags on,
+           every grpo flag combination (.ci/run; ~100 compiles);
+  --all    the whole cross product: fp16 too, every constexpr flag combination, more row counts and
+           token counts (~440 compiles: for a many-core machine, e.g. --jobs 16).
 
 Needs TRITON_INTERPRET unset (the script drops it before importing triton), a triton with the
 NVIDIA backend (3.6 to 3.9 tested) and nothing else: no CUDA driver, no device.
@@ -82,8 +88,8 @@ def _dt(dtype):
 def decode_attention_specs(full):
     da = importlib.import_module("fastbicot.kernels.decode_attention")  # the package re-exports functions
 
-    dtypes = [torch.bfloat16, torch.float32] + ([torch.float16] if full else [])
-    rows_list = [16, 33, 64, 512] if full else [64]
+    dtypes = [torch.bfloat16, torch.float32] + ([torch.float16] if full > 1 else [])
+    rows_list = [16, 32, 33, 64, 512] if full else [64]
     specs = []
     for model, cfg in MODELS.items():
         if not full and model != "janus-pro-1b":
@@ -118,17 +124,24 @@ def decode_attention_specs(full):
 def cfg_sample_specs(full):
     cs = importlib.import_module("fastbicot.kernels.cfg_sample")  # the package re-exports functions
 
-    dtypes = [torch.bfloat16, torch.float32] + ([torch.float16] if full else [])
+    dtypes = [torch.bfloat16, torch.float32] + ([torch.float16] if full > 1 else [])
+    # --full: the flag sets of the production calls (CoT text: top-k 50; CFG image: guidance with
+    # the seed in device memory; greedy with guidance) and the one with every optional branch on.
+    # --all: every combination.
+    full_flags = [(False, False, 50, 1.0, False), (True, False, 0, 1.0, True), (True, True, 0, 1.0, False),
+                  (True, False, 50, 0.9, True)]
     specs = []
     for V in (IMAGE_VOCAB, TEXT_VOCAB):
         for dtype in dtypes:
-            for B in ([16, 512] if full else [16]):
+            for B in ([16, 512] if full > 1 else [16]):
                 c = _empty(B, V, dtype=dtype)
                 for has_u in (False, True):
                     for greedy in (False, True):
                         for top_k in (0, 50):
                             for top_p in (1.0, 0.9):
                                 for rng_tensor in (False, True):
+                                    if full == 1 and (has_u, greedy, top_k, top_p, rng_tensor) not in full_flags:
+                                        continue
                                     seed = torch.zeros((), dtype=torch.int64) if rng_tensor else 5
                                     kern, _, args, kw, _ = cs._cfg_launch(
                                         c, c if has_u else None, 5.0 if has_u else 1.0, 0.0 if greedy else 1.0,
@@ -150,12 +163,12 @@ def token_logprobs_specs(full):
 
     cuda = torch.device("cuda")
     specs = []
-    dtypes = [torch.bfloat16, torch.float32] + ([torch.float16] if full else [])
+    dtypes = [torch.bfloat16, torch.float32] + ([torch.float16] if full > 1 else [])
     for model, cfg in MODELS.items():
         H = cfg["hidden"]
         for V in (IMAGE_VOCAB, TEXT_VOCAB):
             for dtype in dtypes:
-                for N in ([512, 9216, 5411] if full else [9216]):
+                for N in ([512, 9216, 5411] if full > 1 else [5411] if full else [9216]):
                     for has_bias in (False, True):
                         conf = tlp._config(cuda, dtype)
                         flags = {"UPCAST": False, "IEEE": dtype == torch.float32}
@@ -194,7 +207,7 @@ def grpo_loss_specs(full):
     gl = importlib.import_module("fastbicot.kernels.grpo_loss")  # the package re-exports functions
 
     specs = []
-    for N in ([9216, 5411] if full else [5411]):
+    for N in ([9216, 5411] if full > 1 else [5411]):
         f32 = _empty(N, dtype=torch.float32)
         seq = _empty(N, dtype=torch.int64)
         for has_old in (False, True):
@@ -214,9 +227,15 @@ def grpo_loss_specs(full):
 
 
 def all_specs(full):
+    """full: 0 = --quick, 1 = --full (CI), 2 = --all."""
     specs = (decode_attention_specs(full) + cfg_sample_specs(full) + token_logprobs_specs(full)
              + grpo_loss_specs(full))
     return specs if full else [s for s in specs if s.quick]
+
+
+def quick_targets(spec, targets):
+    """--quick compiles the prefix kernel (issue 14's fix) for every target, the rest for the first."""
+    return targets if spec.kernel == "decode_attention._prefix_kernel" else targets[:1]
 
 
 # ---------------------------------------------------------------------------------------------- compile
@@ -314,7 +333,7 @@ def run(full, targets, jobs, only=None):
     for i, spec in enumerate(specs):
         if only and not re.search(only, f"{spec.kernel} {spec.label}"):
             continue
-        for t in targets:
+        for t in targets if full else quick_targets(spec, targets):
             key = _key(spec, t)
             if key not in seen:
                 seen.add(key)
@@ -334,7 +353,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the small subset run by pytest (default)")
-    mode.add_argument("--full", action="store_true", help="every specialization (CI)")
+    mode.add_argument("--full", action="store_true",
+                      help="every kernel, launcher tile/stage config, dtype bf16/fp32, production flag sets (CI)")
+    mode.add_argument("--all", action="store_true",
+                      help="the whole cross product (fp16, every flag combination, more row counts; slow)")
     ap.add_argument("--targets", default="sm_90,sm_80")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--only", help="regex over 'kernel variant' to compile a subset")
@@ -351,7 +373,7 @@ def main(argv=None):
             TARGETS[t] = (TARGETS[t][0], int(a.shared_limit_kb * 1024))
         os.environ["FASTBICOT_AOT_SHARED_LIMIT"] = str(int(a.shared_limit_kb * 1024))  # for spawned workers
     t0 = time.time()
-    rows = run(a.full, targets, a.jobs, a.only)
+    rows = run(2 if a.all else 1 if a.full else 0, targets, a.jobs, a.only)
     print(table(rows))
     bad = [r for r in rows if r["status"] != "ok"]
     for r in bad:

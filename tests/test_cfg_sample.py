@@ -2,12 +2,11 @@
 reproducibility, row independence, log-probs, greedy, validation — on the CPU torch path and on
 the Triton kernel (CUDA, or the interpreter on CPU via FASTBICOT_FORCE_TRITON=1)."""
 
+import importlib
 import math
 
 import pytest
 import torch
-
-import importlib
 
 cs = importlib.import_module("fastbicot.kernels.cfg_sample")  # the module (the package re-exports the function)
 from fastbicot.kernels.cfg_sample import cfg_probs_reference, cfg_sample
@@ -124,6 +123,53 @@ def test_tiled_kernel_distribution(device, seed, monkeypatch):
     assert cfg_sample(z, temperature=0).tolist() == [20, 20]
 
 
+TILED_CASES = [  # (settings, integer-valued logits full of ties)
+    ({"top_k": 50}, False),  # the CoT default
+    ({"top_k": 50}, True),
+    ({"top_p": 0.7}, True),
+    ({"guidance_scale": 3.0, "top_k": 40, "top_p": 0.6}, True),
+    ({"top_k": 1, "temperature": 0.5}, False),
+    ({"guidance_scale": 2.0, "top_p": 0.999}, False),
+]
+
+
+@pytest.mark.parametrize("kw,ties", TILED_CASES,
+                         ids=lambda x: ",".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict)
+                         else ("ties" if x else "distinct"))
+def test_tiled_radix_select_equals_block_bisection(device, seed, monkeypatch, kw, ties):
+    """The streamed kernel's radix select keeps exactly the block kernel's set: same Philox noise,
+    so the same tokens, and log-probs equal to the float64 reference (ties at the cut included)."""
+    if device == "cpu" and not interpreted():
+        pytest.skip("Triton-only")
+    B, V = 12, 200
+    if ties:  # integer-valued logits: every cut-off has many tied tokens
+        c = torch.randint(-4, 5, (B, V)).float()
+        u = torch.randint(-4, 5, (B, V)).float()
+    else:
+        c, u = torch.randn(B, V) * 3, torch.randn(B, V) * 3
+    c[:, 7] = -math.inf
+    c, u = c.to(device), u.to(device)
+    if "guidance_scale" not in kw:
+        u = None
+    args = {"seed": seed, "offset": 3, "return_logprobs": True, **kw}
+    tok_block, lp_block = cfg_sample(c, u, **args)
+    monkeypatch.setattr(cs, "_MAX_BLOCK", 32)
+    monkeypatch.setattr(cs, "_TILE", 64)  # 4 tiles of 64, the last one partial
+    tok_tiled, lp_tiled = cfg_sample(c, u, **args)
+    assert torch.equal(tok_tiled.cpu(), tok_block.cpu())
+    ref = cfg_probs_reference(c, u, **kw).cpu().gather(1, tok_tiled.cpu()[:, None]).squeeze(1)
+    assert (ref > 0).all()
+    torch.testing.assert_close(lp_tiled.cpu().double(), ref.log(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lp_tiled.cpu(), lp_block.cpu(), atol=1e-5, rtol=1e-5)
+
+
+def test_radix_constants_cover_the_key_span():
+    """The radix select reads the row a constant number of times, 8 passes per threshold, and those
+    passes must cover the 31-bit span of score keys (u = key - key(-inf) < 2**31) with 4-bit digits."""
+    assert cs._RADIX_BINS == 2 ** cs._RADIX_BITS
+    assert cs._RADIX_PASSES == -(-31 // cs._RADIX_BITS) == 8
+
+
 def test_rows_independent(device, seed):
     """Adjacent identical rows: the joint law of (row 2i, row 2i+1) is the product of marginals."""
     c = torch.tensor([[0.0, 0.5, 1.0]]).expand(1024, -1).contiguous().to(device)
@@ -228,9 +274,28 @@ def test_validation():
         ({"temperature": -0.1}, "temperature"),
         ({"guidance_scale": math.inf}, "guidance_scale"),
         ({"seed": torch.tensor([1])}, "0-dim int64"),
+        # issue 15: non-finite reals and non-integral ints are rejected, naming the argument
+        ({"guidance_scale": math.nan}, "guidance_scale"),
+        ({"guidance_scale": -math.inf}, "guidance_scale"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"top_p": math.inf}, "top_p"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"top_k": True}, "top_k"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": 2.0}, "seed"),
+        ({"offset": 0.5}, "offset"),
+        ({"seed": "7"}, "seed"),
+        ({"temperature": "hot"}, "temperature"),
     ]:
         with pytest.raises(ValueError, match=msg):
             cfg_sample(c, **kwargs)
+    # integral numpy / 0-dim values are fine and mean the same numbers
+    import numpy as np
+
+    a = cfg_sample(c, top_k=np.int64(3), seed=np.int32(4), offset=np.uint8(1), temperature=np.float32(0.5))
+    assert torch.equal(a, cfg_sample(c, top_k=3, seed=4, offset=1, temperature=0.5))
     with pytest.raises(ValueError, match=r"\[B, V\]"):
         cfg_sample(torch.randn(10))
     with pytest.raises(ValueError, match="float32"):

@@ -192,6 +192,43 @@ def test_rows_with_nothing_to_attend_output_zero(path, seed):
     assert torch.equal(grouped_decode_attention_reference(*[t.cpu() for t in case])[0], torch.zeros(2, 16))
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max over a NaN row
+def test_nan_inputs_give_nan_rows(path, seed):
+    """Issue 15: NaN in a row's q, or in a valid k/v slot the row reads, makes that row's output NaN
+    (never 0) on every path and in the reference; NaN in slots past the lengths changes nothing."""
+    B, Hq, Hkv, D, P, Lp, Ls = 8, 4, 2, 16, 3, 30, 20
+    gid = [0, 0, 1, 1, 1, 2, 2, 0]
+    case = make_case(B, Hq, Hkv, D, P, Lp, Ls, group_ids=gid, prefix_len=[12, 25, 0],
+                     suffix_len=[3, 5, 0, 7, 20, 1, 9, 4])
+    q, pk, pv, plen, g, sk, sv, slen = case
+    # garbage past the lengths: an uninitialised cache
+    pk[0, :, 12:] = float("nan")
+    pv[1, :, 25:] = float("nan")
+    pv[2] = float("nan")  # prefix 2 is empty
+    sk[0, :, 3:] = float("nan")
+    sv[2] = float("nan")  # row 2 has no suffix
+    clean = attention_f64(q, pk, pv, plen, g, sk, sv, slen)[0]
+    assert not clean.isnan().any()
+    q[1, 2, 5] = float("nan")  # row 1: one head of q
+    sk[3, 1, 6] = float("nan")  # row 3: a valid suffix key (kv head 1 -> q heads 2, 3)
+    sv[5, 0, 0] = float("nan")  # row 5: a valid suffix value (kv head 0 -> q heads 0, 1)
+    pv[0, 0, 11] = float("nan")  # prefix 0 (rows 0, 1, 7): a valid prefix value of kv head 0
+    nan_heads = {(1, 2), (3, 2), (3, 3), (5, 0), (5, 1), (0, 0), (0, 1), (1, 0), (1, 1), (7, 0), (7, 1)}
+    expect = torch.zeros(B, Hq, dtype=torch.bool)
+    for b, h in nan_heads:
+        expect[b, h] = True
+    case = [t.to(path) for t in (q, pk, pv, plen, g, sk, sv, slen)]
+    outs = {"dispatch": grouped_decode_attention(*case), "reference": grouped_decode_attention_reference(*case)}
+    o1, l1 = prefix_attention(*case[:5])
+    o2, l2 = suffix_attention(case[0], *case[5:])
+    outs["merge"] = merge_attention(o1, l1, o2, l2)[0]
+    for name, out in outs.items():
+        nan = out.isnan().any(-1).cpu()
+        assert torch.equal(nan, expect), f"{name}: NaN heads {nan.nonzero().tolist()}"
+        ok = ~expect
+        torch.testing.assert_close(out.cpu().double()[ok], clean[ok], atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_precomputed_layout_and_strided_inputs(path, seed):
     """rows_by_group from group_layout gives the same result; non-contiguous q / KV views work."""
     B, Hq, Hkv, D, P, Lp, Ls = 6, 2, 2, 16, 3, 25, 18
@@ -255,6 +292,18 @@ def test_triton_cases_in_fresh_interpreter():
            "-k", "triton and not fresh"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [33, 96])
+def test_cuda_head_dim_128_many_rows(dtype, rows, seed):
+    """Issue 14: the prefix kernel's tuned configs (bf16: BLOCK_M 64, _PREFIX_NUM_STAGES_16BIT
+    stages; fp32: BLOCK_M 16, 8 warps, 1 stage) at head dim 128 with >= 33 query rows on one prefix
+    (so BLOCK_M is 64 for bf16 and fp32 loops over 16-row chunks), GQA 2, odd lengths."""
+    gid = [0] * (rows - 3) + [1, 1, 2]
+    case = make_case(rows, 8, 4, 128, 3, 517, 77, dtype, device="cuda", group_ids=gid)
+    assert_close(grouped_decode_attention(*case), attention_f64(*case)[0], dtype)
 
 
 @pytest.mark.gpu
