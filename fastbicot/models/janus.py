@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checks import ArgumentError, check_int, check_str
+from ..checks import ArgumentError, check_bool, check_int, check_str
 from .tokenizer import build_byte_tokenizer
 
 # Janus-Pro's special tokens (deepseek-community/Janus-Pro-{1B,7B} tokenizer and generation config).
@@ -73,8 +73,9 @@ def preset_config(name: str, attn_implementation: str = "sdpa"):
     """A transformers JanusConfig with the preset's shapes."""
     from transformers import JanusConfig
 
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ArgumentError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    attn_implementation = check_str("attn_implementation", attn_implementation)
     p = PRESETS[name]
     upsample = 2 ** (len(p.vq_channel_multiplier) - 1)
     patches = p.image_size // upsample  # latent grid side = image tokens per row
@@ -320,6 +321,7 @@ class JanusPolicy(nn.Module):
 
     def weight_bytes(self, trunk_only: bool = False) -> int:
         """Bytes read per decode step: trunk + image head (+ generation embedding/aligner)."""
+        trunk_only = check_bool("trunk_only", trunk_only)
         modules = [self.language_model.layers, self.language_model.norm]
         if not trunk_only:
             m = self.hf_model.model

@@ -344,6 +344,7 @@ class RemoteJudgeReward(Reward):
 
     def score(self, images, prompts, metadata, cots):
         n = len(prompts)
+        self.last_failures = []
         batch_deadline = time.monotonic() + self.batch_timeout if self.batch_timeout is not None else None
         results: list = [None] * n
         failures: list[tuple[int, str]] = []
