@@ -191,6 +191,8 @@ def test_rollout_peak_memory_is_per_implementation():
 
     secs, peaks, errors = mod.run_all({"big": big, "small": lambda: None}, torch.device("cpu"), 1)
     assert not errors and set(secs) == {"big", "small"}
+    if None in peaks.values():
+        pytest.skip("this kernel does not reset VmHWM through /proc/self/clear_refs")
     # with a process-wide peak (ru_maxrss) "small" would report big's 300 MB too
     assert peaks["big"] - peaks["small"] > 0.2, peaks
 
