@@ -83,14 +83,16 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 class ORMReward(Reward):
     """The seed's ORM reward. Options: ``question_template`` / ``system`` (the seed's text),
     ``temperature`` (0.3), ``top_k`` (50), ``gate`` ("sample" | "expectation" | "none"), ``seed`` (of
-    the gate's draws), ``yes`` / ``no`` (answer tokens, looked up as single vocabulary entries)."""
+    the gate's draws), ``yes`` / ``no`` (answer tokens, looked up as single vocabulary entries),
+    ``image_newline`` (True: the tile is followed by the newline vector, LLaVA-NeXT's ``spatial_unpad``
+    merge of the OneVision checkpoints; False for a ``flat`` checkpoint)."""
 
     name = "orm"
 
     def __init__(self, model, tokenizer, image_config: dict, *, question_template: str = SEED_ORM_QUESTION,
                  system: str = SEED_ORM_SYSTEM, temperature: float = 0.3, top_k: int = 50, gate: str = "sample",
-                 seed: int = 0, yes: str = "yes", no: str = "no", batch_size: int = 8, name: str | None = None,
-                 fallback: float | None = None, device=None):
+                 seed: int = 0, yes: str = "yes", no: str = "no", image_newline: bool = True, batch_size: int = 8,
+                 name: str | None = None, fallback: float | None = None, device=None):
         super().__init__(name, fallback=fallback, device=device or next(model.parameters()).device)
         batch_slices(1, batch_size)
         if gate not in GATES:
@@ -105,16 +107,17 @@ class ORMReward(Reward):
         self.model, self.tokenizer, self.image_config = model, tokenizer, image_config
         self.question_template, self.system = question_template, system
         self.temperature, self.top_k, self.gate, self.batch_size = float(temperature), top_k, gate, batch_size
+        self.image_newline = bool(image_newline)
         self.generator = torch.Generator().manual_seed(int(seed))
         vocab = tokenizer.get_vocab()
         for word in (yes, no):
             if word not in vocab:
                 raise ValueError(f"reward {self.name!r}: answer token {word!r} is not in the vocabulary")
         self.yes_id, self.no_id = vocab[yes], vocab[no]
-        # reward_orm.py:99-101: the sampled token's text, lower-cased and stripped, must be yes or no
-        self.gate_ids = torch.tensor(sorted(i for t, i in vocab.items()
-                                            if tokenizer.convert_tokens_to_string([t]).lower().strip() in ("yes", "no")
-                                            or t.lower().strip() in ("yes", "no")))
+        # reward_orm.py:99-101: the sampled token as a vocabulary string (convert_ids_to_tokens), lower-cased
+        # and stripped, must be "yes" or "no": "Yes" passes, the byte-level "ĠYes" does not
+        self.gate_ids = torch.tensor(sorted(i for t, i in vocab.items() if t.lower().strip() in ("yes", "no")),
+                                     dtype=torch.long)
         mean = image_config.get("image_mean", [0.5, 0.5, 0.5])
         self.pad_color = tuple(int(x * 255) for x in mean)  # mm_utils.py:331
 
@@ -160,6 +163,8 @@ class ORMReward(Reward):
         if self.model.config.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]
         feats = inner.multi_modal_projector(feats)
+        if not self.image_newline:
+            return feats
         newline = inner.image_newline.to(feats.dtype)[None, None].expand(feats.shape[0], 1, -1)
         return torch.cat([feats, newline], dim=1)
 
