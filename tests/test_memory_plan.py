@@ -21,7 +21,15 @@ from fastbicot.models.janus import PRESETS, JanusPolicy, Preset
 from fastbicot.rewards import FunctionReward
 from fastbicot.trainer import Trainer, TrainerConfig
 from fastbicot.trainer.batch import pack
-from fastbicot.trainer.memory import GiB, Lengths, MemoryTracker, cli, model_shapes, plan_memory, plan_seed_memory
+from fastbicot.trainer.memory import (
+    GiB,
+    Lengths,
+    MemoryTracker,
+    cli,
+    model_shapes,
+    plan_memory,
+    plan_seed_memory,
+)
 
 SHORT = dict(template="{system} {instruction}", system="Plan.", instruction="Draw {prompt}:")
 PROMPTS = ["a red cube", "two green dogs left of a cat"]
@@ -81,7 +89,7 @@ def ratio(measured, planned, bounds, what):
 
 
 def rollout_measured(trainer, seed, monkeypatch):
-    import fastbicot.rollout.engine as engine
+    from fastbicot.rollout import engine
 
     caches = []
     real = engine.image_cache
@@ -138,7 +146,7 @@ def test_checkpointing_saves_what_the_plan_says(seed, tmp_path):
     """The planned saving of gradient checkpointing is the measured one (within the saved factor)."""
     got = {}
     for ckpt in (True, False):
-        cfg, tr = make(seed, tmp_path / str(ckpt), "small", ckpt=ckpt, beta=0)
+        cfg, tr = make(seed, tmp_path / str(ckpt), "tiny", ckpt=ckpt, beta=0)
         batch = tr.engine.generate(PROMPTS, seed=seed)
         plan = plan_for(cfg, tr, batch)
         adv, _, _ = tr.advantages(batch, tr.score(batch))
@@ -216,6 +224,13 @@ def test_7b_recipe_numbers():
     assert "peak rollout" in text and "KV cache, image phase" in text
     sharded = plan_memory(cfg, gpus=8, shapes=s, rewards=[], reference="sharded", advise=False)
     assert sharded.bytes("reference") == pytest.approx(p8.bytes("reference") / 8, rel=1e-6)
+    proposed = plan_memory(cfg, gpus=8, shapes=s, rewards=[], engine="proposed", advise=False)
+    assert proposed.bytes("kv.image") < p8.bytes("kv.image") and proposed.peak < p8.peak
+    assert "CoT -> image cache switch" not in proposed.moments["rollout"]
+    # with the recipe's rewards (ORM, HPS, GIT, GroundingDINO on every GPU) no single change fits: a combination
+    rec = plan_memory(cfg, gpus=8, shapes=s, rewards=["hps", "git", "gdino", "orm"])
+    assert not rec.fits and rec.bytes("rewards") > 17 * GiB
+    assert any(a.startswith("together:") and "(fits)" in a for a in rec.advice), rec.advice
     seed_plan = plan_seed_memory(cfg, gpus=8, shapes=s, rewards=[])
     assert seed_plan.bytes("reference") == 2 * s.total and seed_plan.peak > 20 * GiB
 

@@ -352,7 +352,7 @@ def layer_forward_bytes(s: ModelShapes, b: int) -> int:
 def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.0, margin: float = 0.10,
                 reference: str = "replicated", device: str = "cuda", lengths: Lengths | None = None,
                 cot_tokens: int | None = None, prompt_tokens: int = 20, rewards: list | None = None, policy=None,
-                shapes: ModelShapes | None = None, advise: bool = True) -> MemoryPlan:
+                shapes: ModelShapes | None = None, engine: str = "current", advise: bool = True) -> MemoryPlan:
     """The per-GPU memory of ``config`` trained on ``gpus`` GPUs of ``gpu_memory_gib`` each (FSDP2).
 
     reference   "replicated" (what Trainer does: a deep copy of the whole policy on every GPU),
@@ -365,6 +365,11 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     rewards     reward names on the policy's GPU (default: config.rewards.functions whose device is
                 the policy's); sizes from REWARD_PARAMS
     policy / shapes   an already-built model (tests) or its shapes, instead of config.model
+    engine      "current" (the rollout engine as it is) or "proposed" (CUDA: the CoT cache freed
+                before the image cache is allocated, image-cache suffixes sized by the rows'
+                remainders + 1 + image tokens with R + 1 prefix blocks, prefill writing each
+                layer's K/V into the cache instead of staging every layer's) -- what the three
+                engine changes of the advice would give
     """
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
@@ -374,6 +379,8 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
         raise ValueError(f"reference must be replicated, sharded or cpu, got {reference!r}")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
+    if engine not in ("current", "proposed"):
+        raise ValueError(f"engine must be current or proposed, got {engine!r}")
     s = shapes or model_shapes(config, policy)
     L = lengths or default_lengths(config, prompt_tokens=prompt_tokens, cot_tokens=cot_tokens)
     c, r, lo, o = config, config.rollout, config.loss, config.optim
@@ -434,16 +441,17 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     add("kv.cot", f"KV cache, CoT phase ({R} rows x {cap} + {P} prefixes)", kv_cot)
     rows = 2 * R if cfg else R
     Li = L.image_context
-    if cont:
-        kv_img = 0
-    else:
-        kv_img = kv_tok * ((R + P) * Li + rows * (Li + 1 + Nimg))
-        add("kv.image", f"KV cache, image phase ({rows} rows x {Li + 1 + Nimg} + {R + P} prefixes x {Li})", kv_img)
+    new = engine == "proposed" and not cpu
+    if not cont:
+        npre, scap = (R + 1, 1 + Nimg) if new else (R + P, Li + 1 + Nimg)
+        add("kv.image", f"KV cache, image phase ({rows} rows x {scap} + {npre} prefixes x {Li})",
+            kv_tok * (npre * Li + rows * scap))
     # prefill: every layer's K/V of the batch is staged in a list before the cache copy, + one layer
+    stage = kv_tok // s.layers if new else kv_tok
     pre_c = P * (L.cot_context - 1)
-    add("prefill.cot", "CoT prefill (K/V staging + a layer)", pre_c * (kv_tok + layer_forward_bytes(s, b)))
+    add("prefill.cot", "CoT prefill (K/V staging + a layer)", pre_c * (stage + layer_forward_bytes(s, b)))
     pre_i = (R + (1 if cfg else 0)) * (Li - 1) if not cont else (R if cfg else 0) * Li
-    add("prefill.image", "image prefill (K/V staging + a layer)", pre_i * (kv_tok + layer_forward_bytes(s, b)))
+    add("prefill.image", "image prefill (K/V staging + a layer)", pre_i * (stage + layer_forward_bytes(s, b)))
     if cpu:  # KVCache.flatten: the concatenated [prefix | suffix] and its gathered copy
         add("flatten.cot", "CPU flatten of CoT prefixes", 2 * kv_tok * R * L.cot_context)
         add("flatten.image", "CPU flatten of image prefixes", 2 * kv_tok * rows * Li if not cont else 0)
@@ -469,7 +477,8 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
         moments["rollout"]["image decode"] = ro + ["kv.cot", "decode.image_tables", "decode.image"]
         moments["rollout"]["VQ decode"] = ro + ["kv.cot", "decode.image_tables", "vq", "images"]
     else:
-        moments["rollout"]["CoT -> image cache switch"] = ro + ["kv.cot", "kv.image"]
+        if not new:
+            moments["rollout"]["CoT -> image cache switch"] = ro + ["kv.cot", "kv.image"]
         moments["rollout"]["image prefill"] = ro + ["kv.image", "prefill.image"] + (["flatten.image"] if cpu else [])
         moments["rollout"]["image decode"] = ro + ["kv.image", "decode.image_setup", "decode.image_tables",
                                                    "decode.image"]
@@ -544,7 +553,7 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     )
     if advise:
         plan.advice = _advice(plan, config, s, L, gpus=N, gpu_memory_gib=gpu_memory_gib, margin=margin,
-                              reference=reference, device=device, rewards=rewards)
+                              reference=reference, device=device, rewards=rewards, engine=engine)
     return plan
 
 
@@ -552,11 +561,11 @@ def R_of(plan) -> int:
     return int(plan.assumptions["rows"])
 
 
-def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, device, rewards) -> list:
+def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, device, rewards, engine) -> list:
     """What to change: each candidate re-planned, with its peak."""
     out = []
     kw = dict(gpus=gpus, gpu_memory_gib=gpu_memory_gib, margin=margin, reference=reference, device=device,
-              lengths=L, shapes=s, advise=False, rewards=rewards)
+              lengths=L, shapes=s, advise=False, rewards=rewards, engine=engine)
 
     def tryit(desc, cfg=None, **over):
         p = plan_memory(cfg or config, **{**kw, **over})
@@ -593,7 +602,9 @@ def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, devi
             L2 = Lengths(L.cot_context, min(L.cot, 256), L.image_context - max(0, L.cot - 256))
             tryit("rollout.cot.max_new_tokens=256 (the CoT cache and the longest rows)",
                   config.replace(rollout=r.replace(cot=r.cot.replace(max_new_tokens=256))), lengths=L2)
-        if "kv.image" in plan.items:
+        if "kv.image" in plan.items and engine == "current":
+            if device == "cuda":
+                tryit("the three engine changes below together (plan_memory(engine='proposed'))", engine="proposed")
             out.append(f"engine: free the CoT cache before allocating the image cache (both live at the switch: "
                        f"{(plan.bytes('kv.cot')) / GiB:.2f} GiB) -- rollout/engine.py `del cache` first")
             if device == "cuda":
@@ -604,9 +615,23 @@ def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, devi
                            f"remainders + 1 + image tokens, not by the whole context that already sits in the prefix "
                            f"blocks: up to {waste / GiB:.2f} GiB")
         pre = plan.bytes("prefill.image")
-        if pre > 0.5 * GiB:
+        if pre > 0.5 * GiB and engine == "current":
             out.append(f"trunk.prefill: write each layer's K/V into the cache as it is computed instead of "
                        f"returning all layers' K/V: the image prefill's staging is {pre / GiB:.2f} GiB")
+    if not plan.fits and device == "cuda":  # the smallest combination of the above that fits
+        combo = [("engine", "proposed", "the three engine changes"), ("reference", "sharded", "a sharded reference"),
+                 ("rewards", [], "reward models off this GPU")]
+        over, names = {}, []
+        for k, v, name in combo:
+            if k == "engine" and engine == "proposed" or k == "reference" and reference != "replicated":
+                continue
+            over[k] = v
+            names.append(name)
+            p = plan_memory(config, **{**kw, **over})
+            if p.fits:
+                if len(names) > 1:
+                    out.append(f"together: {' + '.join(names)}: peak {p.peak / GiB:.1f} GiB (fits)")
+                break
     if gpus < 8 and not plan.fits:
         for n in (2, 4, 8):
             if n > gpus and config.data.prompts_per_step >= n:
@@ -748,14 +773,17 @@ class MemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
 
 def cli(argv=None) -> int:
     """``fastbicot plan --config X.yaml --gpus N [--gpu-memory 80] [--reference replicated|sharded|cpu]
-    [--cot-tokens K] [--seed-recipe] [--json] [--section.key=value ...]``: print the plan; exit 0 when
-    it fits, 1 when it does not, 2 on a bad config."""
+    [--engine current|proposed] [--cot-tokens K] [--prompt-tokens K] [--margin 0.1] [--seed-recipe]
+    [--json] [--section.key=value ...]``: print the plan; exit 0 when it fits, 1 when it does not, 2
+    on a bad config or argument."""
     p = argparse.ArgumentParser(prog="fastbicot plan", description="per-GPU memory plan of a training recipe")
     p.add_argument("--config", required=True)
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     p.add_argument("--margin", type=float, default=0.10, help="fraction kept free (default 0.10)")
     p.add_argument("--reference", default="replicated", choices=["replicated", "sharded", "cpu"])
+    p.add_argument("--engine", default="current", choices=["current", "proposed"],
+                   help="the rollout engine as it is, or with the advice's three memory changes")
     p.add_argument("--cot-tokens", type=int, default=None, help="assumed CoT length (default: max_new_tokens)")
     p.add_argument("--prompt-tokens", type=int, default=20)
     p.add_argument("--seed-recipe", action="store_true", help="also print the seed's (ZeRO-3 + HF) estimate")
@@ -782,7 +810,8 @@ def cli(argv=None) -> int:
     try:
         config = TrainerConfig.from_yaml(args.config, overrides)
         plan = plan_memory(config, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, margin=args.margin,
-                           reference=args.reference, cot_tokens=args.cot_tokens, prompt_tokens=args.prompt_tokens)
+                           reference=args.reference, cot_tokens=args.cot_tokens, prompt_tokens=args.prompt_tokens,
+                           engine=args.engine)
     except (ConfigError, ValueError) as e:
         print(f"fastbicot plan: {e}", file=sys.stderr)
         return 2
