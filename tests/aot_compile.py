@@ -37,6 +37,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -49,8 +50,11 @@ from multiprocessing import get_context
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 = its default
-if "FASTBICOT_AOT_CACHE" not in os.environ:
+if "FASTBICOT_AOT_CACHE" not in os.environ:  # inherited by the spawned workers; removed at the end
     os.environ["FASTBICOT_AOT_CACHE"] = tempfile.mkdtemp(prefix="fastbicot_aot_")
+    _OWN_CACHE = os.environ["FASTBICOT_AOT_CACHE"]
+else:
+    _OWN_CACHE = None
 os.environ["TRITON_CACHE_DIR"] = os.environ["FASTBICOT_AOT_CACHE"]
 
 import torch
@@ -373,7 +377,11 @@ def main(argv=None):
             TARGETS[t] = (TARGETS[t][0], int(a.shared_limit_kb * 1024))
         os.environ["FASTBICOT_AOT_SHARED_LIMIT"] = str(int(a.shared_limit_kb * 1024))  # for spawned workers
     t0 = time.time()
-    rows = run(2 if a.all else 1 if a.full else 0, targets, a.jobs, a.only)
+    try:
+        rows = run(2 if a.all else 1 if a.full else 0, targets, a.jobs, a.only)
+    finally:
+        if _OWN_CACHE:
+            shutil.rmtree(_OWN_CACHE, ignore_errors=True)
     print(table(rows))
     bad = [r for r in rows if r["status"] != "ok"]
     for r in bad:
