@@ -13,7 +13,10 @@ from fastbicot.rewards import RELATIONS, RewardError
 from fastbicot.rollout.cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt
 from fastbicot.toy import (
     BACKGROUND,
+    CODE_CLASS,
+    COLOR_CODES,
     COLORS,
+    NUM_CODES,
     PALETTE,
     TOY_INSTRUCTION,
     TOY_ROLLOUT,
@@ -21,6 +24,7 @@ from fastbicot.toy import (
     TOY_TEMPLATE,
     WORDS,
     ToyObject,
+    background_code,
     build_policy,
     build_tokenizer,
     find_objects,
@@ -98,7 +102,12 @@ def test_special_tokens(tok, policy):
 
 def test_policy_shapes_and_determinism(policy):
     assert policy.num_image_tokens == 64 and policy.image_grid == 8
-    assert policy.image_vocab_size == len(PALETTE) == len(COLORS) + 1
+    assert policy.image_vocab_size == NUM_CODES == len(COLORS) + 64
+    assert [CODE_CLASS[COLOR_CODES[c]] for c in COLORS] == list(range(1, len(PALETTE)))
+    assert {CODE_CLASS[background_code(p)] for p in range(64)} == {0}
+    # the image-token input embedding tells every code apart (colour, and position of background codes)
+    table = policy.hf_model.model.generation_embeddings.weight
+    assert torch.cdist(table, table).add(torch.eye(NUM_CODES) * 9).min() > 0.3
     assert policy.text_vocab_size == len(policy.tokenizer)
     state = torch.get_rng_state()
     again = build_policy(seed=0)
@@ -112,7 +121,7 @@ def test_policy_shapes_and_determinism(policy):
 
 def expected_pixels(tokens, ppt):
     """Independent reference: each token's palette colour repeated over a ppt x ppt patch."""
-    pal = np.array(PALETTE, dtype=np.int32)
+    pal = np.array(PALETTE, dtype=np.int32)[list(CODE_CLASS)]  # code -> RGB
     grid = pal[tokens.numpy().reshape(-1, 8, 8)]
     return grid.repeat(ppt, axis=1).repeat(ppt, axis=2)
 
@@ -121,10 +130,10 @@ def expected_pixels(tokens, ppt):
 def test_codes_decode_to_flat_palette_patches(seed, ppt):
     policy = build_policy(seed=seed % 1000, pixels_per_token=ppt)
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, len(PALETTE), (6, 64), generator=gen)
-    tokens[0] = 0  # all background
-    tokens[1] = tokens[1, 0]  # one colour everywhere
-    tokens[2, ::2] = 0  # checkerboard-ish against the background
+    tokens = torch.randint(0, NUM_CODES, (6, 64), generator=gen)
+    tokens[0] = background_code(5)  # all background
+    tokens[1] = COLOR_CODES["orange"]  # one colour everywhere
+    tokens[2, ::2] = torch.randint(0, len(COLORS), (32,), generator=gen)  # colours at every other token
     img = vq_decode(policy.vqmodel, tokens, output="uint8")
     assert img.dtype == torch.uint8 and img.shape == (6, 8 * ppt, 8 * ppt, 3)
     ref = expected_pixels(tokens, ppt)
@@ -137,9 +146,9 @@ def test_codes_decode_to_flat_palette_patches(seed, ppt):
 
 def test_token_colour_does_not_depend_on_neighbours(policy, seed):
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, len(PALETTE), (1, 64), generator=gen).repeat(8, 1)
+    tokens = torch.randint(0, NUM_CODES, (1, 64), generator=gen).repeat(8, 1)
     keep = torch.randint(0, 64, (1,), generator=gen).item()
-    noise = torch.randint(0, len(PALETTE), (8, 64), generator=gen)
+    noise = torch.randint(0, NUM_CODES, (8, 64), generator=gen)
     noise[:, keep] = tokens[0, keep]
     img = vq_decode(policy.vqmodel, noise, output="uint8").int()
     r, c = divmod(keep, 8)
@@ -149,7 +158,7 @@ def test_token_colour_does_not_depend_on_neighbours(policy, seed):
 
 def test_bfloat16_policy_decodes_close_to_palette(seed):
     policy = build_policy(seed=0, dtype=torch.bfloat16)
-    tokens = torch.randint(0, len(PALETTE), (3, 64), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(0, NUM_CODES, (3, 64), generator=torch.Generator().manual_seed(seed))
     img = vq_decode(policy.vqmodel, tokens, output="uint8")
     assert np.abs(img.numpy().astype(np.int32) - expected_pixels(tokens, 2)).max() <= 6
 
@@ -348,6 +357,11 @@ def test_write_sft_jsonl(tmp_path, seed):
 
 def test_plan_text_round_trip_and_errors():
     objs = [ToyObject("orange", 0, 2), ToyObject("white", 2, 1)]
+    tokens = render_tokens(objs)
+    orange, white = COLOR_CODES["orange"], COLOR_CODES["white"]
+    assert [i for i, t in enumerate(tokens) if t == orange] == [6, 7, 14, 15]
+    assert [i for i, t in enumerate(tokens) if t == white] == [51, 52, 59, 60]
+    assert all(t == background_code(i) for i, t in enumerate(tokens) if t not in (orange, white))
     assert plan_text(objs) == "orange square at top right . white square at bottom center"
     assert parse_plan(plan_text(objs)) == objs
     assert parse_plan("") == []

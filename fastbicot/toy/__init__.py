@@ -7,8 +7,18 @@ T2I-CompBench format (``make_prompts``), programmatic rewards on the decoded pix
 Everything here uses fastbicot's public API only; see docs/toy.md.
 """
 
-from .codebook import BACKGROUND, CODE_NAMES, CODE_OF, NUM_CODES, PALETTE, set_toy_codebook
-from .layout import GRID, SLOTS, ToyObject, parse_plan, plan_text, render_tokens
+from .codebook import (
+    BACKGROUND,
+    CLASS_NAMES,
+    CODE_CLASS,
+    COLOR_CODES,
+    GRID,
+    NUM_CODES,
+    PALETTE,
+    background_code,
+    set_toy_codebook,
+)
+from .layout import SLOTS, ToyObject, parse_plan, plan_text, render_tokens
 from .policy import IMAGE_SIZE, PIXELS_PER_TOKEN, build_policy, toy_config
 from .prompts import TASK_TYPES, make_prompts, write_prompts
 from .rewards import (
@@ -28,9 +38,10 @@ TOY_ROLLOUT = {"template": TOY_TEMPLATE, "system": TOY_SYSTEM, "instruction": TO
 
 __all__ = [
     "BACKGROUND",
-    "CODE_NAMES",
-    "CODE_OF",
+    "CLASS_NAMES",
+    "CODE_CLASS",
     "COLORS",
+    "COLOR_CODES",
     "GRID",
     "IMAGE_SIZE",
     "NUM_CODES",
@@ -48,6 +59,7 @@ __all__ = [
     "ToyCountReward",
     "ToyObject",
     "ToySpatialReward",
+    "background_code",
     "build_policy",
     "build_tokenizer",
     "find_objects",

@@ -1,8 +1,8 @@
 """A VQ decoder whose codes are flat colour patches, set by construction.
 
 The toy images go through the same ``fastbicot.vq_decode`` path (transformers' JanusVQVAE decoder
-architecture) as Janus-Pro's, but with weights chosen so that code k decodes to a flat patch of
-``PALETTE[k]``, whatever its neighbours are:
+architecture) as Janus-Pro's, but with weights chosen so that code k decodes to a flat patch of its
+colour ``PALETTE[CODE_CLASS[k]]``, whatever its neighbours are (below, k is the colour class):
 
 * every residual block's ``conv2`` and every attention block's ``proj_out`` are zero, so those
   blocks are exactly the identity (their norms and inner convs still run, and still cost time,
@@ -23,11 +23,29 @@ import torch
 
 from .vocab import BACKGROUND, COLORS
 
-# code -> uint8 RGB: code 0 the background, codes 1.. the object colours in COLORS order.
-PALETTE = (BACKGROUND,) + tuple(COLORS.values())
-CODE_NAMES = ("background",) + tuple(COLORS)
-CODE_OF = {name: k for k, name in enumerate(CODE_NAMES)}
-NUM_CODES = len(PALETTE)
+GRID = 8  # image tokens per side
+
+# Colour classes: 0 the background, 1.. the object colours in COLORS order.
+PALETTE = (BACKGROUND,) + tuple(COLORS.values())  # class -> uint8 RGB
+CLASS_NAMES = ("background",) + tuple(COLORS)
+
+# Image codes: one code per object colour, then one background code per token position. All 64
+# background codes decode to the same black patch; they differ only in which position a correct image
+# uses them at (``render_tokens``). This faint "positional texture" lets a 2-layer policy tell where it
+# is in the image from its previous token instead of counting tokens since <begin_of_image> (which a
+# model this small learns slowly): it is what makes the world learnable in minutes. A policy that
+# puts a background code at the "wrong" position still paints black there.
+COLOR_CODES = {name: i for i, name in enumerate(COLORS)}  # "red" -> 0, ...
+BACKGROUND_CODE0 = len(COLORS)  # background code of token position p is BACKGROUND_CODE0 + p
+NUM_CODES = len(COLORS) + GRID * GRID
+CODE_CLASS = tuple(range(1, len(COLORS) + 1)) + (0,) * (GRID * GRID)  # code -> colour class
+
+
+def background_code(position: int) -> int:
+    """The background code a correct image uses at token ``position`` (0..63, row-major)."""
+    if not 0 <= position < GRID * GRID:
+        raise ValueError(f"token position must be in [0, {GRID * GRID}), got {position}")
+    return BACKGROUND_CODE0 + position
 
 NUM_GROUPS = 32  # transformers' JanusVQVAE GroupNorms always use 32 groups
 
@@ -40,13 +58,13 @@ def check_vq_shapes(vq_config) -> None:
     channels = vq_config.base_channels * mult[0]
     if channels != 2 * NUM_GROUPS:
         raise ValueError(f"toy codebook needs {2 * NUM_GROUPS} decoder channels, got {channels}")
-    if vq_config.num_embeddings != NUM_CODES or vq_config.embed_dim < NUM_CODES:
+    if vq_config.num_embeddings != NUM_CODES or vq_config.embed_dim < len(PALETTE):
         raise ValueError(
-            f"toy codebook needs num_embeddings == {NUM_CODES} and embed_dim >= {NUM_CODES}, got "
+            f"toy codebook needs num_embeddings == {NUM_CODES} and embed_dim >= {len(PALETTE)}, got "
             f"{vq_config.num_embeddings} and {vq_config.embed_dim}"
         )
-    if vq_config.latent_channels < NUM_CODES:
-        raise ValueError(f"toy codebook needs latent_channels >= {NUM_CODES}, got {vq_config.latent_channels}")
+    if vq_config.latent_channels < len(PALETTE):
+        raise ValueError(f"toy codebook needs latent_channels >= {len(PALETTE)}, got {vq_config.latent_channels}")
 
 
 def _centre_tap(conv, matrix, bias) -> None:
@@ -79,13 +97,13 @@ def _identity_blocks(decoder) -> None:
 
 @torch.no_grad()
 def set_toy_codebook(vqmodel) -> None:
-    """Overwrite ``vqmodel``'s codebook and decoder so code k decodes to a flat ``PALETTE[k]`` patch."""
+    """Overwrite ``vqmodel``'s codebook and decoder: code k decodes to a flat ``PALETTE[CODE_CLASS[k]]`` patch."""
     check_vq_shapes(vqmodel.config)
-    k_codes = NUM_CODES
+    k_codes = len(PALETTE)  # below, "code" means colour class: codes of one class share their vector
     emb = vqmodel.quantize.embedding.weight
-    # code k -> unit vector e_k (the l2-normalisation of the lookup keeps it unchanged)
-    emb.copy_(torch.eye(k_codes, emb.shape[1], dtype=emb.dtype))
-    # post_quant_conv (1x1): e_k -> one-hot k in the first latent channels
+    # code -> unit vector e_class (the l2-normalisation of the lookup keeps it unchanged)
+    emb.copy_(torch.eye(len(PALETTE), emb.shape[1], dtype=emb.dtype)[list(CODE_CLASS)])
+    # post_quant_conv (1x1): e_class -> one-hot class in the first latent channels
     latent = vqmodel.post_quant_conv.weight.shape[0]
     _centre_tap(vqmodel.post_quant_conv, torch.eye(latent, emb.shape[1]), torch.zeros(latent))
     dec = vqmodel.decoder
@@ -107,3 +125,29 @@ def set_toy_codebook(vqmodel) -> None:
     w[:, 0 : 2 * k_codes : 2] = target.T
     silu_m1 = float(torch.nn.functional.silu(torch.tensor(-1.0, dtype=torch.float64)))
     _centre_tap(dec.conv_out, w, -silu_m1 * target.sum(0))
+
+
+def generation_embedding_table(dim: int) -> torch.Tensor:
+    """[NUM_CODES, dim] input embeddings of the image codes for the policy (``generation_embeddings``).
+
+    A pretrained Janus embeds image tokens informatively; the toy builds that by construction: the
+    first ``len(PALETTE)`` dims are 2 x one-hot(colour class), the next 8 encode a background code's
+    position as (sin, cos) of its row and column at two frequencies (zero for colour codes), so the
+    policy reads "background at row r, column c" off its previous token without learning a 64-entry
+    lookup first. Remaining dims are zero.
+    """
+    import math
+
+    need = len(PALETTE) + 8
+    if dim < need:
+        raise ValueError(f"the toy generation embedding needs >= {need} dims, got {dim}")
+    table = torch.zeros(NUM_CODES, dim)
+    for code, cls in enumerate(CODE_CLASS):
+        table[code, cls] = 2.0
+        if code >= BACKGROUND_CODE0:
+            r, c = divmod(code - BACKGROUND_CODE0, GRID)
+            a, b = 2 * math.pi * r / GRID, 2 * math.pi * c / GRID
+            table[code, len(PALETTE) :] = torch.tensor(
+                [math.sin(a), math.cos(a), math.sin(2 * a), math.cos(2 * a),
+                 math.sin(b), math.cos(b), math.sin(2 * b), math.cos(2 * b)])
+    return table

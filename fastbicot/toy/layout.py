@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .codebook import CODE_OF
+from .codebook import COLOR_CODES, GRID, background_code
 from .vocab import COLORS, COLS, ROWS
 
-GRID = 8  # tokens per image side (the policy's num_image_tokens = GRID ** 2)
 SQUARE = 2  # tokens per square side
 SLOT_STARTS = (0, 3, 6)  # first token row / column of the slots
 SLOTS = tuple((r, c) for r in range(3) for c in range(3))  # (row, col) indices, row-major
@@ -34,7 +33,7 @@ class ToyObject(NamedTuple):
 
 def render_tokens(objects) -> list[int]:
     """The 64 image-token ids (row-major) of a layout: background everywhere, each square in its slot."""
-    grid = [[CODE_OF["background"]] * GRID for _ in range(GRID)]
+    grid = [[background_code(y * GRID + x) for x in range(GRID)] for y in range(GRID)]
     seen = set()
     for obj in objects:
         if obj.color not in COLORS:
@@ -47,7 +46,7 @@ def render_tokens(objects) -> list[int]:
         y0, x0 = SLOT_STARTS[obj.row], SLOT_STARTS[obj.col]
         for y in range(y0, y0 + SQUARE):
             for x in range(x0, x0 + SQUARE):
-                grid[y][x] = CODE_OF[obj.color]
+                grid[y][x] = COLOR_CODES[obj.color]
     return [code for row in grid for code in row]
 
 

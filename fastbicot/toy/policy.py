@@ -13,10 +13,9 @@ import math
 
 import torch
 
-from .codebook import NUM_CODES, set_toy_codebook
+from .codebook import GRID, NUM_CODES, PALETTE, generation_embedding_table, set_toy_codebook
 from .vocab import SPECIAL_IDS, build_tokenizer
 
-GRID = 8  # image tokens per side: 8 x 8 = 64 image tokens
 # Each token decodes to a PIXELS_PER_TOKEN x PIXELS_PER_TOKEN patch (the VQ decoder up-samples by 2 per
 # level). 2 -> 16 x 16 pixel images: the decoder's convolutions at 64 channels dominate the cost of a toy
 # rollout, and 4x more pixels (32 x 32) would cost ~4x more decode time for no extra information.
@@ -29,6 +28,9 @@ LAYERS = 2
 HEADS = 2
 INTERMEDIATE = 128
 MAX_POSITIONS = 512
+# VQ embed_dim: also the width of the policy's image-token input embedding (generation_embeddings):
+# 8 colour classes + 8 position features (codebook.generation_embedding_table).
+EMBED_DIM = 16
 
 
 def toy_config(pixels_per_token: int = PIXELS_PER_TOKEN, attn_implementation: str = "sdpa"):
@@ -52,7 +54,7 @@ def toy_config(pixels_per_token: int = PIXELS_PER_TOKEN, attn_implementation: st
     # 64 decoder channels = 32 GroupNorm groups x 2 channels (the codebook construction needs the pairs);
     # num_res_blocks=0 (one residual block per level) keeps the decoder cheap.
     vq = {
-        "embed_dim": NUM_CODES, "num_embeddings": NUM_CODES, "latent_channels": NUM_CODES, "base_channels": 64,
+        "embed_dim": EMBED_DIM, "num_embeddings": NUM_CODES, "latent_channels": len(PALETTE), "base_channels": 64,
         "channel_multiplier": [1] * (levels + 1), "num_res_blocks": 0, "num_patches": GRID,
         "projection_dim": HIDDEN, "image_token_embed_dim": HIDDEN,
     }
@@ -75,13 +77,14 @@ def _unit_scale_generation_modules(model) -> None:
     # but T2I-R1 freezes the generation embedding, aligner and head, and at std 0.02 a frozen random
     # head maps the trunk's unit-RMS hidden states to logits of ~0.01, which the trunk could only
     # overcome by growing huge activations. Fan-in scaling gives O(1) logits and O(1) embeddings,
-    # so the toy trains with the default trainable set (and with everything trainable).
+    # so the toy trains with the default trainable set (and with everything trainable). The image-token
+    # embedding is built informative (colour + position of background codes), as a pretrained one is.
     m = model.model
     for lin in [m.generation_head.proj_out, m.generation_head.vision_head, m.generation_aligner.fc1,
                 *m.generation_aligner.hidden_layers]:
         lin.weight.normal_(0.0, 1.0 / math.sqrt(lin.weight.shape[1]))
         lin.bias.zero_()
-    m.generation_embeddings.weight.normal_(0.0, 1.0)
+    m.generation_embeddings.weight.copy_(generation_embedding_table(m.generation_embeddings.weight.shape[1]))
 
 
 def build_policy(seed: int = 0, dtype=torch.float32, device="cpu", *,

@@ -27,7 +27,7 @@ import numpy as np
 
 from fastbicot.rewards import Reward, RewardEnsemble, RewardError, require_field, spatial_score
 
-from .codebook import CODE_NAMES, PALETTE
+from .codebook import CLASS_NAMES, PALETTE
 from .vocab import COLORS
 
 MIN_AREA_FRAC = 1 / 128  # half a token of an 8 x 8 token image
@@ -99,7 +99,7 @@ def find_objects(images, min_area_frac: float = MIN_AREA_FRAC, max_distance: flo
                 continue
             ys, xs = np.nonzero(lab == lid)
             box = (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h)
-            comps.append(Component(CODE_NAMES[cls.reshape(-1)[idx]], int(cnt), tuple(float(v) for v in box)))
+            comps.append(Component(CLASS_NAMES[cls.reshape(-1)[idx]], int(cnt), tuple(float(v) for v in box)))
         out.append(comps)
     return out
 
