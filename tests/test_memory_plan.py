@@ -203,6 +203,23 @@ def test_weights_from_meta_equal_the_real_model(seed):
     assert s.total == sum(p.numel() for p in real.parameters())
 
 
+def test_model_from_path_and_builder(seed, tmp_path):
+    """config.model.path: config.json only (no weights in the directory); builder: the real model."""
+    policy = JanusPolicy.from_preset("small", seed=seed % 1000)
+    policy.hf_model.config.save_pretrained(tmp_path)
+    by_path = model_shapes(TrainerConfig.from_dict(dict(model=dict(path=str(tmp_path)))))
+    by_preset = model_shapes(TrainerConfig.from_dict(dict(model=dict(preset="small"))))
+    assert (by_path.trainable, by_path.frozen, by_path.image_tokens) == (
+        by_preset.trainable, by_preset.frozen, by_preset.image_tokens)
+    cfg = TrainerConfig.from_dict(dict(model=dict(builder="fastbicot.toy.policy:build_policy")))
+    from fastbicot.toy.policy import build_policy
+
+    toy = build_policy(seed=0)
+    s = model_shapes(cfg)
+    assert s.total == sum(p.numel() for p in toy.parameters())
+    assert plan_memory(cfg, gpus=1, device="cpu", rewards=[]).peak > 0
+
+
 def test_7b_recipe_numbers():
     """Janus-Pro-7B shapes (meta device): DESIGN.md's 480 KiB of KV per token, 16 bytes per trainable
     parameter of sharded state (bf16 weight + fp32 master + two fp32 Adam states), sharding 1/N."""
