@@ -229,7 +229,9 @@ def _num_splits(q, lp_max, programs, num_splits, sms=None):
 
 def _prefix_config(num_queries, dtype, on_gpu):
     """Tile and launch options of the prefix kernel for `num_queries` = B * (Hq // Hkv) query rows."""
-    block_m = max(16, min(64, triton.next_power_of_2(max(num_queries, 1))))
+    # 16 or 64 query rows: BLOCK_M=32 spilled 20 B in the KV loop on sm_90 with triton 3.6's ptxas
+    # (tests/aot_compile.py); the kernel streams KV, so 64 rows with half of them masked cost little.
+    block_m = 16 if num_queries <= 16 else 64
     if on_gpu and dtype == torch.float32:
         return dict(_PREFIX_FP32_CONFIG)
     stages = _PREFIX_NUM_STAGES_16BIT if on_gpu else 1  # the interpreter ignores num_stages
