@@ -34,6 +34,8 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .config import TrainerConfig
 
@@ -648,7 +650,8 @@ def plan_seed_memory(config: TrainerConfig, *, gpus: int = 8, gpu_memory_gib: fl
                      rewards: list | None = None, policy=None, shapes: ModelShapes | None = None) -> MemoryPlan:
     """Estimated per-GPU memory of the seed (CaraJ7/T2I-R1) running ``config``'s shapes: DeepSpeed
     ZeRO-3 over ``gpus`` (every parameter sharded, bf16 params + fp32 masters + fp32 Adam states +
-    bf16 and fp32 gradient partitions), one prompt x G per GPU per micro-step, an unsharded bf16
+    the persistent bf16 gradient partition, its fp32 copy at the step), one prompt x G per GPU per
+    micro-step, an unsharded bf16
     reference copy per GPU, eager HF generation gathering the whole model, a DynamicCache (one layer
     re-concatenated per step), CFG by row doubling on rows right-padded to the longest, bf16
     logits + bf16 log_softmax of the completion positions in the update, gradient checkpointing."""
@@ -665,7 +668,9 @@ def plan_seed_memory(config: TrainerConfig, *, gpus: int = 8, gpu_memory_gib: fl
     add("params", "bf16 weights (ZeRO-3 shard, whole model)", s.total * b / N)
     add("master", "fp32 master weights (shard)", s.trainable * 4 / N)
     add("adam", "Adam exp_avg + exp_avg_sq (shard)", s.trainable * 8 / N)
-    add("grads", "bf16 + fp32 gradient partitions", s.trainable * 6 / N)
+    # ZeRO-3 allocates its flat gradient partition at init (gradient_accumulation_dtype: the model's
+    # bf16 under ZeRO) and its IPG bucket (reduce_bucket_size "auto" = hidden^2); fp32 at the step
+    add("grads", "bf16 gradient partition + IPG bucket (persistent)", s.trainable * 2 / N + H * H * b)
     add("reference", "reference model (unsharded bf16 copy)", s.total * b)
     rw = sum(REWARD_PARAMS.get(n, 0) * 2 for n in _reward_names(config, rewards))
     add("rewards", "reward models (bf16)", rw)
@@ -690,15 +695,15 @@ def plan_seed_memory(config: TrainerConfig, *, gpus: int = 8, gpu_memory_gib: fl
     img = G * Nimg * s.image_vocab * b
     add("logits", "bf16 logits + log_softmax (+ grad) of the longer head", 3 * max(txt, img),
         f"text {G}x{L.cot}x{s.text_vocab}")
-    add("opt.temps", "optimizer step: fp32 grads", s.trainable * 4 / N)
-    res = ["params", "master", "adam", "reference", "rewards"]
+    add("opt.temps", "optimizer step: fp32 copy of the gradient partition", s.trainable * 4 / N)
+    res = ["params", "master", "adam", "grads", "reference", "rewards"]
     moments = {
         "rollout": {"CoT generate": res + ["gathered", "kv.cot"],
                     "image prefill": res + ["gathered", "kv.image", "prefill"],
                     "VQ decode": res + ["gathered", "vq"]},
         "reward": {"rewards": res},
-        "update": {"forward+backward": res + ["grads", "live", "act.saved", "act.recompute", "logits"],
-                   "optimizer step": res + ["grads", "opt.temps"]},
+        "update": {"forward+backward": res + ["live", "act.saved", "act.recompute", "logits"],
+                   "optimizer step": res + ["opt.temps"]},
     }
     return MemoryPlan(
         title=f"the seed (DeepSpeed ZeRO-3, HF eager generate) on {s.name}: 1 prompt x G={G} per GPU",
@@ -710,7 +715,7 @@ def plan_seed_memory(config: TrainerConfig, *, gpus: int = 8, gpu_memory_gib: fl
 # ---------------------------------------------------------------------------------- measurement
 
 
-class MemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
+class MemoryTracker(TorchDispatchMode):
     """Live bytes of the tensor storages created while active, and their peak -- on any device, CPU
     included, where torch keeps no allocator statistics.
 
