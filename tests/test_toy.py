@@ -378,7 +378,7 @@ def test_rollout_engine_runs_on_the_toy_policy(policy, seed):
     from fastbicot.rollout import RolloutEngine
 
     records = make_prompts(2, seed)
-    eng = RolloutEngine(policy, **{**TOY_ROLLOUT, "max_new_tokens": 6})
+    eng = RolloutEngine(policy, **{**TOY_ROLLOUT, "max_new_tokens": 6, "guidance_scale": 3.0})  # CFG rows too
     batch = eng.generate([r["prompt"] for r in records], num_generations=2, seed=seed)
     assert batch.images.shape == (4, 16, 16, 3) and batch.images.dtype == torch.uint8
     out = toy_reward_ensemble()(
