@@ -74,11 +74,12 @@ def test_vocabulary_covers_prompts_plans_and_templates(tok, seed):
 def test_round_trip_of_ids_for_any_vocabulary_text(tok, seed):
     rng = random.Random(seed)
     seps = [" ", "  ", "\n", "\n\n", "\t", ""]
+    words = list(WORDS) + ["<eos>", "<unk>", "<begin_of_image>", "<pad>"]
     for _ in range(200):
         parts = []
         for _ in range(rng.randint(0, 30)):
-            w = rng.choice(WORDS)
-            parts.append(w.upper() if rng.random() < 0.1 else w)
+            w = rng.choice(words)
+            parts.append(w.upper() if rng.random() < 0.1 and w in WORDS else w)
             # punctuation may glue to words; words need a separator between them
             parts.append(rng.choice(seps if w in ".,:" else seps[:-1]))
         text = "".join(parts)
@@ -95,6 +96,23 @@ def test_special_tokens(tok, policy):
     assert tok.convert_tokens_to_ids("<begin_of_image>") == policy.boi_token_id
     assert tok.convert_tokens_to_ids("<end_of_image>") not in specials
     assert tok.convert_tokens_to_ids("<image_placeholder>") == policy.config.image_token_id
+
+
+def test_policy_saves_and_loads_in_transformers_format(tmp_path):
+    from fastbicot.models import JanusPolicy
+
+    policy = build_policy(seed=3)
+    policy.hf_model.save_pretrained(tmp_path)
+    policy.tokenizer.save_pretrained(tmp_path)
+    loaded = JanusPolicy.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = ("bos", "eos", "pad", "boi")
+    assert [getattr(loaded, f"{k}_token_id") for k in ids] == [getattr(policy, f"{k}_token_id") for k in ids]
+    text = "User: a red square. red square at top left\n\nAssistant:"
+    assert loaded.tokenizer.encode(text, add_special_tokens=False) == policy.tokenizer.encode(
+        text, add_special_tokens=False
+    )
+    for (name, a), b in zip(policy.named_parameters(), loaded.parameters()):
+        assert torch.equal(a, b), name
 
 
 # ---- policy and codebook -----------------------------------------------------------------------
@@ -345,6 +363,11 @@ def test_mistaken_sft_examples_lose_reward(policy, seed):
     assert len(kinds) == 6
     rate = sum(ex["mistake"] is not None for ex in sft_examples(400, seed, error_rate=0.25)) / 400
     assert 0.15 < rate < 0.35
+    with pytest.raises(ValueError, match="numeracy_info"):
+        sft_examples(1, seed, prompts=[{"prompt": "a photo of two apples", "task_type": "numeracy"}])
+    with pytest.raises(ValueError, match="toy colour"):
+        sft_examples(1, seed, prompts=[{"prompt": "two apples", "attr_nouns": ["apple"],
+                                        "numeracy_info": [{"obj_name": "apple", "num": 2}]}])
 
 
 def test_write_sft_jsonl(tmp_path, seed):

@@ -32,8 +32,25 @@ def _color_of(phrase: str) -> str:
     return next(w for w in phrase.split() if w in COLORS)
 
 
+def _check_record(record) -> None:
+    """Toy records only: every square named by a toy colour, at most 9 squares (the slots)."""
+    where = f"sft_examples: prompt {record.get('prompt')!r}" if isinstance(record, dict) else "sft_examples"
+    if not isinstance(record, dict) or not record.get("numeracy_info") or not record.get("attr_nouns"):
+        raise ValueError(f"{where}: needs a toy prompt record with attr_nouns and numeracy_info (make_prompts)")
+    phrases = list(record["attr_nouns"]) + [it.get("obj_name", "") for it in record["numeracy_info"]]
+    spatial = record.get("spatial_info")
+    if spatial:
+        phrases += [spatial.get("obj1", ""), spatial.get("obj2", "")]
+    for ph in phrases:
+        if not isinstance(ph, str) or sum(w in COLORS for w in ph.split()) != 1:
+            raise ValueError(f"{where}: {ph!r} does not name exactly one toy colour ({list(COLORS)})")
+    if sum(int(it["num"]) for it in record["numeracy_info"]) > len(SLOTS):
+        raise ValueError(f"{where}: more than {len(SLOTS)} squares do not fit the slot grid")
+
+
 def correct_layout(record: dict, rng: random.Random) -> list[ToyObject]:
     """A random layout that satisfies the prompt record (its numeracy_info and spatial_info)."""
+    _check_record(record)
     spatial = record.get("spatial_info")
     if spatial:
         c1, c2 = _color_of(spatial["obj1"]), _color_of(spatial["obj2"])
