@@ -47,6 +47,7 @@ def background_code(position: int) -> int:
         raise ValueError(f"token position must be in [0, {GRID * GRID}), got {position}")
     return BACKGROUND_CODE0 + position
 
+
 NUM_GROUPS = 32  # transformers' JanusVQVAE GroupNorms always use 32 groups
 
 

@@ -2,7 +2,7 @@
 
 Everything the toy policy ever reads or writes -- prompts, plans, the CoT template and the
 engine's image-context template ("User: {prompt}. {cot}\\n\\nAssistant:") -- is built from the
-words below, so a word-level vocabulary of ~60 entries covers it and the text head stays tiny.
+words below, so a word-level vocabulary of 46 entries covers it and the text head stays tiny.
 """
 
 from __future__ import annotations
