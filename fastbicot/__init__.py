@@ -14,8 +14,11 @@ _LAZY = {
     "vq_decode": "fastbicot.vq",
     "generate_images": "fastbicot.rollout",
     "RolloutEngine": "fastbicot.rollout",
+    "RolloutConfig": "fastbicot.rollout",
+    "SamplingParams": "fastbicot.rollout",
     "Trainer": "fastbicot.trainer",
     "TrainerConfig": "fastbicot.trainer",
+    "SFTTrainer": "fastbicot.trainer",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -1,7 +1,10 @@
-"""``fastbicot`` command line: train | generate | convert.
+"""``fastbicot`` command line: train | sft | generate | eval | plan | convert.
 
     fastbicot train --config configs/t2i_r1.yaml --optim.lr=2e-6 --output_dir=runs/x [--resume [STEP]] [--overwrite]
+    fastbicot sft --config configs/toy.yaml                  (the supervised stage alone -> OUTPUT_DIR/sft/final)
     fastbicot generate --config configs/t2i_r1.yaml --prompts prompts.jsonl --out samples/ [--checkpoint DIR]
+    fastbicot eval --config X.yaml --checkpoint DIR --prompts FILE [--num 10] [--no-cot]   (fastbicot/evaluate.py)
+    fastbicot plan --config X.yaml --gpus 8 [--gpu-memory 80]                 (fastbicot/trainer/memory.py)
     fastbicot convert janus SRC DST | convert orm SRC DST
 
 Settings come from the YAML file; ``--section.key=value`` overrides any of them. A bad key, type or
@@ -58,6 +61,18 @@ def cmd_train(args, rest) -> int:
     return 0
 
 
+def cmd_sft(args, rest) -> int:
+    from .trainer.sft import SFTTrainer
+
+    config = _config(args, rest)
+    if config.sft.steps < 1:
+        raise ValueError("sft.steps is 0: set --sft.steps=N (and sft.data) to run the SFT stage")
+    final = SFTTrainer(config).train()
+    print(f"fastbicot: SFT done. policy: {final} (transformers format); metrics: "
+          f"{os.path.join(os.path.dirname(final), 'metrics.jsonl')}")
+    return 0
+
+
 def cmd_generate(args, rest) -> int:
     import json
 
@@ -110,6 +125,13 @@ def cmd_convert(args, rest) -> int:
     return 0
 
 
+# subcommands whose own module parses the arguments: name -> (module, help)
+DELEGATED = {
+    "eval": ("fastbicot.evaluate", "generate N images per prompt with fixed seeds, score them, tables per task type"),
+    "plan": ("fastbicot.trainer.memory", "per-GPU memory of a recipe from the model config alone"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastbicot", description="Fast BiCoT-GRPO (T2I-R1) training")
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in output_dir from its latest (or the given step's) checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     t.set_defaults(fn=cmd_train)
+    f = sub.add_parser("sft", help="supervised fine-tuning on (prompt, CoT, image tokens) examples (config.sft)")
+    f.add_argument("--config", required=True)
+    f.set_defaults(fn=cmd_sft)
     g = sub.add_parser("generate", help="images + CoTs for a prompt file, and a grid")
     g.add_argument("--config", required=True)
     g.add_argument("--prompts", required=True)
@@ -140,7 +165,14 @@ def main(argv=None) -> int:
     from .settings import ConfigError
     from .trainer.trainer import TrainingError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(DELEGATED[argv[0]][0]).cli(argv[1:])
     parser = build_parser()
+    for name, (_, text) in DELEGATED.items():
+        parser._subparsers._group_actions[0].add_parser(name, help=text + " (see its --help)")
     args, rest = parser.parse_known_args(argv)
     for name in ("num", "batch"):
         v = getattr(args, name, None)

@@ -78,7 +78,7 @@ def coerce(value, tp, path: str):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: must be a list, got {type(value).__name__} {value!r}")
         return [coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: must be a mapping, got {type(value).__name__}")
         return dict(value)

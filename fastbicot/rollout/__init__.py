@@ -1,7 +1,8 @@
 """Rollout engine (DESIGN.md §2, §3, §5): static KV cache with shared prefixes, semantic CoT,
 CFG image decoding (CUDA graph on GPU), and the seed system's loop for comparison."""
 
-from .cot import cot_prompt
+from .config import RolloutConfig, SamplingParams
+from .cot import cot_prompt, image_prompt
 from .engine import RolloutBatch, RolloutEngine, RolloutSample, decode_images
 from .generate import generate_images
 from .kv_cache import KVCache
@@ -10,8 +11,11 @@ __all__ = [
     "KVCache",
     "RolloutBatch",
     "RolloutEngine",
+    "RolloutConfig",
     "RolloutSample",
+    "SamplingParams",
     "cot_prompt",
+    "image_prompt",
     "decode_images",
     "generate_images",
 ]

@@ -59,6 +59,8 @@ class RolloutConfig(Settings):
                    as the seed's ``prompt_ids[:, -max_prompt_length:]``; None keeps it whole.
     max_textcot_length  keep only the last N sampled CoT tokens (the seed's option); None keeps all.
     pixel_rounding "truncate" (the seed's uint8 cast of clip((x+1)/2*255)) or "round".
+    semantic_cot   False skips the plan: the image context holds the prompt and an empty CoT
+                   (evaluation without the semantic-level CoT; BiCoT-GRPO needs it on).
     """
 
     num_generations: int = 8
@@ -74,6 +76,7 @@ class RolloutConfig(Settings):
     max_prompt_length: int | None = 512
     max_textcot_length: int | None = None
     pixel_rounding: str = "truncate"
+    semantic_cot: bool = True
     decode: bool = True
     cuda_graph: bool = True
 

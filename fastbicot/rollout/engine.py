@@ -192,16 +192,20 @@ class RolloutEngine:
 
         # ---- semantic CoT ----------------------------------------------------------------------
         t0 = time.perf_counter()
-        cache = image_cache(
-            policy, 2 * P if cont else P, longest, 2 * R if cont else R, longest + (N if cont else 0)
-        )
         slot_sample = list(range(R))  # sample index held by each cache slot
-        last = prefill_rows(
-            trunk, cache, [templates[s // G] for s in range(R)], range(R), [s // G for s in range(R)]
-        )
-        if self.flat:
-            cache.flatten(0, R)
-        cot_ids, cot_lps = self._cot_loop(trunk, cache, sampler, last, slot_sample, o, cont, bar)
+        if o.semantic_cot:
+            cache = image_cache(
+                policy, 2 * P if cont else P, longest, 2 * R if cont else R, longest + (N if cont else 0)
+            )
+            last = prefill_rows(
+                trunk, cache, [templates[s // G] for s in range(R)], range(R), [s // G for s in range(R)]
+            )
+            if self.flat:
+                cache.flatten(0, R)
+            cot_ids, cot_lps = self._cot_loop(trunk, cache, sampler, last, slot_sample, o, cont, bar)
+        else:  # images straight from the prompt (an empty plan); every context is prefilled fresh below
+            cot_ids, cot_lps = [[] for _ in range(R)], [[] for _ in range(R)]
+            cont = False
         if o.max_textcot_length is not None:  # the seed keeps the last N sampled tokens
             cot_ids = [c[-o.max_textcot_length:] for c in cot_ids]
             cot_lps = [c[-o.max_textcot_length:] for c in cot_lps]
@@ -215,7 +219,7 @@ class RolloutEngine:
         cot_texts = [policy.tokenizer.decode(b, skip_special_tokens=True) for b in body]
         ctx, seg = [], []
         for s in range(R):
-            c, g = self._image_context(templates[s // G], texts[s // G], body[s], cot_texts[s], o)
+            c, g = self.image_context(templates[s // G], texts[s // G], body[s], cot_texts[s], o)
             ctx.append(c)
             seg.append(g)
         uctx = [self._uncond(c, sg, o.uncond) for c, sg in zip(ctx, seg)] if cfg else None
@@ -294,8 +298,10 @@ class RolloutEngine:
         return RolloutBatch(samples=samples, image_tokens=tokens, images=images, timing=timing,
                             num_generations=G, config=o)
 
-    def _image_context(self, template, prompt, body, cot_text, o):
-        """(context ids ending with BOI, segment of each id) for one sample's image step."""
+    def image_context(self, template, prompt, body, cot_text, o=None):
+        """(context ids ending with BOI, segment of each id) for one sample's image step: ``template`` is
+        the sample's CoT context, ``body`` its CoT ids without EOS, ``cot_text`` their decoded text."""
+        o = o or self.config
         bos, boi = self.policy.bos_token_id, self.policy.boi_token_id
         if o.image_mode == "continue":
             return template + body + [boi], [_KEEP] + [_CTX] * (len(template) - 1) + [_COT] * len(body) + [_KEEP]

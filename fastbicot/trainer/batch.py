@@ -94,7 +94,7 @@ def _sample_rows(s, image_mode: str, cfg_rows: bool):
         b = len(s.image_context_ids)
         image_row = Row(list(s.image_context_ids) + img[:-1], b, "image",
                         [(b - 1 + j, t, IMAGE) for j, t in enumerate(img)])
-        rows = [text_row, image_row]
+        rows = [text_row, image_row] if cot else [image_row]  # no plan (rollout.semantic_cot=False)
     uncond = None
     if cfg_rows:
         if s.uncond_context_ids is None:

@@ -207,6 +207,40 @@ class OptimConfig(Settings):
 
 
 @dataclass
+class SFTConfig(Settings):
+    """Supervised warm start (trainer/sft.py): ``steps`` > 0 with ``data`` makes ``fastbicot train``
+    (and ``Trainer(config)``) fine-tune the policy on the examples first -- cached under
+    ``cache_dir`` by a hash of the model, rollout layout, these settings and the data, so a second
+    run skips it -- and start GRPO (and its reference model) from the result. ``fastbicot sft`` runs
+    this stage alone. Loss weights per segment as ReasonGen-R1: text 2, image 1, BOI 0;
+    ``cond_dropout``: the rate of examples whose image row loses prompt and CoT (CFG's branch)."""
+
+    data: str | None = None
+    steps: int = 0
+    batch_size: int = 16
+    lr: float = 1e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    text_weight: float = 2.0
+    image_weight: float = 1.0
+    cond_dropout: float = 0.1
+    seed: int = 0
+    cache_dir: str = "runs/sft_cache"
+
+    def check(self, path):
+        check_range(self, path, "steps", low=0)
+        check_range(self, path, "batch_size", low=1)
+        check_range(self, path, "lr", low=0.0)
+        check_choice(self, path, "schedule", ("linear", "constant", "cosine"))
+        check_range(self, path, "warmup_steps", low=0)
+        check_range(self, path, "text_weight", low=0.0)
+        check_range(self, path, "image_weight", low=0.0)
+        check_range(self, path, "cond_dropout", low=0.0, high=1.0)
+        if self.steps > 0 and not self.data:
+            self.fail(path, "data", "is required when sft.steps > 0 (a JSONL of prompt, cot, image_tokens)")
+
+
+@dataclass
 class CheckpointConfig(Settings):
     """Every ``every`` steps and at the end (0: only at the end); the last ``keep`` are kept."""
 
@@ -242,6 +276,7 @@ class TrainerConfig(Settings):
     output_dir: str = "runs/fastbicot"
     steps: int = 1600
     seed: int = 0
+    threads: int = 0  # CPU runs: torch intra-op threads (0: torch's default); 1 suits tiny models
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -249,11 +284,13 @@ class TrainerConfig(Settings):
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def check(self, path):
         check_range(self, path, "steps", low=1)
+        check_range(self, path, "threads", low=0)
         if not self.output_dir:
             self.fail(path, "output_dir", "is empty")
         if self.data.prompts_per_step % self.optim.micro_batch_prompts:
@@ -336,6 +373,6 @@ def apply_dotted(data: dict, dotted: dict) -> dict:
 
 __all__ = [
     "AdvantageConfig", "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "LossConfig",
-    "ModelConfig", "OptimConfig", "RewardSpec", "RewardsConfig", "RolloutConfig", "SamplingParams",
+    "ModelConfig", "OptimConfig", "RewardSpec", "RewardsConfig", "RolloutConfig", "SFTConfig", "SamplingParams",
     "TrainerConfig", "parse_overrides",
 ]

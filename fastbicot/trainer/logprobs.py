@@ -48,7 +48,11 @@ def embed_rows(policy, rows):
 
 
 def trunk_hidden(policy, emb, mask, positions):
-    return policy.trunk(emb, position_ids=positions, attention_mask=mask)[0]
+    """Rows are right-padded, so under causal attention a real token never sees a pad (pads come
+    after it): no padding mask is needed, and without one SDPA takes its fused causal kernel (no
+    [B, heads, L, L] mask or score tensor). The pads' own outputs are never read."""
+    del mask
+    return policy.trunk(emb, position_ids=positions)[0]
 
 
 def _gather(hidden, rows, head):

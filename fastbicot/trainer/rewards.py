@@ -68,12 +68,13 @@ def build_rewards(config, device) -> RewardEnsemble:
             import fastbicot.rewards as R
 
             cls = getattr(R, cls_name)
+            options = {"name": spec.name, **spec.options}  # the component is logged as reward/<name>
             if needs_path:
                 if not spec.path:
                     raise ValueError(f"{where}: needs path: a local checkpoint directory")
-                obj = cls.from_pretrained(spec.path, device=dev, **spec.options)
+                obj = cls.from_pretrained(spec.path, device=dev, **options)
             else:
-                obj = cls(**spec.options)
+                obj = cls(**options)
             items = [(obj, None)]
         elif ":" in spec.name:
             fn = load_callable(spec.name, where)

@@ -118,8 +118,14 @@ class Trainer:
         if not isinstance(config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
         self.config = c = config
+        if c.threads:
+            torch.set_num_threads(c.threads)
         torch.manual_seed(c.seed)
         self.policy = policy if policy is not None else build_policy(c.model)
+        if policy is None and c.sft.steps > 0:  # the supervised warm start (cached), then GRPO from it
+            from .sft import warm_start
+
+            load_policy_weights(self.policy, warm_start(c))
         self.device = self.policy.device
         self.trainable = set_trainable(self.policy, c.model.trainable, c.model.frozen)
         if c.model.gradient_checkpointing:

@@ -1,0 +1,408 @@
+"""One full BiCoT-GRPO step: fastbicot's Trainer vs a seed-style step, side by side in one run.
+
+    python bench/train_step.py --preset tiny --device cpu --prompts 2 --generations 8 --json out.json
+
+The same work for both: ``--prompts`` prompts x ``--generations`` samples, a CoT of up to
+``--cot-tokens`` tokens (T=1, top-k 50), the image tokens with CFG (w=5), VQ decode, a programmatic
+reward (mean red level; the reward is not what is measured), then one GRPO update (beta=0.01 against
+a frozen reference, AdamW, gradient checkpointing).
+
+seed-style: the seed's structure (CaraJ7/T2I-R1 grpo_trainer.py) -- CoT by an eager sampling loop
+over a left-padded batch with a DynamicCache (what HF generate does), the image loop of
+fastbicot/rollout/seed_loop.py (eager, DynamicCache, CFG by row doubling, softmax + multinomial),
+transformers' VQ decoder, and an update through materialised [B, L, V] logits + log_softmax +
+gather for policy and reference, one micro-batch per prompt group.
+fastbicot: ``Trainer.step()`` (static KV cache, shared prefixes, fused sampler and decode step,
+fused log-probs that never build [N, V], the fused GRPO loss).
+
+Reported per implementation: images/s over the whole step, seconds of rollout (CoT + image), decode,
+reward and update (median of --repeats steps after one warm-up step), and the update's peak memory:
+CUDA max_memory_allocated above the memory before the update; CPU the growth of the peak resident
+set during the update, measured in a fresh subprocess per implementation (so neither inherits the
+other's freed pages). Ratios fastbicot / seed-style are printed and written to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from fastbicot.checks import arg_type, check_int, check_writable_file
+
+IMPLS = ("seed_style", "fastbicot")
+TEMPLATE = {"template": "{system}\n\nUser: {instruction}\n\nAssistant:", "system": "Plan the image.",
+            "instruction": 'Describe how to draw "{prompt}" in a few words.'}
+
+
+def red_reward(images, prompts, metadata, cots):
+    return images[..., 0].float().mean((1, 2)) / 255
+
+
+def make_config(args, out_dir):
+    from fastbicot.trainer import TrainerConfig
+
+    return TrainerConfig.from_dict({
+        "output_dir": out_dir, "steps": 1000, "seed": args.seed,
+        "model": {"preset": args.preset, "device": args.device, "dtype": args.dtype},
+        "data": {"prompts_per_step": args.prompts},
+        "rollout": {"num_generations": args.generations, "cot": {"max_new_tokens": args.cot_tokens},
+                    "guidance_scale": 5.0, **TEMPLATE},
+        "loss": {"beta": 0.01},
+        "optim": {"lr": 1e-6, "micro_batch_prompts": 1},
+        "log": {"progress": False, "entropy": False},
+    })
+
+
+def prompts(n):
+    words = ["red", "blue", "cat", "dog", "car", "left", "of", "two", "small", "green", "tree", "above"]
+    g = torch.Generator().manual_seed(n)
+    return [" ".join(words[int(i)] for i in torch.randint(0, len(words), (6,), generator=g)) for _ in range(n)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------- the seed-style step
+class SeedStyleStep:
+    """The seed's step structure on a fastbicot policy (see the module docstring)."""
+
+    def __init__(self, policy, args):
+        self.policy, self.args = policy, args
+        self.ref = copy.deepcopy(policy).eval()
+        for p in self.ref.parameters():
+            p.requires_grad_(False)
+        for n, p in policy.hf_model.named_parameters():
+            p.requires_grad_(n.startswith(("model.language_model.", "lm_head.")))
+        lm = policy.language_model
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
+        self.gen = torch.Generator(device=policy.device).manual_seed(args.seed)
+
+    @torch.no_grad()
+    def cot(self, texts):
+        """Left-padded batch, eager sampling with a DynamicCache, top-k 50, stop when every row hit EOS."""
+        from transformers import DynamicCache
+
+        from fastbicot.rollout import cot_prompt
+
+        p, G = self.policy, self.args.generations
+        ids = [[p.bos_token_id] + p.tokenizer.encode(cot_prompt(t, **TEMPLATE), add_special_tokens=False)
+               for t in texts for _ in range(G)]
+        L = max(len(x) for x in ids)
+        tok = torch.full((len(ids), L), p.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(ids), L, dtype=torch.long)
+        for i, x in enumerate(ids):
+            tok[i, L - len(x):] = torch.tensor(x)
+            mask[i, L - len(x):] = 1
+        tok, ctx_mask = tok.to(p.device), mask.to(p.device)
+        mask = ctx_mask
+        emb, cache, out = p.embed_text(tok), DynamicCache(), []
+        done = torch.zeros(len(ids), dtype=torch.bool, device=p.device)
+        for _ in range(self.args.cot_tokens):
+            o = p.language_model(inputs_embeds=emb, attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache = o.past_key_values
+            logits = p.text_logits(o.last_hidden_state[:, -1]).float()
+            kth = torch.topk(logits, 50, -1).values[:, -1:]
+            probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+            nxt = torch.multinomial(probs, 1, generator=self.gen)[:, 0]
+            nxt = torch.where(done, p.eos_token_id, nxt)
+            out.append(nxt)
+            done |= nxt == p.eos_token_id
+            if bool(done.all()):
+                break
+            emb = p.embed_text(nxt[:, None])
+            mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
+        return tok, ctx_mask, torch.stack(out, 1)
+
+    def step(self, texts):
+        from fastbicot.rollout.seed_loop import seed_generate_images
+
+        p, dev, G = self.policy, self.policy.device, self.args.generations
+        timing = {}
+        t0 = time.perf_counter()
+        p.eval()
+        ctx_ids, ctx_mask, cot = self.cot(texts)
+        img_ctx = []
+        for i in range(cot.shape[0]):
+            text = p.tokenizer.decode(cot[i].tolist(), skip_special_tokens=True)
+            img_ctx.append([p.bos_token_id] + p.tokenizer.encode(f"User: {texts[i // G]}. {text}\n\nAssistant:",
+                                                                 add_special_tokens=False) + [p.boi_token_id])
+        tokens = seed_generate_images(p, img_ctx, guidance_scale=5.0)
+        sync(dev)
+        timing["rollout"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = p.vqmodel.decode(tokens).float()
+        images = ((x.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        sync(dev)
+        timing["decode"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r = red_reward(images, None, None, None).double()
+        adv = ((r.view(-1, G) - r.view(-1, G).mean(1, keepdim=True)) / (r.view(-1, G).std(1, keepdim=True) + 1e-4))
+        adv = adv.flatten().to(dev)
+        timing["reward"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        p.train()
+        for g in range(len(texts)):  # one prompt group per micro-batch, as the seed's one prompt per GPU
+            rows = slice(g * G, (g + 1) * G)
+            loss = self.group_loss(ctx_ids[rows], ctx_mask[rows], cot[rows], [img_ctx[i] for i in range(
+                g * G, (g + 1) * G)], tokens[rows], adv[rows]) / len(texts)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_([q for q in p.parameters() if q.requires_grad], 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sync(dev)
+        timing["update"] = time.perf_counter() - t0
+        if dev.type == "cuda":
+            timing["update_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return timing
+
+    def logps(self, model, emb, mask, targets, head):
+        h = model.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+        h = h[:, -targets.shape[1] - 1 : -1]
+        logits = model.text_logits(h) if head == "text" else model.image_logits(h)
+        return torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+
+    def group_loss(self, ctx, ctx_mask, cot, img_ctx, img, adv):
+        p, beta = self.policy, 0.01
+        eos = p.eos_token_id
+        is_eos = cot == eos
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), cot.shape[1])
+        cmask = (torch.arange(cot.shape[1], device=cot.device)[None] <= first[:, None]).long()
+        ids = torch.cat([ctx, cot], 1)
+        mask = torch.cat([ctx_mask, cmask], 1)
+        emb = p.embed_text(ids)
+        lp_t = self.logps(p, emb, mask, cot, "text")
+        with torch.no_grad():
+            ref_t = self.logps(self.ref, emb.detach(), mask, cot, "text")
+        L = max(len(x) for x in img_ctx)
+        t = torch.full((len(img_ctx), L), p.pad_token_id, dtype=torch.long, device=img.device)
+        m = torch.zeros_like(t)
+        for i, x in enumerate(img_ctx):  # right-padded, BOI after the padding (the seed's layout)
+            t[i, : len(x) - 1] = torch.tensor(x[:-1])
+            t[i, -1] = x[-1]
+            m[i, : len(x) - 1] = 1
+            m[i, -1] = 1
+        emb_i = torch.cat([p.embed_text(t), p.embed_image(img[:, :-1])], 1)
+        m_i = torch.cat([m, torch.ones_like(img[:, :-1])], 1)
+        lp_i = self.logps(p, emb_i, m_i, img, "image")
+        with torch.no_grad():
+            ref_i = self.logps(self.ref, emb_i.detach(), m_i, img, "image")
+        lp, ref = torch.cat([lp_t, lp_i], 1), torch.cat([ref_t, ref_i], 1)
+        mask_all = torch.cat([cmask, torch.ones_like(img)], 1).float()
+        kl = torch.exp(ref - lp) - (ref - lp) - 1
+        per_tok = -(torch.exp(lp - lp.detach()) * adv[:, None] - beta * kl)
+        return (per_tok * mask_all).sum() / mask_all.sum()
+
+
+# ---------------------------------------------------------------------------- fastbicot
+class FastStep:
+    def __init__(self, policy, args, out_dir):
+        from fastbicot.rewards import FunctionReward
+        from fastbicot.trainer import Trainer
+
+        self.trainer = Trainer(make_config(args, out_dir), policy=policy, rewards=[FunctionReward("red", red_reward)])
+
+    def step(self, texts):
+        from fastbicot.data import PromptRecord
+
+        tr = self.trainer
+        dev = tr.device
+        t0 = time.perf_counter()
+        batch = tr.rollout([PromptRecord(t) for t in texts])
+        sync(dev)
+        t1 = time.perf_counter()
+        scores = tr.score(batch)
+        adv, _, _ = tr.advantages(batch, scores)
+        t2 = time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        tr.update(batch, adv)
+        sync(dev)
+        t3 = time.perf_counter()
+        tr.step_idx += 1
+        out = {"rollout": (t1 - t0) - batch.timing["decode"], "decode": batch.timing["decode"], "reward": t2 - t1,
+               "update": t3 - t2}
+        if dev.type == "cuda":
+            out["update_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return out
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def run_impl(impl, args):
+    """Warm-up step, then --repeats timed steps; on CPU the update's peak RSS growth of one step."""
+    from fastbicot.models import JanusPolicy
+
+    torch.manual_seed(args.seed)
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if dev.type == "cuda"
+                                                                     else torch.float32)
+    policy = JanusPolicy.from_preset(args.preset, seed=args.seed, device=dev, dtype=dtype)
+    import tempfile
+
+    runner = SeedStyleStep(policy, args) if impl == "seed_style" else FastStep(policy, args, tempfile.mkdtemp())
+    texts = prompts(args.prompts)
+    runner.step(texts)  # warm-up
+    steps = []
+    for _ in range(args.repeats):
+        if dev.type == "cpu":
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                base = rss_kib("VmRSS")
+            except OSError:
+                base = None
+        t = runner.step(texts)
+        if dev.type == "cpu" and base is not None:
+            t["update_peak_mib"] = (rss_kib("VmHWM") - base) / 1024  # an upper bound: the whole step
+        steps.append(t)
+    med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+    med["step"] = med["rollout"] + med["decode"] + med["reward"] + med["update"]
+    med["images_per_s"] = args.prompts * args.generations / med["step"]
+    return med
+
+
+def update_peak_subprocess(impl, args):
+    """CPU: the update's peak memory of ``impl`` in a fresh process (RSS growth during the update only)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-update-peak", impl, "--preset", args.preset,
+           "--device", args.device, "--dtype", args.dtype, "--prompts", str(args.prompts), "--generations",
+           str(args.generations), "--cot-tokens", str(args.cot_tokens), "--seed", str(args.seed), "--threads",
+           str(args.threads)]
+    # glibc: every allocation >= 64 KiB is its own mmap and is unmapped when freed, so the resident set
+    # follows live memory and its high-water mark (VmHWM) is the update's peak, not a heap's leftovers
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{impl} update-peak subprocess failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])["update_peak_mib"]
+
+
+def child_update_peak(impl, args):
+    """Runs one step, resets the RSS high-water mark right before the update, prints the growth."""
+    marks = {}
+    from fastbicot.models import JanusPolicy
+
+    policy = JanusPolicy.from_preset(args.preset, seed=args.seed, dtype=torch.float32)
+    import tempfile
+
+    runner = SeedStyleStep(policy, args) if impl == "seed_style" else FastStep(policy, args, tempfile.mkdtemp())
+    texts = prompts(args.prompts)
+    runner.step(texts)  # warm-up: allocator pools and lazy state exist before measuring
+    target = runner if impl == "seed_style" else runner.trainer
+    name = "group_loss" if impl == "seed_style" else "update"
+    inner = getattr(target, name)
+    first = {"done": False}
+
+    def wrapped(*a, **k):
+        if not first["done"]:
+            first["done"] = True
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            marks["base"] = rss_kib("VmRSS")
+        return inner(*a, **k)
+
+    setattr(target, name, wrapped)
+    runner.step(texts)
+    print(json.dumps({"update_peak_mib": (rss_kib("VmHWM") - marks["base"]) / 1024}))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "janus-pro-1b", "janus-pro-7b"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--prompts", type=arg_type(check_int, low=1), default=2)
+    ap.add_argument("--generations", type=arg_type(check_int, low=2), default=8)
+    ap.add_argument("--cot-tokens", type=arg_type(check_int, low=1), default=32)
+    ap.add_argument("--repeats", type=arg_type(check_int, low=1), default=3)
+    ap.add_argument("--threads", type=arg_type(check_int, low=1), default=1)
+    ap.add_argument("--seed", type=arg_type(check_int, low=0), default=0)
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--json")
+    ap.add_argument("--child-update-peak", choices=IMPLS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available on this machine")
+    impls = [x.strip() for x in args.impls.split(",") if x.strip()]
+    unknown = [x for x in impls if x not in IMPLS]
+    if unknown or not impls:
+        ap.error(f"--impls: unknown {unknown}; choose from {list(IMPLS)}")
+    if args.json:
+        check_writable_file("--json", args.json)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.child_update_peak:
+        child_update_peak(args.child_update_peak, args)
+        return 0
+    results, failed = {}, []
+
+    def write(complete):
+        if args.json:
+            payload = {"config": vars(args), "results": results, "complete": complete,
+                       "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                       "torch": torch.__version__}
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(payload, f, indent=1)
+            os.replace(tmp, args.json)
+
+    for impl in impls:
+        try:
+            res = run_impl(impl, args)
+            if args.device == "cpu":
+                res["update_peak_mib"] = update_peak_subprocess(impl, args)
+            results[impl] = res
+        except Exception as e:  # noqa: BLE001 - keep measuring the others; reported, exit status 1
+            results[impl] = {"error": f"{type(e).__name__}: {e}"}
+            failed.append(impl)
+        write(False)
+    if "seed_style" in results and "fastbicot" in results and not failed:
+        a, b = results["seed_style"], results["fastbicot"]
+        results["ratios"] = {"images_per_s": b["images_per_s"] / a["images_per_s"],
+                             "update_time": a["update"] / b["update"],
+                             "update_peak_memory": b["update_peak_mib"] / a["update_peak_mib"]}
+    write(True)
+    print(f"{args.preset} on {args.device}: {args.prompts} prompts x {args.generations} samples, CoT <= "
+          f"{args.cot_tokens} tokens, {args.threads} thread(s)")
+    print(f"{'impl':11} {'img/s':>7} {'rollout s':>9} {'decode s':>8} {'reward s':>8} {'update s':>8} "
+          f"{'upd peak MiB':>12}")
+    for impl in impls:
+        r = results[impl]
+        if "error" in r:
+            print(f"{impl:11} FAILED: {r['error']}")
+            continue
+        print(f"{impl:11} {r['images_per_s']:7.2f} {r['rollout']:9.3f} {r['decode']:8.3f} {r['reward']:8.4f} "
+              f"{r['update']:8.3f} {r['update_peak_mib']:12.1f}")
+    if "ratios" in results:
+        q = results["ratios"]
+        print(f"fastbicot / seed-style: {q['images_per_s']:.2f}x images/s, update {q['update_time']:.2f}x faster, "
+              f"update peak memory {q['update_peak_memory']:.2f}x")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
