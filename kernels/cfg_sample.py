@@ -21,7 +21,8 @@ bits of the threshold from a 16-bin histogram (counts for top-k, mass for top-p)
 8 passes per threshold (the key span [key(-inf), key(0)] holds < 2**31 keys): 1 + 8 + 1 = 10
 passes per token with top-k (the CoT default, top-k 50; bisection took 34), 18 with top-k and
 top-p, 2 unfiltered. Counts are fp32 sums, exact for V < 2**24. The draw is
-Gumbel-max, argmax(score + Gumbel), with Philox keyed by `seed` and counter (token, row, offset):
+Gumbel-max, argmax(score + Gumbel), with Philox keyed by `seed` and counter (token // 4, row,
+offset), one call giving the uniforms of 4 consecutive tokens:
 rows are independent and (seed, offset) reproduces a step. seed/offset may be int64 0-dim device
 tensors that the kernel reads from memory, so a captured CUDA graph can advance them in place.
 
@@ -89,13 +90,20 @@ def _midpoint(lo, hi):
 
 
 @triton.jit
-def _gumbel(seed, offset, rows, cols):
-    """Gumbel(0, 1) noise from Philox with counter (token, row, offset low, offset high)."""
-    c0 = cols[None, :].to(tl.uint32) + tl.zeros_like(rows[:, None]).to(tl.uint32)
-    c1 = rows[:, None].to(tl.uint32) + tl.zeros_like(cols[None, :]).to(tl.uint32)
+def _gumbel(seed, offset, rows, start, WIDTH: tl.constexpr):
+    """Gumbel(0, 1) noise for the tokens start .. start + WIDTH - 1 (start a multiple of 4) of each row.
+
+    One Philox-4x32-10 call per 4 tokens, counter (token // 4, row, offset low, offset high): its 4
+    outputs are the 4 tokens' uniforms (a quarter of the Philox work and of its live state).
+    """
+    quads = start // 4 + tl.arange(0, WIDTH // 4)
+    c0 = quads[None, :].to(tl.uint32) + tl.zeros_like(rows[:, None]).to(tl.uint32)
+    c1 = rows[:, None].to(tl.uint32) + tl.zeros_like(quads[None, :]).to(tl.uint32)
     c2 = offset.to(tl.uint32) + tl.zeros_like(c0)  # truncates to the low 32 bits
     c3 = (offset >> 32).to(tl.uint32) + tl.zeros_like(c0)
-    r, _, _, _ = tl.random.philox(seed, c0, c1, c2, c3)
+    r0, r1, r2, r3 = tl.random.philox(seed, c0, c1, c2, c3)
+    # [R, WIDTH/4, 2, 2] -> [R, WIDTH]: token 4q + 2a + b takes output 2a + b of quad q
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [rows.shape[0], WIDTH])
     # u in [0, 1); clamping away 0 keeps the noise finite (u == 0 has probability 2**-31).
     u = tl.maximum(tl.random.uint_to_uniform_float(r), 1.0e-30)
     return -tl.log(-tl.log(u))
@@ -153,7 +161,7 @@ def _cfg_sample_block_kernel(
             s = tl.where(keep, s, float("-inf"))
             total = tl.sum(tl.where(keep, e, 0.0), axis=1)
         seed, offset = _read_rng(seed_ptr, offset_ptr, seed, offset, RNG_IN_MEMORY)
-        tok = tl.argmax(s + _gumbel(seed, offset, rows, cols), axis=1)
+        tok = tl.argmax(s + _gumbel(seed, offset, rows, 0, BLOCK_V), axis=1)
         s_tok = tl.sum(tl.where(cols[None, :] == tok[:, None], s, 0.0), axis=1)
         lp = s_tok - tl.log(total)
     tl.store(tok_ptr + rows, tok.to(tl.int64), mask=row_ok)
@@ -255,7 +263,7 @@ def _cfg_sample_tiled_kernel(
             s = (z - m) / temperature
             s = tl.where(_ordered_key(s) >= lo[:, None], s, float("-inf"))
             kept += tl.sum(tl.exp(s), axis=1)
-            r = s + _gumbel(seed, offset, rows, cols)
+            r = s + _gumbel(seed, offset, rows, start, TILE)
             rm = tl.max(r, axis=1)
             ra = tl.argmax(r, axis=1)
             better = rm > best
@@ -297,7 +305,8 @@ def _cfg_launch(c, u, w, temperature, top_k, top_p, seed, offset, on_gpu=None):
     }
     args = (c, u_arg, tok, lp, seed_t, offset_t, B, V, c.stride(0), u_arg.stride(0), float(w),
             float(temperature) or 1.0, int(top_k), float(top_p), int(seed), int(offset))
-    block_v = min(triton.next_power_of_2(V), _MAX_BLOCK if V <= _MAX_BLOCK else _TILE)
+    # >= 4: the Gumbel noise comes 4 tokens per Philox call (masked columns past V are -inf)
+    block_v = max(4, min(triton.next_power_of_2(V), _MAX_BLOCK if V <= _MAX_BLOCK else _TILE))
     # Short rows share a program so small vocabularies still fill the machine; the CPU
     # interpreter pays per program, not per element, so it takes far more rows at once.
     block_r = min(triton.next_power_of_2(B), max(1, (4096 if on_gpu else 65536) // block_v))
