@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+from types import SimpleNamespace
 
 # T2I-CompBench's task types, plus the two the T2I-R1 data also uses ("non" for non-spatial, "object");
 # the built-in rule rewards accept exactly rewards.rules.KNOWN_TASK_TYPES.
@@ -37,7 +38,7 @@ OVERALL = "overall"
 # what an eval writes; an out dir holding any of the first three already holds an eval
 MARKERS = ("manifest.json", "results.json", "samples.jsonl")
 OUTPUTS = MARKERS + ("results.md", "images", "grids")
-GRID_PROMPTS = 8  # prompts kept per task type for its grid (the grid shows one image of each first)
+GRID_CELLS = 8  # images per task type grid: one of each of the first 8 prompts (more per prompt when fewer)
 FORMAT_VERSION = 1
 
 
@@ -299,7 +300,6 @@ def evaluate(config, *, prompts, out_dir, checkpoint=None, num_per_prompt=10, us
 
     from .rewards import RewardOutput
     from .rollout import RolloutEngine
-    from .rollout.engine import RolloutBatch
     from .trainer.rewards import build_rewards
     from .trainer.trainer import build_policy
 
@@ -316,8 +316,12 @@ def evaluate(config, *, prompts, out_dir, checkpoint=None, num_per_prompt=10, us
     G = num_per_prompt
     rows: list[dict] = []
     keys: list[str] | None = None
-    grid_keep: dict = {name: [] for name in order}  # bucket -> [(sample, image, {key: score})]
-    grid_prompts: dict = {name: set() for name in order}
+    # the grid of a bucket: its first gp prompts, gs images of each (gp * gs >= GRID_CELLS when it can)
+    grid_keep: dict = {name: [] for name in order}  # bucket -> [(prompt, plan, image, {key: score})]
+    grid_pick: dict = {}  # bucket -> (set of prompt indices, images per prompt)
+    for name in order:
+        ps = [i for i, b in enumerate(buckets) if b == name][:GRID_CELLS]
+        grid_pick[name] = (set(ps), min(G, math.ceil(GRID_CELLS / len(ps))))
     timing = {"generate": 0.0, "score": 0.0}
     bar = tqdm(list(zip(starts, seeds)), desc="eval", unit="batch", disable=not progress, dynamic_ncols=True)
     for start, bs in bar:
@@ -341,9 +345,8 @@ def evaluate(config, *, prompts, out_dir, checkpoint=None, num_per_prompt=10, us
             rows.append({"prompt_index": p, "sample": g, "prompt": s.prompt, "task_type": buckets[p],
                          "plan": s.cot_text, "image": name, "scores": sc, "seed": bs})
             b = buckets[p]
-            if p in grid_prompts[b] or len(grid_prompts[b]) < GRID_PROMPTS:
-                grid_prompts[b].add(p)
-                grid_keep[b].append((s, img.cpu().clone(), sc))
+            if p in grid_pick[b][0] and g < grid_pick[b][1]:
+                grid_keep[b].append((s.prompt, s.cot_text, img.cpu().clone(), sc))
         if rows:
             bar.set_postfix(total=f"{math.fsum(r['scores']['total'] or 0.0 for r in rows) / len(rows):.3f}")
     bar.close()
@@ -366,12 +369,12 @@ def evaluate(config, *, prompts, out_dir, checkpoint=None, num_per_prompt=10, us
     for name, kept in grid_keep.items():
         if not kept:
             continue
-        gb = RolloutBatch(samples=[k[0] for k in kept], image_tokens=torch.stack([k[0].image_tokens for k in kept]),
-                          images=torch.stack([k[1] for k in kept]), num_generations=G, config=config.rollout)
-        ro = RewardOutput(torch.tensor([_nan(k[2]["total"]) for k in kept]),
-                          {c: torch.tensor([_nan(k[2][c]) for k in kept]) for c in keys[1:]})
+        gb = SimpleNamespace(samples=[SimpleNamespace(prompt=k[0], cot_text=k[1]) for k in kept],
+                             images=torch.stack([k[2] for k in kept]), num_generations=grid_pick[name][1])
+        ro = RewardOutput(torch.tensor([_nan(k[3]["total"]) for k in kept]),
+                          {c: torch.tensor([_nan(k[3][c]) for k in kept]) for c in keys[1:]})
         path = os.path.join(out_dir, "grids", f"{_safe(name)}.png")
-        save_sample_grid(gb, ro, path, max_samples=GRID_PROMPTS,
+        save_sample_grid(gb, ro, path, max_samples=GRID_CELLS,
                          title=f"{name}: {'with' if use_cot else 'without'} semantic CoT, seed {seed}")
         grids[name] = os.path.relpath(path, out_dir)
 
