@@ -45,7 +45,10 @@ def _config(args, rest):
 def cmd_train(args, rest) -> int:
     from .trainer import Trainer
 
+    from .trainer.trainer import check_output_dir
+
     config = _config(args, rest)
+    check_output_dir(config.output_dir, overwrite=args.overwrite, resume=args.resume is not None)
     trainer = Trainer(config)
     if args.resume is not None:
         from .trainer.trainer import find_checkpoint

@@ -126,7 +126,7 @@ class Settings:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.to_dict() if isinstance(v, Settings) else (list(v) if isinstance(v, list) else v)
+            out[f.name] = _plain(v)
         return out
 
     def replace(self, **changes):
@@ -140,6 +140,17 @@ class Settings:
             else:
                 data[k] = v
         return type(self).from_dict(data, getattr(self, "_path", ""))
+
+
+def _plain(v):
+    """Settings (nested, in lists and dicts) -> plain data."""
+    if isinstance(v, Settings):
+        return v.to_dict()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def check_choice(obj: Settings, path: str, field: str, choices) -> None:

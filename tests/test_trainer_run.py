@@ -145,7 +145,7 @@ def test_bad_prompts_are_clear_errors(seed, tmp_path, bad, match):
     ("rollout.instruction=hello", r"rollout.instruction: needs the placeholder"),
     ("rollout.cot.topk=3", "rollout.cot.topk: unknown setting"),
     ("bogus.key=1", "bogus: unknown setting"),
-    ("optim.micro_batch_prompts=3", "optim.micro_batch_prompts"),
+    ("optim.micro_batch_prompts=0", "optim.micro_batch_prompts: must be >= 1"),
     ("model.trainable=[]", "model.trainable: is empty"),
 ])
 def test_bad_settings_name_the_key(tmp_path, override, match):

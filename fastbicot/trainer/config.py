@@ -181,7 +181,8 @@ class OptimConfig(Settings):
     """AdamW with fp32 master weights and optimizer states (bf16 compute on GPU), linear decay to 0
     over the run, no warmup, gradient clipping at 1.0: the seed's HF Trainer + ZeRO-3 setup.
     ``micro_batch_prompts``: prompt groups per forward/backward (gradient accumulation over the
-    step's groups; the seed runs one prompt x 8 images per GPU)."""
+    step's groups; the seed runs one prompt x 8 images per GPU). Any value works: the loss is a sum of
+    per-token weights normalised over the whole step, so uneven micro-batches give the same gradient."""
 
     lr: float = 1e-6
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -293,10 +294,6 @@ class TrainerConfig(Settings):
         check_range(self, path, "threads", low=0)
         if not self.output_dir:
             self.fail(path, "output_dir", "is empty")
-        if self.data.prompts_per_step % self.optim.micro_batch_prompts:
-            self.fail(path, "optim.micro_batch_prompts",
-                      f"({self.optim.micro_batch_prompts}) must divide data.prompts_per_step "
-                      f"({self.data.prompts_per_step}): micro-batches hold whole prompt groups")
 
     @classmethod
     def from_yaml(cls, path, overrides=()) -> TrainerConfig:

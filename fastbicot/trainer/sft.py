@@ -159,7 +159,7 @@ class SFTTrainer:
         with torch.no_grad():
             text = lp[seg.to(lp.device) == TEXT].detach()
             image = lp[seg.to(lp.device) == IMAGE].detach()
-        return {"step": self.step_idx, "loss": float(loss), "nll/text": float(-text.mean()),
+        return {"step": self.step_idx, "loss": float(loss.detach()), "nll/text": float(-text.mean()),
                 "nll/image": float(-image.mean()), "grad_norm": float(gn), "lr": lr,
                 "time/step": time.perf_counter() - t0}
 
@@ -202,7 +202,13 @@ def sft_cache_key(config) -> str:
     return h.hexdigest()[:16]
 
 
-def warm_start(config, policy=None, log=print):
+def _stderr(msg):
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def warm_start(config, policy=None, log=_stderr):
     """The SFT warm start of ``config`` -> the directory of its policy, reused from the cache
     (``sft.cache_dir``/<key>) when the same settings and data were trained before."""
     key = sft_cache_key(config)

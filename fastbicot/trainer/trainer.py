@@ -445,15 +445,20 @@ def save_policy(policy, path: str) -> None:
         policy.tokenizer.save_pretrained(path)
 
 
-def prepare_output_dir(path: str, *, overwrite: bool, resume: bool) -> None:
-    """An output dir that already holds another run is refused unless resuming or overwriting."""
-    metrics = os.path.join(path, "metrics.jsonl")
+def check_output_dir(path: str, *, overwrite: bool, resume: bool) -> None:
+    """Refuse (without touching anything) an output dir that already holds another run, unless
+    resuming or overwriting; called before any work so a refusal costs nothing."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"output_dir {path!r} exists and is not a directory")
-    if os.path.exists(metrics) and not resume:
-        if not overwrite:
-            raise ConfigError(f"output_dir {path!r} already holds a run (metrics.jsonl); pass --overwrite to "
-                              "replace it or --resume to continue it, or choose another output_dir")
+    if os.path.exists(os.path.join(path, "metrics.jsonl")) and not resume and not overwrite:
+        raise ConfigError(f"output_dir {path!r} already holds a run (metrics.jsonl); pass --overwrite to "
+                          "replace it or --resume to continue it, or choose another output_dir")
+
+
+def prepare_output_dir(path: str, *, overwrite: bool, resume: bool) -> None:
+    """check_output_dir, then empty it for --overwrite and check it is writable."""
+    check_output_dir(path, overwrite=overwrite, resume=resume)
+    if os.path.exists(os.path.join(path, "metrics.jsonl")) and not resume:
         for name in os.listdir(path):
             p = os.path.join(path, name)
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
