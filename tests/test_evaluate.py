@@ -226,6 +226,10 @@ def test_cli(tmp_path, ckpt, prompts, capsys, one_thread):
     assert "bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli(["--config", TOY_YAML, "--prompts", prompts, "--num", "0"])
+    from fastbicot.cli import main  # `fastbicot eval` delegates here
+
+    assert main(["eval"] + args[:-4] + ["--overwrite", "--task-types", "color"]) == 2
+    assert "fastbicot eval: error" in capsys.readouterr().err
 
 
 def test_default_out_dir(config):
