@@ -38,6 +38,21 @@ import torch
 from fastbicot.checks import arg_type, check_int, check_writable_file
 
 IMPLS = ("seed_style", "fastbicot")
+# --heads real: the tiny trunk with Janus-Pro's head sizes (text vocabulary 102400, image codebook 16384),
+# where the seed's materialised [B, L, V] logits weigh what they weigh on the real model.
+REAL_HEADS = {"vocab_size": 102400, "vq_num_embeddings": 16384}
+
+
+def preset_name(args) -> str:
+    if args.heads == "preset":
+        return args.preset
+    import dataclasses
+
+    from fastbicot.models.janus import PRESETS
+
+    name = f"{args.preset}+real-heads"
+    PRESETS.setdefault(name, dataclasses.replace(PRESETS[args.preset], **REAL_HEADS))
+    return name
 TEMPLATE = {"template": "{system}\n\nUser: {instruction}\n\nAssistant:", "system": "Plan the image.",
             "instruction": 'Describe how to draw "{prompt}" in a few words.'}
 
@@ -51,7 +66,7 @@ def make_config(args, out_dir):
 
     return TrainerConfig.from_dict({
         "output_dir": out_dir, "steps": 1000, "seed": args.seed,
-        "model": {"preset": args.preset, "device": args.device, "dtype": args.dtype},
+        "model": {"preset": preset_name(args), "device": args.device, "dtype": args.dtype},
         "data": {"prompts_per_step": args.prompts},
         "rollout": {"num_generations": args.generations, "cot": {"max_new_tokens": args.cot_tokens},
                     "guidance_scale": 5.0, **TEMPLATE},
@@ -261,7 +276,7 @@ def run_impl(impl, args):
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if dev.type == "cuda"
                                                                      else torch.float32)
-    policy = JanusPolicy.from_preset(args.preset, seed=args.seed, device=dev, dtype=dtype)
+    policy = JanusPolicy.from_preset(preset_name(args), seed=args.seed, device=dev, dtype=dtype)
     import tempfile
 
     runner = SeedStyleStep(policy, args) if impl == "seed_style" else FastStep(policy, args, tempfile.mkdtemp())
@@ -291,7 +306,7 @@ def update_peak_subprocess(impl, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--child-update-peak", impl, "--preset", args.preset,
            "--device", args.device, "--dtype", args.dtype, "--prompts", str(args.prompts), "--generations",
            str(args.generations), "--cot-tokens", str(args.cot_tokens), "--seed", str(args.seed), "--threads",
-           str(args.threads)]
+           str(args.threads), "--heads", args.heads]
     # glibc: every allocation >= 64 KiB is its own mmap and is unmapped when freed, so the resident set
     # follows live memory and its high-water mark (VmHWM) is the update's peak, not a heap's leftovers
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -306,7 +321,7 @@ def child_update_peak(impl, args):
     marks = {}
     from fastbicot.models import JanusPolicy
 
-    policy = JanusPolicy.from_preset(args.preset, seed=args.seed, dtype=torch.float32)
+    policy = JanusPolicy.from_preset(preset_name(args), seed=args.seed, dtype=torch.float32)
     import tempfile
 
     runner = SeedStyleStep(policy, args) if impl == "seed_style" else FastStep(policy, args, tempfile.mkdtemp())
@@ -333,6 +348,8 @@ def child_update_peak(impl, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "janus-pro-1b", "janus-pro-7b"])
+    ap.add_argument("--heads", default="preset", choices=["preset", "real"],
+                    help="real: the preset's trunk with Janus-Pro's text (102400) and image (16384) heads")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--prompts", type=arg_type(check_int, low=1), default=2)
@@ -386,7 +403,7 @@ def main(argv=None):
                              "update_time": a["update"] / b["update"],
                              "update_peak_memory": b["update_peak_mib"] / a["update_peak_mib"]}
     write(True)
-    print(f"{args.preset} on {args.device}: {args.prompts} prompts x {args.generations} samples, CoT <= "
+    print(f"{preset_name(args)} on {args.device}: {args.prompts} prompts x {args.generations} samples, CoT <= "
           f"{args.cot_tokens} tokens, {args.threads} thread(s)")
     print(f"{'impl':11} {'img/s':>7} {'rollout s':>9} {'decode s':>8} {'reward s':>8} {'update s':>8} "
           f"{'upd peak MiB':>12}")

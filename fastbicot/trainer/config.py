@@ -227,6 +227,7 @@ class SFTConfig(Settings):
     cond_dropout: float = 0.1
     seed: int = 0
     cache_dir: str = "runs/sft_cache"
+    trainable: list[str] | None = None  # fnmatch patterns for this stage; None: model.trainable
 
     def check(self, path):
         check_range(self, path, "steps", low=0)

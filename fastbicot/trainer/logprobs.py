@@ -55,19 +55,6 @@ def trunk_hidden(policy, emb, mask, positions):
     return policy.trunk(emb, position_ids=positions)[0]
 
 
-def _gather(hidden, rows, head):
-    """Hidden states [n, H] at the targets of ``rows`` for ``head``, and their targets [n]."""
-    r_idx, p_idx, tgt = [], [], []
-    for i, r in enumerate(rows):
-        for pos, tok, h in r.targets:
-            if h == head:
-                r_idx.append(i)
-                p_idx.append(pos)
-                tgt.append(tok)
-    dev = hidden.device
-    return hidden[torch.tensor(r_idx, device=dev), torch.tensor(p_idx, device=dev)], torch.tensor(tgt, device=dev)
-
-
 @torch.no_grad()
 def head_entropy(h: torch.Tensor, weight: torch.Tensor, bias=None, chunk_elems: int = 1 << 24) -> torch.Tensor:
     """Entropy of softmax(h @ W.T + b) per row (float32 [n]), in row chunks of <= chunk_elems logits."""
@@ -80,76 +67,115 @@ def head_entropy(h: torch.Tensor, weight: torch.Tensor, bias=None, chunk_elems: 
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
 
+def length_buckets(lengths, max_waste: float = 0.25) -> list:
+    """Row indices grouped so that, padded to its longest row, a group wastes at most ``max_waste`` of
+    its positions: sort by length, cut where the longest would exceed (1 + max_waste) x the shortest.
+    Fewer, fuller forwards than one per row kind when kinds have similar lengths (small models are
+    bound by the number of ops), no 3x padding of short CoT rows behind 576 image tokens otherwise."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out, cur = [], []
+    for i in order:
+        if cur and lengths[i] > (1 + max_waste) * lengths[cur[0]]:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _targets(rows, dests, head):
+    """(row, position, target, destination) index lists of ``head``'s targets in ``rows``."""
+    r_i, p_i, tgt, dst = [], [], [], []
+    for i, (r, d) in enumerate(zip(rows, dests)):
+        for (pos, tok, h), where in zip(r.targets, d):
+            if h == head:
+                r_i.append(i)
+                p_i.append(pos)
+                tgt.append(tok)
+                dst.append(where)
+    return r_i, p_i, tgt, dst
+
+
+def _forward_heads(policy, src, rows, dests):
+    """Trunk over ``rows`` (bucketed by length) -> text hidden, image-head hidden, their targets and
+    destinations, each concatenated over the buckets."""
+    out = {TEXT: ([], [], []), IMAGE: ([], [], [])}
+    dev = policy.device
+    for bucket in length_buckets([len(r.ids) for r in rows]):
+        brows = [rows[i] for i in bucket]
+        emb, mask, pos = embed_rows(src, brows)
+        hidden = trunk_hidden(policy, emb.detach() if src is not policy else emb, mask, pos)
+        for head in (TEXT, IMAGE):
+            r_i, p_i, tgt, dst = _targets(brows, [dests[i] for i in bucket], head)
+            if not r_i:
+                continue
+            h = hidden[torch.tensor(r_i, device=dev), torch.tensor(p_i, device=dev)]
+            hs, ts, ds = out[head]
+            hs.append(policy.image_head_hidden(h) if head == IMAGE else h)
+            ts.append(torch.tensor(tgt, device=dev))
+            ds.append(torch.tensor(dst, device=dev))
+    return {k: tuple(torch.cat(x) if x else None for x in v) for k, v in out.items()}
+
+
 def sample_logprobs(policy, samples, *, loss, guidance_scale: float = 1.0, embeds_from=None,
                     entropy: bool = False) -> Forward:
-    """Per-token log-probs of ``samples`` (TrainSamples) under ``policy``.
+    """Per-token log-probs of ``samples`` (TrainSamples) under ``policy``, in batch.py's token order
+    (sample by sample: its text targets, then its image targets).
 
     ``embeds_from``: a policy whose text embeddings feed the trunk instead of ``policy``'s own (the
     seed feeds its reference model the policy's embeddings). Runs under the caller's grad mode.
     """
-    rows, owner = [], []  # every row, and (sample position, kind)
-    for k, s in enumerate(samples):
+    rows, dests, udests, offset = [], [], [], 0
+    for s in samples:
+        text_at, image_at = offset, offset + s.num_text  # a sample's text targets come first
         for r in s.rows:
-            rows.append(r)
-            owner.append(k)
-    by_kind: dict = {}
-    for r, k in zip(rows, owner):
-        by_kind.setdefault(r.kind, []).append((k, r))
-    # each sample's tokens: text targets then image targets (batch.py's order)
-    image_z = [None] * len(samples)
-    text_h = [None] * len(samples)
-    text_tgt = [None] * len(samples)
-    image_tgt = [None] * len(samples)
-    src = embeds_from if embeds_from is not None else policy
-    for items in by_kind.values():
-        krows = [r for _, r in items]
-        emb, mask, pos = embed_rows(src, krows)
-        hidden = trunk_hidden(policy, emb.detach() if src is not policy else emb, mask, pos)
-        for (k, r), i in zip(items, range(len(krows))):
-            h_row = hidden[i : i + 1]
-            for head in (TEXT, IMAGE):
-                if not any(t[2] == head for t in r.targets):
-                    continue
-                h, tgt = _gather(h_row, [r], head)
-                if head == TEXT:
-                    text_h[k], text_tgt[k] = h, tgt
+            d = []
+            for _, _, h in r.targets:
+                if h == TEXT:
+                    d.append(text_at)
+                    text_at += 1
                 else:
-                    image_z[k], image_tgt[k] = policy.image_head_hidden(h), tgt
-    if loss.cfg_logprobs != "none":
-        urows = [s.uncond for s in samples]
-        emb, mask, pos = embed_rows(src, urows)
-        hidden = trunk_hidden(policy, emb.detach() if src is not policy else emb, mask, pos)
-        w = float(guidance_scale)
-        for k, r in enumerate(urows):
-            h, _ = _gather(hidden[k : k + 1], [r], IMAGE)
-            z_u = policy.image_head_hidden(h)
-            if not loss.cfg_uncond_grad:
-                z_u = z_u.detach()
-            image_z[k] = z_u + w * (image_z[k] - z_u)
+                    d.append(image_at)
+                    image_at += 1
+            rows.append(r)
+            dests.append(d)
+        if s.uncond is not None:
+            udests.append([offset + s.num_text + j for j in range(s.num_image)])
+        offset += s.num_tokens
+    src = embeds_from if embeds_from is not None else policy
+    res = _forward_heads(policy, src, rows, dests)
+    h_t, t_t, d_t = res[TEXT]
+    z_i, t_i, d_i = res[IMAGE]
+    if loss.cfg_logprobs != "none":  # combine the image head's inputs: CFG on its last (linear) layer
+        u = _forward_heads(policy, src, [s.uncond for s in samples], udests)[IMAGE]
+        z_u = torch.empty_like(z_i)
+        z_u[_position_of(d_i, u[2])] = u[0]
+        if not loss.cfg_uncond_grad:
+            z_u = z_u.detach()
+        z_i = z_u + float(guidance_scale) * (z_i - z_u)
     temperature = float(guidance_scale) if loss.cfg_logprobs == "cfg_scaled" else 1.0
     head_t, head_i = policy.lm_head, policy.image_head_linear
-    ht = [h for h in text_h if h is not None]
-    zi = [z for z in image_z if z is not None]
-    lp_t = token_logprobs(torch.cat(ht), head_t.weight, torch.cat([t for t in text_tgt if t is not None]),
-                          bias=head_t.bias) if ht else None
-    lp_i = token_logprobs(torch.cat(zi), head_i.weight, torch.cat([t for t in image_tgt if t is not None]),
-                          bias=head_i.bias, temperature=temperature) if zi else None
-    # back to the sample-major order: [s0 text, s0 image, s1 text, ...]
-    parts, ti, ii = [], 0, 0
-    for k in range(len(samples)):
-        if text_h[k] is not None:
-            n = text_h[k].shape[0]
-            parts.append(lp_t[ti : ti + n])
-            ti += n
-        if image_z[k] is not None:
-            n = image_z[k].shape[0]
-            parts.append(lp_i[ii : ii + n])
-            ii += n
-    out = Forward(torch.cat(parts))
+    parts, where = [], []
+    if h_t is not None:
+        parts.append(token_logprobs(h_t, head_t.weight, t_t, bias=head_t.bias))
+        where.append(d_t)
+    if z_i is not None:
+        parts.append(token_logprobs(z_i, head_i.weight, t_i, bias=head_i.bias, temperature=temperature))
+        where.append(d_i)
+    lp, dst = torch.cat(parts), torch.cat(where)
+    out = Forward(torch.empty_like(lp).index_put((dst,), lp))
     if entropy:
-        if ht:
-            out.entropy_text = head_entropy(torch.cat(ht).detach(), head_t.weight, head_t.bias)
-        if zi:
-            out.entropy_image = head_entropy(torch.cat(zi).detach() / temperature, head_i.weight,
+        if h_t is not None:
+            out.entropy_text = head_entropy(h_t.detach(), head_t.weight, head_t.bias)
+        if z_i is not None:
+            out.entropy_image = head_entropy(z_i.detach() / temperature, head_i.weight,
                                              None if head_i.bias is None else head_i.bias / temperature)
     return out
+
+
+def _position_of(order: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """For each of ``keys`` its position in ``order`` (both hold the same distinct destinations)."""
+    inv = torch.empty(int(order.max()) + 1, dtype=torch.long, device=order.device)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    return inv[keys]

@@ -111,7 +111,7 @@ class SFTTrainer:
         if not s.data:
             raise ValueError("sft.data: give the SFT examples file (JSONL: prompt, cot, image_tokens)")
         self.policy = policy if policy is not None else build_policy(config.model)
-        set_trainable(self.policy, config.model.trainable, config.model.frozen)
+        set_trainable(self.policy, s.trainable or config.model.trainable, config.model.frozen)
         if config.model.gradient_checkpointing:
             enable_checkpointing(self.policy.language_model)
         self.engine = RolloutEngine(self.policy, config.rollout)
