@@ -19,6 +19,7 @@ trainer's teacher-forced forward uses. Settings: rollout.config.RolloutConfig.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -351,6 +352,10 @@ class RolloutEngine:
                 offset=step,
             )
             tok_l, lp_l = tok.tolist(), lp.tolist()
+            if not all(map(math.isfinite, lp_l)):  # already on the host: no extra sync
+                bad = [slot_sample[i] for i, x in enumerate(lp_l) if not math.isfinite(x)]
+                raise FloatingPointError(f"non-finite logits in the CoT phase at CoT step {step} (samples "
+                                         f"{bad[:8]}); the policy's weights or activations hold NaN/inf")
             done = []
             for i in range(n):
                 s = slot_sample[i]

@@ -320,8 +320,24 @@ class ImageDecoder:
         if self.lean:
             self.cache.suffix_len[: self.rows] += self.num_tokens
         if self.lean or self.plain:
-            return self.tokens_t.t().contiguous(), self.logprobs_t.t().float()
-        return self.tokens, self.logprobs
+            tokens, logprobs = self.tokens_t.t().contiguous(), self.logprobs_t.t().float()
+        else:
+            tokens, logprobs = self.tokens, self.logprobs
+        check_finite_logprobs(logprobs, "image")
+        return tokens, logprobs
+
+
+def check_finite_logprobs(logprobs: torch.Tensor, phase: str) -> None:
+    """NaN/inf logits give NaN log-probs for the drawn tokens (and tokens that look normal): one check
+    after the loop (a single host sync, CUDA-graph safe) names the phase, the first step and the rows.
+    Greedy decoding stores log-prob 0 and is not covered."""
+    bad = ~torch.isfinite(logprobs)
+    if bool(bad.any()):
+        steps = bad.any(0).nonzero().flatten()
+        rows = bad.any(1).nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"non-finite logits in the {phase} phase: first at {phase} step {int(steps[0])}, rows {rows[:8]}"
+            f"{' ...' if len(rows) > 8 else ''}; the policy's weights or activations hold NaN/inf")
 
 
 def default_flatten(policy, flatten=None) -> bool:
@@ -376,6 +392,8 @@ def generate_images(
     """
     check_sampling_args(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
     seqs = as_token_lists(input_ids)
+    if hasattr(policy, "check_token_ids"):  # before any embedding: an OOV id is a raw IndexError there
+        policy.check_token_ids(seqs, "input_ids")
     bad = [i for i, s in enumerate(seqs) if s[-1] != policy.boi_token_id]
     if bad:
         raise ValueError(f"rows {bad[:5]} of input_ids do not end with the BOI token ({policy.boi_token_id})")

@@ -159,7 +159,7 @@ def save_sample_grid(batch, rewards, out_path: str, *, max_samples: int = 8, tit
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
     tmp = out_path + ".tmp.png"
     fig.savefig(tmp)
     plt.close(fig)
