@@ -45,7 +45,7 @@ def test_example_rows_are_the_rollouts_layout(seed, mode):
     ex = {"prompt": s.prompt, "cot": policy.tokenizer.decode(body), "image_tokens": s.image_tokens.tolist()}
     ts = example_sample(engine, ex, drop=False)
     img = s.image_tokens.tolist()
-    image_row = [r for r in ts.rows if any(t[2] == IMAGE for t in r.targets)][0]
+    image_row = next(r for r in ts.rows if any(t[2] == IMAGE for t in r.targets))
     assert image_row.ids == s.image_context_ids + img[:-1]
     assert [t[1] for t in image_row.targets if t[2] == IMAGE] == img
     text = [t for r in ts.rows for t in r.targets if t[2] == TEXT]
@@ -94,7 +94,7 @@ def test_cond_dropout_blanks_prompt_and_plan(seed):
     policy = build_policy(seed=1)
     engine = RolloutEngine(policy, guidance_scale=1.0, **TOY)
     ex = {"prompt": "a red square", "cot": "red square at top left", "image_tokens": [0] * 64}
-    row = [r for r in example_sample(engine, ex, drop=True).rows if r.kind == "image"][0]
+    row = next(r for r in example_sample(engine, ex, drop=True).rows if r.kind == "image")
     ctx = row.ids[: row.n_text]
     assert ctx == [policy.bos_token_id] + [policy.pad_token_id] * (len(ctx) - 2) + [policy.boi_token_id]
 
