@@ -18,33 +18,14 @@ import os
 import sys
 
 
-def _split_overrides(rest: list) -> list:
-    """Unknown ``--a.b=v`` / ``--a.b v`` arguments -> ["a.b=v", ...]; anything else is an error."""
-    out, i = [], 0
-    while i < len(rest):
-        arg = rest[i]
-        if not arg.startswith("--") or len(arg) < 3:
-            raise SystemExit(f"fastbicot: unexpected argument {arg!r} (overrides look like --section.key=value)")
-        if "=" in arg:
-            out.append(arg[2:])
-            i += 1
-        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-            out.append(f"{arg[2:]}={rest[i + 1]}")
-            i += 2
-        else:
-            raise SystemExit(f"fastbicot: override {arg} needs a value (--section.key=value)")
-    return out
-
-
 def _config(args, rest):
-    from .trainer.config import TrainerConfig
+    from .trainer.config import TrainerConfig, cli_overrides
 
-    return TrainerConfig.from_yaml(args.config, _split_overrides(rest))
+    return TrainerConfig.from_yaml(args.config, cli_overrides(rest))
 
 
 def cmd_train(args, rest) -> int:
     from .trainer import Trainer
-
     from .trainer.trainer import check_output_dir
 
     config = _config(args, rest)

@@ -417,24 +417,6 @@ def default_out_dir(config, checkpoint, prompts, num, use_cot, seed) -> str:
     return os.path.join(config.output_dir, "eval", f"model-{tag}")
 
 
-def _split_overrides(rest: list) -> list:
-    """``--a.b=v`` / ``--a.b v`` -> ["a.b=v", ...]; anything else is an error."""
-    out, i = [], 0
-    while i < len(rest):
-        arg = rest[i]
-        if not arg.startswith("--") or len(arg) < 3:
-            raise EvalError(f"unexpected argument {arg!r} (overrides look like --section.key=value)")
-        if "=" in arg:
-            out.append(arg[2:])
-            i += 1
-        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-            out.append(f"{arg[2:]}={rest[i + 1]}")
-            i += 2
-        else:
-            raise EvalError(f"override {arg} needs a value (--section.key=value)")
-    return out
-
-
 def build_parser(prog: str = "fastbicot eval") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Generate N images per prompt with fixed seeds, score "
                                 "them with the config's rewards, and table the scores per task type.")
@@ -459,7 +441,7 @@ def cli(argv=None, prog: str = "fastbicot eval") -> int:
     """The command line (argv without the program name); returns the exit status: 0 done, 2 a bad
     argument, config, prompt file, task type or out dir (one line on stderr)."""
     from .settings import ConfigError
-    from .trainer.config import TrainerConfig
+    from .trainer.config import TrainerConfig, cli_overrides
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog)
@@ -470,7 +452,7 @@ def cli(argv=None, prog: str = "fastbicot eval") -> int:
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     try:
-        config = TrainerConfig.from_yaml(args.config, _split_overrides(rest))
+        config = TrainerConfig.from_yaml(args.config, cli_overrides(rest))
         use_cot = not args.no_cot
         out = args.out or default_out_dir(config, args.checkpoint, args.prompts, args.num, use_cot, args.seed)
         results = evaluate(config, prompts=args.prompts, out_dir=out, checkpoint=args.checkpoint,

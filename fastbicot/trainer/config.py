@@ -328,6 +328,24 @@ class TrainerConfig(Settings):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=110)
 
 
+def cli_overrides(args: list) -> list:
+    """Command-line ``--a.b=v`` / ``--a.b v`` arguments -> ["a.b=v", ...]; anything else is an error."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ConfigError(f"unexpected argument {arg!r} (overrides look like --section.key=value)")
+        if "=" in arg:
+            out.append(arg[2:])
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append(f"{arg[2:]}={args[i + 1]}")
+            i += 2
+        else:
+            raise ConfigError(f"override {arg} needs a value (--section.key=value)")
+    return out
+
+
 def parse_overrides(overrides) -> dict:
     """["a.b=1", "--c.d=x"] or {"a.b": 1} -> {"a.b": value} with values parsed as YAML."""
     import yaml
