@@ -241,6 +241,7 @@ class RolloutEngine:
             slot_sample = list(range(R))
             lens = [len(c) for c in ctx + (uctx or [])]
             trunk.check_positions(max(lens) + N)
+            cache = None  # free the CoT cache before the image cache exists (both at once: ~10 GiB at 7B)
             cache = image_cache(policy, R + P, max(lens), 2 * R if cfg else R, max(lens) + 1 + N)
             rows, slots, groups = list(ctx), list(range(R)), list(range(R))
             if cfg:
