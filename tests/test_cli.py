@@ -42,7 +42,8 @@ def test_train_toy_end_to_end_then_generate(tmp_path):
     assert "found in the cache" in r.stderr
     # generate from the trained policy
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("\n".join(open(os.path.join(ROOT, "configs/toy/prompts.jsonl")).read().splitlines()[:2]))
+    with open(os.path.join(ROOT, "configs/toy/prompts.jsonl")) as f:
+        prompts.write_text("".join(f.readlines()[:2]))
     r = run("generate", "--config", "configs/toy.yaml", "--checkpoint", str(out / "final"), "--prompts",
             str(prompts), "--out", str(tmp_path / "gen"), "--num", "2")
     assert r.returncode == 0, r.stderr[-3000:]
