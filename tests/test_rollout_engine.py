@@ -5,7 +5,7 @@ import pytest
 import torch
 from test_rollout_generate import IDS, one_thread, random_policy  # noqa: F401 (autouse fixture)
 
-from fastbicot.rollout import RolloutEngine
+from fastbicot.rollout import RolloutEngine, image_prompt
 from fastbicot.rollout.sampling import filtered_logits
 
 PROMPTS = ["a red cube", "two small dogs to the left of a very large green cat"]
@@ -101,8 +101,11 @@ def test_per_row_stop_and_sample_layout(seed):
         assert s.cot_ids[-1] == eos or len(s.cot_ids) == 12
         body = s.cot_ids[:-1] if s.cot_ids[-1] == eos else s.cot_ids
         assert s.cot_text == policy.tokenizer.decode(body, skip_special_tokens=True)  # as the seed (TR:544)
-        head = policy.tokenizer.encode(f"User: {s.prompt}. ", add_special_tokens=False)
+        # the seed strips the User turn: with an empty (or all-special) CoT "p." is followed by "\n\n"
+        head = policy.tokenizer.encode(f"User: {s.prompt}.", add_special_tokens=False)
         assert s.image_context_ids[: 1 + len(head)] == [bos] + head and s.image_context_ids[-1] == boi
+        text = policy.tokenizer.encode(image_prompt(s.prompt, s.cot_text), add_special_tokens=False)
+        assert s.image_context_ids == [bos] + text + [boi]
         assert s.uncond_context_ids == [bos] + [pad] * (len(s.image_context_ids) - 2) + [boi]
         assert s.image_tokens.shape == (policy.num_image_tokens,) and s.image.dtype == torch.uint8
         assert s.cot_logprobs.shape == (len(s.cot_ids),) and bool((s.cot_logprobs <= 0).all())
