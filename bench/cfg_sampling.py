@@ -19,7 +19,6 @@ status 1 when any implementation failed.
 
 import argparse
 import functools
-import json
 import math
 import os
 import statistics
@@ -29,6 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fastbicot.bench_cli import name_list, write_json
 from fastbicot.checks import ArgumentError, arg_type, check_int, check_writable_file
 from fastbicot.kernels.cfg_sample import cfg_sample
 
@@ -95,27 +95,6 @@ def _device(text):
     return text
 
 
-def _csv(choices):
-    def convert(text):
-        names = [m.strip() for m in text.split(",") if m.strip()]
-        unknown = [m for m in names if m not in choices]
-        if not names or unknown:
-            raise argparse.ArgumentTypeError(f"unknown name(s) {unknown or [text]}; choose from {list(choices)}")
-        if len(set(names)) != len(names):
-            raise argparse.ArgumentTypeError(f"repeated name in {text!r}")
-        return names
-
-    return convert
-
-
-def _write_json(path, payload):
-    """Atomic rewrite: a crash leaves the previous complete snapshot, never a truncated file."""
-    if path is None:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -126,7 +105,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=pos, default=16384)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--methods", type=_csv(METHODS), default=None,
+    ap.add_argument("--methods", type=name_list(METHODS), default=None,
                     help=f"comma-separated, from {','.join(METHODS)} (default: all available)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build on CPU)")
     ap.add_argument("--reps", type=pos, default=10, help="timed repetitions on CPU")
@@ -170,7 +149,7 @@ def main(argv=None):
             "peak_memory": ("CUDA allocator peak above the inputs during one call, reset per implementation"
                             if device == "cuda" else "not measured on CPU (null)")}
     doc = {"meta": meta, "complete": False, "results": results, "failures": failures}
-    _write_json(args.json, doc)
+    write_json(args.json, doc)
     print(f"device={device} dtype={args.dtype} V={args.vocab}")
     print(f"{'config':<10} {'B':>5} {'method':<14} {'ms':>9} {'peak MiB':>9} {'vs eager':>9}")
     for name in args.configs:
@@ -185,22 +164,22 @@ def main(argv=None):
                 except Exception as e:  # noqa: BLE001 - e.g. no compiler for torch.compile; bench the rest
                     msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                     failures.append({"config": name, "batch": B, "method": method, "error": msg})
-                    _write_json(args.json, doc)
+                    write_json(args.json, doc)
                     print(f"{name:<10} {B:>5} {method:<14} failed: {msg}")
                     continue
                 eager_ms = ms if method == "torch_eager" else eager_ms
                 results.append({"config": name, "batch": B, "vocab": args.vocab, "dtype": args.dtype, "device": device,
                                 "method": method, "median_ms": ms, "peak_mib": peak})
-                _write_json(args.json, doc)
+                write_json(args.json, doc)
             for r in results:
                 if r["config"] == name and r["batch"] == B:
                     r["speedup_vs_eager"] = eager_ms / r["median_ms"] if eager_ms else None
                     mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
                     sp = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
                     print(f"{name:<10} {B:>5} {r['method']:<14} {r['median_ms']:>9.3f} {mem:>9} {sp:>9}")
-            _write_json(args.json, doc)
+            write_json(args.json, doc)
     doc["complete"] = True
-    _write_json(args.json, doc)
+    write_json(args.json, doc)
     if failures:
         print(f"FAILED: {len(failures)} measurement(s): "
               + ", ".join(f"{f['config']}/{f['batch']}/{f['method']}" for f in failures), file=sys.stderr)

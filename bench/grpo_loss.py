@@ -20,7 +20,6 @@ end), so a failure mid-run keeps what was measured. Exit status 1 when any imple
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fastbicot.bench_cli import name_list, write_json
 from fastbicot.checks import ArgumentError, arg_type, check_int, check_writable_file
 from fastbicot.kernels.grpo_loss import grpo_loss
 from fastbicot.kernels.token_logprobs import token_logprobs
@@ -166,14 +166,6 @@ def _device(text):
     return text
 
 
-def _methods(text):
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; choose from {list(METHODS)}")
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"repeated method in {text!r}")
-    return names
 
 
 def _liger_available():
@@ -184,14 +176,6 @@ def _liger_available():
     return True
 
 
-def _write_json(path, payload):
-    """Atomic rewrite: a crash leaves the previous complete snapshot, never a truncated file."""
-    if path is None:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -205,7 +189,7 @@ def main(argv=None):
     p.add_argument("--image", type=arg_type(check_int, low=0), default=None,
                    help="image tokens per sample (GPU 576, CPU 100)")
     p.add_argument("--hidden", type=pos, default=None, help="H (GPU 4096, CPU 128)")
-    p.add_argument("--methods", type=_methods, default=None,
+    p.add_argument("--methods", type=name_list(METHODS, "method"), default=None,
                    help=f"comma-separated, from {','.join(METHODS)} (default: all available; torch_compile "
                         f"on CPU only with --compile)")
     p.add_argument("--compile", action="store_true", help="include torch.compile on CPU (slow to compile)")
@@ -244,14 +228,14 @@ def main(argv=None):
 
     def on_row(row):  # incremental: the file always holds every row measured so far
         rows.append(row)
-        _write_json(args.json, doc)
+        write_json(args.json, doc)
 
-    _write_json(args.json, doc)
+    write_json(args.json, doc)
     for name, V, with_bias, train_weight in heads:
         bench_head(name, H, V, with_bias, train_weight, samples, length, args.device, dtype, methods,
                    reps=args.reps, on_row=on_row)
     doc["complete"] = True
-    _write_json(args.json, doc)
+    write_json(args.json, doc)
     print(f"device: {device_name}  dtype: {dtype}  N = {samples} x {length} tokens  (forward + backward)")
     print(f"{'head':6} {'method':14} {'V':>7} {'median ms':>10} {'peak MiB':>9}")
     for r in rows:

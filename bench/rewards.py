@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fastbicot.bench_cli import write_json
 from fastbicot.checks import ArgumentError, arg_type, check_int, check_writable_file
 from fastbicot.rewards import DetectorReward, RemoteJudgeReward
 
@@ -267,12 +268,6 @@ def _peak_gb(device, started):
         return None
 
 
-def _write_json(path, payload):
-    """Atomic rewrite: a crash leaves the previous complete snapshot, never a truncated file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -321,7 +316,7 @@ def main(argv=None):
         "complete": False,
         "results": results,
     }
-    _write_json(out, doc)
+    write_json(out, doc)
 
     def run(name, build, required=False):
         started = _peak_start(device)
@@ -330,14 +325,14 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001 -- a missing optional model must not stop the others
             key = "error" if required else "skipped"
             results[name] = {key: f"{type(e).__name__}: {e}"[:300]}
-            _write_json(out, doc)
+            write_json(out, doc)
             return
         try:
             results[name] = time_reward(reward, images, prompts, metadata, args.iters)
             results[name]["peak_mem_gb"] = _peak_gb(device, started)
         except Exception as e:  # noqa: BLE001 -- a reward failing is reported, the others still run
             results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        _write_json(out, doc)
+        write_json(out, doc)
         del reward
 
     run("detector_rules (synthetic detections)", lambda: DetectorReward(random_detector).to(device), True)
@@ -371,7 +366,7 @@ def main(argv=None):
             else:
                 results[cls_name] = {"skipped": "needs --checkpoint CLASS=DIR (no random-weight builder)"}
     doc["complete"] = True
-    _write_json(out, doc)
+    write_json(out, doc)
 
     print(f"rewards on {dev_name}, batch {args.batch}, {args.size}x{args.size} images, {args.iters} iters")
     print(f"{'reward':<48} {'ms/batch':>10} {'images/s':>10} {'peak GB':>8}")

@@ -23,7 +23,6 @@ failed (its error is in the JSON, the others are still timed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fastbicot.bench_cli import name_list, write_json
 from fastbicot.checks import ArgumentError, arg_type, check_float, check_int, check_writable_file
 from fastbicot.models import JanusPolicy
 from fastbicot.rollout import generate_images
@@ -173,24 +173,6 @@ def _device(text):
     return dev
 
 
-def _impls(text):
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in IMPLS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown implementation(s) {unknown or [text]}; choose from {list(IMPLS)}")
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"repeated implementation in {text!r}")
-    return names
-
-
-def _write_json(path, payload):
-    """Atomic rewrite: a crash leaves the previous complete snapshot, never a truncated file."""
-    if path is None:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -216,7 +198,7 @@ def main(argv=None):
         choices=["wall", "cpu"],
         help="cpu: process CPU time (fair on a shared, oversubscribed CPU; use with --threads 1)",
     )
-    ap.add_argument("--impls", type=_impls, default=list(IMPLS), help=f"comma-separated, from {','.join(IMPLS)}")
+    ap.add_argument("--impls", type=name_list(IMPLS, "implementation"), default=list(IMPLS), help=f"comma-separated, from {','.join(IMPLS)}")
     ap.add_argument("--json", default=None, help="write the results here (checked for writability first)")
     args = ap.parse_args(argv)
     if args.json is not None:
@@ -318,15 +300,15 @@ def main(argv=None):
         results[:] = rows(secs, peaks)
         out["errors"] = dict(errors)
         out["rounds_done"] = rounds
-        _write_json(args.json, out)
+        write_json(args.json, out)
 
-    _write_json(args.json, out)
+    write_json(args.json, out)
     with torch.no_grad():
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         secs, peaks, errors = run_all({n: impls[n][0] for n in names}, device, args.repeats, clock, progress)
     progress(secs, peaks, errors, args.repeats)
     out["complete"] = True
-    _write_json(args.json, out)
+    write_json(args.json, out)
     print(
         f"{args.preset} on {dev_name}, batch {args.batch}, {policy.num_image_tokens} image tokens, "
         f"{args.clock} clock, floor {floor:.4f} ms/step at {bw:.0f} GB/s"

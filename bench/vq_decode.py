@@ -19,7 +19,6 @@ status 1 when any method failed.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ from transformers import JanusVQVAE, JanusVQVAEConfig
 
 import fastbicot
 from fastbicot import _ext
+from fastbicot.bench_cli import name_list, write_json
 from fastbicot.checks import ArgumentError, arg_type, check_int, check_writable_file
 
 CONFIGS = {
@@ -141,24 +141,6 @@ def _int_list(text):
     return out
 
 
-def _method_list(text):
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in ALL_METHODS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; choose from {list(ALL_METHODS)}")
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"repeated method in {text!r}")
-    return names
-
-
-def _write_json(path, payload):
-    """Atomic rewrite: a crash leaves the previous complete snapshot, never a truncated file."""
-    if path is None:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -170,7 +152,7 @@ def main(argv=None):
     parser.add_argument(
         "--batches", type=_int_list, default=None, help="comma-separated (default 1,8,16,64 on GPU, 1 on CPU)"
     )
-    parser.add_argument("--methods", type=_method_list, default=None,
+    parser.add_argument("--methods", type=name_list(ALL_METHODS, "method"), default=None,
                         help=f"comma-separated (GPU default {GPU_METHODS})")
     parser.add_argument("--warmup", type=arg_type(check_int, low=0), default=None)
     parser.add_argument("--iters", type=arg_type(check_int, low=1), default=None)
@@ -212,7 +194,7 @@ def main(argv=None):
                         else "CPU peak RSS growth (VmHWM) during the method, reset per method; null if unavailable"),
     }
     doc = {"meta": meta, "complete": False, "results": rows}
-    _write_json(args.json, doc)
+    write_json(args.json, doc)
     for batch in batches:
         tokens = torch.randint(0, k, (batch, n * n), device=device)
         reference = {}
@@ -221,7 +203,7 @@ def main(argv=None):
                 out, dtype, seconds, peak = bench(method, model, tokens, warmup, iters)
             except Exception as e:  # noqa: BLE001 -- one failing method must not hide the others
                 rows.append({"method": method, "batch": batch, "error": f"{type(e).__name__}: {e}"[:300]})
-                _write_json(args.json, doc)
+                write_json(args.json, doc)
                 print(f"{method:22s} batch {batch:3d}  failed: {rows[-1]['error']}")
                 continue
             if method.startswith("hf") and dtype not in reference:
@@ -237,7 +219,7 @@ def main(argv=None):
                     "max_abs_diff_vs_hf": diff,
                 }
             )
-            _write_json(args.json, doc)
+            write_json(args.json, doc)
             r = rows[-1]
             print(
                 f"{method:22s} batch {batch:3d}  {r['images_per_s']:9.2f} img/s  {r['ms']:10.1f} ms  "
@@ -247,7 +229,7 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     doc["complete"] = True
-    _write_json(args.json, doc)
+    write_json(args.json, doc)
     if args.json:
         print(f"wrote {args.json}")
     failed = [f"{r['method']}/batch {r['batch']}" for r in rows if "error" in r]
