@@ -23,7 +23,7 @@ def _import_torch():
     copy the user already installed.
     """
     try:
-        import torch  # noqa: F401
+        import torch
 
         return True
     except ImportError:
@@ -49,8 +49,8 @@ def _extensions():
     if not _import_torch():
         warnings.warn("fastbicot: torch not found at build time; fastbicot._C not built (pure-torch fallback).")
         return [], {}
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         warnings.warn("fastbicot: no C++ compiler found; fastbicot._C not built (pure-torch fallback).")

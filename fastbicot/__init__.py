@@ -21,7 +21,7 @@ _LAZY = {
     "SFTTrainer": "fastbicot.trainer",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = list(_LAZY) + ["__version__"]
 
 
 def __getattr__(name):
