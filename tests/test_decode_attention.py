@@ -2,25 +2,18 @@
 concatenated [prefix | suffix] KV, on the CPU torch path and on the Triton kernels.
 
 The Triton kernels run on CPU under Triton's interpreter, which triton selects when the kernels
-are decorated (at import): without CUDA this module sets TRITON_INTERPRET=1 before importing the
-kernel module (tests/conftest.py does too); if triton was imported earlier without it, the Triton
-cases run in a fresh subprocess (test_triton_cases_in_fresh_interpreter). Interpreter shapes are
-kept small because the interpreter is slow.
+are decorated (at import): without CUDA tests/conftest.py sets TRITON_INTERPRET=1 before any test
+module imports the kernel module; if triton was imported earlier without it, the Triton cases run
+in a fresh subprocess (test_triton_cases_in_fresh_interpreter). Interpreter shapes are kept small
+because the interpreter is slow.
 """
-
-import os
-import subprocess
-import sys
-
-import pytest
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib
 
-mod = importlib.import_module("fastbicot.kernels.decode_attention")
+import pytest
+import torch
+from helpers import run_triton_cases_in_fresh_interpreter
+
 from fastbicot.kernels.decode_attention import (
     group_layout,
     grouped_decode_attention,
@@ -30,20 +23,17 @@ from fastbicot.kernels.decode_attention import (
     suffix_attention,
 )
 
+mod = importlib.import_module("fastbicot.kernels.decode_attention")
 INTERPRETED = mod._interpreted()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_READY = INTERPRETED or DEVICE == "cuda"  # for the kernel_path fixture (conftest.py)
 
 
-@pytest.fixture(params=["torch", "triton"])
-def path(request, monkeypatch):
-    """'torch': CPU tensors on the torch path; 'triton': the kernels (CUDA, or CPU interpreter)."""
-    if request.param == "triton":
-        if DEVICE == "cpu" and not INTERPRETED:
-            pytest.skip("triton was imported without TRITON_INTERPRET=1: see the subprocess test")
-        monkeypatch.setenv("FASTBICOT_FORCE_TRITON", "1")
-        return DEVICE
-    monkeypatch.setenv("FASTBICOT_FORCE_TRITON", "0")
-    return "cpu"
+@pytest.fixture
+def path(kernel_path):
+    """The device of the inputs: 'torch' -> CPU tensors on the torch path; 'triton' -> the kernels
+    (CUDA, or the CPU interpreter)."""
+    return DEVICE if kernel_path == "triton" else "cpu"
 
 
 def make_case(B, Hq, Hkv, D, P, Lp, Ls, dtype=torch.float32, device="cpu", q_scale=1.0,
@@ -287,11 +277,7 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
 def test_triton_cases_in_fresh_interpreter():
     if INTERPRETED or DEVICE == "cuda":
         pytest.skip("the Triton cases ran in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__,
-           "-k", "triton and not fresh"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    run_triton_cases_in_fresh_interpreter(__file__)
 
 
 @pytest.mark.gpu

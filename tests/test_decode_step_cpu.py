@@ -3,14 +3,15 @@ torch reference written here, against transformers' trunk run row by row, and en
 
 import pytest
 import torch
-from test_rollout_generate import one_thread, random_policy  # noqa: F401 (autouse fixture)
+from helpers import random_policy
 
 from fastbicot import _ext
 from fastbicot.rollout import generate_images
 from fastbicot.rollout.kv_cache import KVCache
 from fastbicot.rollout.trunk import Trunk
 
-pytestmark = pytest.mark.skipif(not _ext.available("cpu"), reason="fastbicot._C not built")
+pytestmark = [pytest.mark.skipif(not _ext.available("cpu"), reason="fastbicot._C not built"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def rope(x, cos, sin):

@@ -1,38 +1,22 @@
 """grpo_loss vs a float64 autograd reference of each formula, on the CPU path and the Triton kernels.
 
 Triton runs on CPU under its interpreter, which triton selects at import; see
-tests/test_token_logprobs.py for why this module sets TRITON_INTERPRET=1 before importing it and
-how the Triton cases fall back to a fresh subprocess.
+tests/test_token_logprobs.py for how conftest.py arranges that and how the Triton cases fall back
+to a fresh subprocess.
 """
 
-import os
-import subprocess
-import sys
+import importlib
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_triton_cases_in_fresh_interpreter
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib
-
-mod = importlib.import_module("fastbicot.kernels.grpo_loss")  # the module (the package re-exports the function)
 from fastbicot.kernels.grpo_loss import grpo_loss, grpo_loss_reference
 
+mod = importlib.import_module("fastbicot.kernels.grpo_loss")  # the module (the package re-exports the function)
 INTERPRETED = mod._interpreted()
-
-
-@pytest.fixture(params=["torch", "triton"])
-def path(request, monkeypatch):
-    if request.param == "triton":
-        if not INTERPRETED:
-            pytest.skip("triton was imported without TRITON_INTERPRET=1: see the subprocess test")
-        monkeypatch.setenv("FASTBICOT_FORCE_TRITON", "1")
-    else:
-        monkeypatch.setenv("FASTBICOT_FORCE_TRITON", "0")
-    return request.param
+TRITON_READY = INTERPRETED  # the kernel_path fixture (conftest.py) runs the 'triton' cases in this process
 
 
 def _batch(device="cpu", num_seq=6):
@@ -63,7 +47,7 @@ def _batch(device="cpu", num_seq=6):
 @pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean", "dr_grpo"])
 @pytest.mark.parametrize("per_token_adv", [False, True])
 @pytest.mark.parametrize("with_old", [False, True])
-def test_matches_reference(path, loss_type, per_token_adv, with_old, seed):
+def test_matches_reference(kernel_path, loss_type, per_token_adv, with_old, seed):
     b = _batch()
     adv = b["adv"][b["seq_ids"]] if per_token_adv else b["adv"]
     kw = {"old_logprobs": b["old"] if with_old else None, "ref_logprobs": b["ref"], "beta": 0.04, "eps_low": 0.2,
@@ -89,7 +73,7 @@ def test_matches_reference(path, loss_type, per_token_adv, with_old, seed):
         assert stats["clip_fraction"] == 0 and abs(stats["ratio_mean"].item() - 1) < 1e-6
 
 
-def test_without_old_or_ref_gradient_is_minus_weighted_advantage(path, seed):
+def test_without_old_or_ref_gradient_is_minus_weighted_advantage(kernel_path, seed):
     # r = exp(logp - logp.detach()) == 1, so d(token_mean)/d logp_i = -A_i * w_i / sum(w) exactly.
     b = _batch()
     logp = b["logp"].float().requires_grad_()
@@ -103,7 +87,7 @@ def test_without_old_or_ref_gradient_is_minus_weighted_advantage(path, seed):
 
 
 @pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean", "dr_grpo"])
-def test_fully_masked_batch_is_zero_not_nan(path, loss_type, seed):
+def test_fully_masked_batch_is_zero_not_nan(kernel_path, loss_type, seed):
     b = _batch()
     logp = b["logp"].float().requires_grad_()
     loss, stats = grpo_loss(logp, b["adv"], b["seq_ids"], old_logprobs=b["old"], ref_logprobs=b["ref"],
@@ -142,10 +126,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_triton_cases_in_fresh_interpreter():
     if INTERPRETED:
         pytest.skip("the Triton cases ran in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                           __file__, "-k", "triton and not fresh"], env=env, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    run_triton_cases_in_fresh_interpreter(__file__)
 
 
 @pytest.mark.gpu

@@ -3,13 +3,15 @@
 
 import pytest
 import torch
-from test_rollout_generate import IDS, one_thread, random_policy  # noqa: F401 (autouse fixture)
+from helpers import IDS, random_policy
 
 from fastbicot.rollout import RolloutEngine, image_prompt
 from fastbicot.rollout.sampling import filtered_logits
 
 PROMPTS = ["a red cube", "two small dogs to the left of a very large green cat"]
 SHORT = dict(system="Plan the image.", instruction="Draw: {prompt}")  # the default template is ~730 bytes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def eos_prone_policy(seed, dtype=torch.float64):

@@ -2,81 +2,13 @@
 
 import pytest
 import torch
-from transformers import JanusConfig, JanusForConditionalGeneration
+from helpers import IDS, random_policy
 
 from fastbicot.models import JanusPolicy
-from fastbicot.models.tokenizer import build_byte_tokenizer
 from fastbicot.rollout import generate_images
 from fastbicot.rollout.seed_loop import hf_generate_images, seed_generate_images
 
-IDS = {"bos": 256, "eos": 257, "pad": 258, "boi": 259, "eoi": 260, "image": 261}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls: extra threads only add contention on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def random_policy(
-    hidden=40, layers=2, heads=5, grid=3, image_vocab=29, seed=0, dtype=torch.float64, scale=3.0
-):
-    """A random Janus of odd shapes (byte tokenizer ids). Weights are scaled up so that greedy
-    decoding moves between many tokens instead of repeating one (a stronger parity check)."""
-    torch.manual_seed(seed)
-    config = JanusConfig(
-        text_config=dict(
-            model_type="llama",
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            intermediate_size=2 * hidden + 6,
-            vocab_size=264,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-            bos_token_id=IDS["bos"],
-            eos_token_id=IDS["eos"],
-            pad_token_id=IDS["pad"],
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=16 * grid,
-            patch_size=16,
-            num_image_tokens=grid * grid,
-            projection_dim=hidden,
-        ),
-        vq_config=dict(
-            embed_dim=8,
-            num_embeddings=image_vocab,
-            latent_channels=32,
-            base_channels=32,
-            channel_multiplier=[1, 2],
-            num_patches=grid,
-            projection_dim=hidden,
-            image_token_embed_dim=hidden,
-        ),
-        image_token_id=IDS["image"],
-        tie_word_embeddings=False,
-    )
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = JanusForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(old)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(scale)
-    g = model.generation_config
-    g.bos_token_id, g.eos_token_id, g.pad_token_id = IDS["bos"], IDS["eos"], IDS["pad"]
-    g.generation_kwargs = {"boi_token_id": IDS["boi"]}
-    return JanusPolicy(model, build_byte_tokenizer(IDS))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_policy(seed=0):

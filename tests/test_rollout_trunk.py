@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
-from test_rollout_generate import one_thread, random_policy  # noqa: F401 (autouse fixture)
+from helpers import random_policy
 
 from fastbicot.rollout.attention import grouped_decode_attention_torch
 from fastbicot.rollout.kv_cache import KVCache
 from fastbicot.rollout.trunk import Trunk
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -1,41 +1,25 @@
 """token_logprobs vs a float64 full-logits reference: values, gradients, memory, both CPU paths.
 
 The Triton kernels run on CPU under Triton's interpreter, which triton selects when the kernels
-are decorated (at import). Without CUDA this module sets TRITON_INTERPRET=1 before the first
-import of triton; if something imported triton earlier without it, the Triton cases are run in a
-fresh subprocess by test_triton_cases_in_fresh_interpreter instead.
+are decorated (at import). Without CUDA conftest.py sets TRITON_INTERPRET=1 before any test module
+imports triton, and the kernel_path fixture runs each case on the torch path and on the kernels; if
+something imported triton earlier without it, the Triton cases are run in a fresh subprocess by
+test_triton_cases_in_fresh_interpreter instead.
 """
 
-import os
-import subprocess
-import sys
+import importlib
 
 import numpy as np
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib
-
+from helpers import run_triton_cases_in_fresh_interpreter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-mod = importlib.import_module("fastbicot.kernels.token_logprobs")  # the module (the package re-exports the function)
 from fastbicot.kernels.token_logprobs import token_logprobs, token_logprobs_reference
 
+mod = importlib.import_module("fastbicot.kernels.token_logprobs")  # the module (the package re-exports the function)
 INTERPRETED = mod._interpreted()
-
-
-@pytest.fixture(params=["torch", "triton"])
-def path(request, monkeypatch):
-    if request.param == "triton":
-        if not INTERPRETED:
-            pytest.skip("triton was imported without TRITON_INTERPRET=1: see the subprocess test")
-        monkeypatch.setenv("FASTBICOT_FORCE_TRITON", "1")
-    else:
-        monkeypatch.setenv("FASTBICOT_FORCE_TRITON", "0")
-    return request.param
+TRITON_READY = INTERPRETED  # the kernel_path fixture (conftest.py) runs the 'triton' cases in this process
 
 
 def _inputs(N, H, V, dtype, bias=True, scale=1.0, device="cpu"):
@@ -67,14 +51,14 @@ def _check(hidden, weight, bias, targets, temperature, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_reference(path, dtype, seed):
+def test_matches_reference(kernel_path, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     N, H, V = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((5, 34), (16, 49), (37, 301)))
     temperature = [1.0, 0.7, 1.6][seed % 3]
     _check(*_inputs(N, H, V, dtype, bias=bool(seed % 2)), temperature, dtype)
 
 
-def test_single_row_and_extreme_logits(path, seed):
+def test_single_row_and_extreme_logits(kernel_path, seed):
     # N=1, and logits in the thousands: the lse must not overflow and the target may sit far below it.
     for N, scale in ((1, 1.0), (7, 300.0)):
         _check(*_inputs(N, 24, 97, torch.float32, scale=scale), 0.5, torch.float32)
@@ -94,7 +78,7 @@ def _count_mm(fn):
     return Count.n
 
 
-def test_frozen_weight_gets_no_grad_and_skips_its_work(path, seed):
+def test_frozen_weight_gets_no_grad_and_skips_its_work(kernel_path, seed):
     hidden, weight, bias, targets = _inputs(9, 16, 53, torch.float32)
 
     def run(requires):
@@ -159,10 +143,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_triton_cases_in_fresh_interpreter():
     if INTERPRETED:
         pytest.skip("the Triton cases ran in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                           __file__, "-k", "triton and not fresh"], env=env, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    run_triton_cases_in_fresh_interpreter(__file__)
 
 
 @pytest.mark.gpu

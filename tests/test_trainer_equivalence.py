@@ -11,59 +11,11 @@ The reference below is written from CaraJ7/T2I-R1 src/t2i-r1/src/open_r1/trainer
 so the effective loss is the mean over prompt groups of each group's token mean.
 """
 
-import copy
-
 import pytest
 import torch
+from helpers import make_trainer
 
-from fastbicot.models import JanusPolicy
-from fastbicot.rewards import FunctionReward
-from fastbicot.trainer import Trainer, TrainerConfig
-
-SHORT = dict(template="{system} {instruction}", system="Plan.", instruction="Draw {prompt}:")
-PROMPTS = ["a red cube", "two green dogs left of a cat", "x"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def red_reward():
-    return FunctionReward("red", lambda im, p, m, c: im[..., 0].double().mean((1, 2)) / 255 + 0.1 * len(c[0]))
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def make_trainer(seed, tmp_path, dtype="float64", policy=None, **sections):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "prompts.txt"
-    data.write_text("\n".join(PROMPTS))
-    base = dict(
-        output_dir=str(tmp_path / "run"), steps=3, seed=seed,
-        model=dict(preset="tiny", dtype=dtype, seed=seed),
-        data=dict(prompts=str(data), prompts_per_step=3, shuffle=False),
-        rollout=dict(num_generations=4, cot=dict(max_new_tokens=6), **SHORT),
-        log=dict(progress=False),
-    )
-    cfg = TrainerConfig.from_dict(merge(base, sections))
-    ref = None
-    if policy is None:
-        policy = JanusPolicy.from_preset("tiny", seed=seed, dtype=getattr(torch, cfg.model.dtype))
-    if cfg.loss.beta > 0:
-        ref = copy.deepcopy(policy)
-        with torch.no_grad():  # a reference that differs from the policy: the KL term is not zero
-            for p in ref.hf_model.model.language_model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    return Trainer(cfg, policy=policy, rewards=[red_reward()], ref_policy=ref)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seed_logps(model, emb_model, s):

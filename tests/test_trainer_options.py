@@ -4,13 +4,15 @@ the DAPO zero-variance filter, advantages."""
 
 import pytest
 import torch
-from test_trainer_equivalence import make_trainer, one_thread  # noqa: F401 (autouse fixture)
+from helpers import make_trainer
 
 from fastbicot.trainer import aggregation_weights, group_advantages, pack
 from fastbicot.trainer import trainer as trainer_mod
 from fastbicot.trainer.batch import IMAGE, TEXT
 from fastbicot.trainer.logprobs import sample_logprobs
 from fastbicot.trainer.step import grpo_objective
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_tokens(gen, n_groups=3, G=4):

@@ -7,12 +7,14 @@ import os
 
 import pytest
 import torch
-from test_trainer_equivalence import PROMPTS, make_trainer, one_thread  # noqa: F401 (autouse fixture)
+from helpers import PROMPTS, make_trainer
 
 from fastbicot.models import JanusPolicy
 from fastbicot.rewards import FunctionReward
 from fastbicot.trainer import ConfigError, Trainer, TrainerConfig, TrainingError
 from fastbicot.trainer.trainer import find_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REQUIRED = ["step", "reward/mean", "reward/std", "reward/red", "loss", "kl", "clip_fraction", "grad_norm", "lr",
             "cot_len", "entropy/text", "entropy/image", "images_per_s", "time/rollout", "time/reward",
