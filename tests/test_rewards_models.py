@@ -28,7 +28,6 @@ from fastbicot.rewards.models import (
     VLMJudgeReward,
     convert_hps_checkpoint,
     open_clip_to_clip_state_dict,
-    parse_boxed,
 )
 from fastbicot.rewards.models._common import preprocess
 
@@ -841,13 +840,6 @@ def test_qwen_vl_judge_prob_and_boxed(tmp_path, seed):
     boxed.fallback = 0.25
     assert boxed(images, PROMPTS).tolist() == [0.25] * 3 and boxed.num_fallbacks == 3
     assert tok.pad_token_id is not None
-
-
-def test_parse_boxed():
-    assert parse_boxed("so the answer is \\boxed{1}.") == 1.0
-    assert parse_boxed("\\boxed{ 0 } and again \\boxed{0}") == 0.0
-    for bad in ("yes", "\\boxed{1} but \\boxed{0}", "\\boxed{yes}", "\\boxed{0.5}", "\\boxed{}", "boxed{1}", ""):
-        assert parse_boxed(bad) is None, bad
 
 
 @pytest.mark.gpu

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from fastbicot.rewards import RemoteJudgeReward, RewardError
-from fastbicot.rewards.remote import UnscorableAnswer, boxed_score, yes_probability
+from fastbicot.rewards.judging import UnscorableAnswer, boxed_verdict, top_logprobs_yes_probability
 
 WORDS = ["a", "red", "blue", "cat", "dog", "yes", "no", "Yes", "No"]
 SPECIALS = ["<unk>", "<pad>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
@@ -238,16 +238,21 @@ def _canned(content=None, top=None, status=200):
 def test_boxed_parsing_over_http():
     for content, want in [
         ("reasoning... \\boxed{1}", 1.0),
-        ("\\boxed{1} no wait \\boxed{0}", 0.0),
         ("\\boxed{ 1 }", 1.0),
+        ("\\boxed{0} so \\boxed{0}", 0.0),
     ]:
         with Server(_canned(content)) as server:
             assert RemoteJudgeReward(server.url, "m", mode="boxed")(_images(1, 0), ["p"]).item() == want
-    for bad in ["\\boxed{yes}", "The answer is 1", "\\boxed{0.5}", "\\boxed{10}"]:
+    for bad in ["\\boxed{yes}", "The answer is 1", "\\boxed{0.5}", "\\boxed{10}", "\\boxed{1} no wait \\boxed{0}"]:
         with pytest.raises(UnscorableAnswer):
-            boxed_score(bad)
+            boxed_verdict(bad)
     with Server(_canned("\\boxed{yes}")) as server, pytest.raises(RewardError, match=r"prompt 'a cat'.*\\boxed\{yes\} is not"):
         RemoteJudgeReward(server.url, "m", mode="boxed")(_images(1, 0), ["a cat"])
+    # a judge that changes its mind gives no verdict (until issue 16 the last box won: 0.0 here)
+    with Server(_canned("\\boxed{1} no wait \\boxed{0}")) as server:
+        with pytest.raises(RewardError, match=r"prompt 'a cat'.*disagree"):
+            RemoteJudgeReward(server.url, "m", mode="boxed")(_images(1, 0), ["a cat"])
+        assert RemoteJudgeReward(server.url, "m", mode="boxed", fallback=0.5)(_images(2, 0), ["a", "b"]).tolist() == [0.5] * 2
 
 
 def test_yes_probability_closed_form():
@@ -257,13 +262,13 @@ def test_yes_probability_closed_form():
         {"token": "NO", "logprob": np.log(0.2)},
         {"token": "maybe", "logprob": np.log(0.4)},
     ]
-    assert yes_probability(top) == pytest.approx(0.4 / 0.6)
-    assert yes_probability([{"token": "no", "logprob": -1000.0}]) == 0.0
-    assert yes_probability(
+    assert top_logprobs_yes_probability(top) == pytest.approx(0.4 / 0.6)
+    assert top_logprobs_yes_probability([{"token": "no", "logprob": -1000.0}]) == 0.0
+    assert top_logprobs_yes_probability(
         [{"token": "yes", "logprob": -1000.0}, {"token": "no", "logprob": -1001.0}]
     ) == pytest.approx(1 / (1 + np.exp(-1.0)))
     with pytest.raises(UnscorableAnswer, match="neither 'yes' nor 'no'"):
-        yes_probability([{"token": "maybe", "logprob": 0.0}])
+        top_logprobs_yes_probability([{"token": "maybe", "logprob": 0.0}])
 
 
 def test_no_yes_no_token_uses_fallback_or_errors():

@@ -5,9 +5,9 @@ a pool of ``max_concurrency`` threads so the server can batch them. Standard lib
 
 * ``mode="yesno"``: asks for one token with ``logprobs`` / ``top_logprobs`` and scores
   P(yes) / (P(yes) + P(no)), summing the probabilities of every top token that reads "yes" or "no"
-  once stripped and lower-cased ("Yes", " yes", "YES" ...).
-* ``mode="boxed"``: lets the judge reason and reads the last ``\\boxed{...}`` of its answer, which
-  must be exactly 0 or 1.
+  once stripped and lower-cased ("Yes", " yes", "YES" ...) (``judging.top_logprobs_yes_probability``).
+* ``mode="boxed"``: lets the judge reason and reads the ``\\boxed{...}`` of its answer: every box must
+  hold the same 0 or 1 (``judging.boxed_verdict``, the rule every boxed judge of fastbicot uses).
 
 An answer that cannot be scored (no yes/no among the top tokens, no valid ``\\boxed{}``) is an error
 naming the reward, the prompt and the answer, or ``fallback`` when one is configured. A reply that
@@ -33,8 +33,6 @@ import base64
 import http.client
 import io
 import json
-import math
-import re
 import socket
 import string
 import threading
@@ -48,9 +46,9 @@ from PIL import Image
 
 from ..checks import ArgumentError, check_float, check_int, check_str
 from .base import Reward, RewardError, _short
+from .judging import UnscorableAnswer, boxed_verdict, top_logprobs_yes_probability
 
 DEFAULT_QUESTION = 'Does this image match the description: "{prompt}"? Answer yes or no.'
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
@@ -61,62 +59,12 @@ def png_data_url(image: torch.Tensor) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class UnscorableAnswer(ValueError):
-    """The judge answered, but the answer does not give a score."""
-
-
 class _RequestFailed(RewardError):
     """One request failed for transport reasons (after its retries): fallback-eligible in a batch."""
 
 
 class _DeadlineExceeded(OSError):
     pass
-
-
-def _logsumexp(values: list[float]) -> float:
-    m = max(values, default=-math.inf)
-    return m if m == -math.inf else m + math.log(sum(math.exp(v - m) for v in values))
-
-
-def yes_probability(top_logprobs) -> float:
-    """P(yes) / (P(yes) + P(no)) from an OpenAI ``top_logprobs`` list of {token, logprob}.
-
-    Computed in log space, sigmoid(log P(yes) - log P(no)), so logprobs like -1000 do not underflow.
-    """
-    logp = {"yes": [], "no": []}
-    if isinstance(top_logprobs, (str, bytes, dict)) or not isinstance(top_logprobs, (list, tuple)):
-        raise TypeError(f"top_logprobs must be a list of {{token, logprob}} objects, got "
-                        f"{type(top_logprobs).__name__}")
-    for entry in top_logprobs:
-        if not isinstance(entry, dict):
-            raise TypeError(f"top_logprobs entry must be an object, got {type(entry).__name__}")
-        word = str(entry.get("token", "")).strip().lower()
-        if word in logp:
-            value = entry["logprob"]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"logprob of {entry.get('token')!r} must be a number, got {value!r}")
-            logp[word].append(float(value))
-    ly, ln = _logsumexp(logp["yes"]), _logsumexp(logp["no"])
-    if ly == ln == -math.inf or math.isnan(ly) or math.isnan(ln):
-        tokens = [e.get("token") for e in top_logprobs]
-        if any(math.isnan(v) for v in logp["yes"] + logp["no"]):
-            raise UnscorableAnswer(f"NaN log-probability among the top tokens {tokens}")
-        raise UnscorableAnswer(f"neither 'yes' nor 'no' among the top tokens {tokens}")
-    d = ly - ln
-    return 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))
-
-
-def boxed_score(text: str) -> float:
-    """1.0 / 0.0 from the last ``\\boxed{1}`` / ``\\boxed{0}`` in ``text``; anything else is unscorable."""
-    if text is not None and not isinstance(text, str):
-        raise TypeError(f"message content must be a string, got {type(text).__name__}")
-    found = _BOXED.findall(text or "")
-    if not found:
-        raise UnscorableAnswer("no \\boxed{...} in the answer")
-    value = found[-1].strip()
-    if value not in ("0", "1"):
-        raise UnscorableAnswer(f"\\boxed{{{value}}} is not \\boxed{{0}} or \\boxed{{1}}")
-    return float(value)
 
 
 class RemoteJudgeReward(Reward):
@@ -320,9 +268,9 @@ class RemoteJudgeReward(Reward):
             choice = reply["choices"][0]
             if self.mode == "yesno":
                 answer = choice["logprobs"]["content"][0]["top_logprobs"]
-                return yes_probability(answer)
+                return top_logprobs_yes_probability(answer)
             answer = choice["message"]["content"]
-            return boxed_score(answer)
+            return boxed_verdict(answer)
         except UnscorableAnswer as e:
             if self.fallback is None:
                 raise RewardError(

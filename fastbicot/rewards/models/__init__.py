@@ -6,7 +6,7 @@ from .git_vqa import GitVQAReward
 from .grounding_dino import GroundingDinoDetector, GroundingDinoReward
 from .hps import HPSReward, convert_hps_checkpoint, open_clip_to_clip_model, open_clip_to_clip_state_dict
 from .orm import ORMJudgeReward, ORMReward
-from .vlm_judge import VLMJudgeReward, parse_boxed
+from .vlm_judge import VLMJudgeReward
 
 __all__ = [
     "CLIPScoreReward",
@@ -21,5 +21,4 @@ __all__ = [
     "convert_hps_checkpoint",
     "open_clip_to_clip_model",
     "open_clip_to_clip_state_dict",
-    "parse_boxed",
 ]

@@ -15,8 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..base import RewardError
-
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 # PIL resample codes used in preprocessor_config.json -> torch interpolation modes
@@ -136,20 +134,3 @@ def single_token_id(tokenizer, word: str, reward: str) -> int:
         raise ValueError(f"reward {reward!r}: answer word {word!r} is {len(ids)} tokens {ids} for this tokenizer; "
                          "yes/no scoring needs a single-token word")
     return ids[0]
-
-
-def yes_probability(logits: torch.Tensor, yes_id: int, no_id: int, normalize: str) -> torch.Tensor:
-    """From next-token logits [N, V]: P(yes) over the vocabulary ("vocab") or P(yes)/(P(yes)+P(no))
-    ("yes_no"), in float32."""
-    logits = logits.float()
-    if normalize == "vocab":
-        return torch.softmax(logits, dim=-1)[:, yes_id]
-    if normalize == "yes_no":
-        return torch.sigmoid(logits[:, yes_id] - logits[:, no_id])
-    raise ValueError(f"normalize must be 'vocab' or 'yes_no', got {normalize!r}")
-
-
-def check_not_empty(values, what: str, reward: str, prompt: str):
-    if not values:
-        raise RewardError(f"reward {reward!r}: prompt {prompt!r} has no {what} to score")
-    return values

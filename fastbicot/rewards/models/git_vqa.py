@@ -21,6 +21,7 @@ import math
 import torch
 
 from ..base import Reward, RewardError, _short
+from ..judging import yes_share
 from ..rules import check_phrases, check_prompt, check_task_type
 from ._common import batch_slices, load_model, preprocess, read_image_config, single_token_id
 
@@ -100,7 +101,7 @@ class GitVQAReward(Reward):
         hidden = self.model.git(input_ids=input_ids, pixel_values=pixels).last_hidden_state
         last = torch.tensor([len(x) - 1 for x in ids], device=self.device) + (hidden.shape[1] - length)
         logits = self.model.output(hidden[torch.arange(len(ids), device=self.device), last])  # [B, V]
-        return torch.sigmoid(logits[:, self.yes_id].float() - logits[:, self.no_id].float())
+        return yes_share(logits[:, self.yes_id].float(), logits[:, self.no_id].float())
 
     def score(self, images, prompts, metadata, cots):
         plans = [self.plan(p, m) for p, m in zip(prompts, metadata)]

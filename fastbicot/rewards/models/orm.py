@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import Reward, RewardError
+from ..judging import yes_share
 from ..rules import check_prompt
 from ._common import batch_slices, load_model, preprocess, read_image_config
 from .vlm_judge import VLMJudgeReward
@@ -189,8 +190,8 @@ class ORMReward(Reward):
     def scores_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The seed's score from first-token logits [N, V] (float64 arithmetic; see the module docstring)."""
         probs = torch.softmax(top_k_filter(logits.double().cpu() / self.temperature, self.top_k), dim=-1)
-        p_yes, p_no = probs[:, self.yes_id], probs[:, self.no_id]
-        ratio = p_yes / (p_yes + p_no)  # NaN when both are filtered out; gated to 0 below (never drawn)
+        # p_yes / (p_yes + p_no): NaN when both are filtered out; gated to 0 below (never drawn)
+        ratio = yes_share(probs[:, self.yes_id].log(), probs[:, self.no_id].log())
         passes = probs[:, self.gate_ids].sum(-1) if len(self.gate_ids) else torch.zeros_like(ratio)
         if self.gate == "none":
             return ratio

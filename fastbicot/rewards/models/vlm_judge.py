@@ -5,8 +5,9 @@ Two modes:
   token's yes-probability, P(yes)/(P(yes)+P(no)) (``normalize="yes_no"``) or P(yes) over the whole
   vocabulary (``normalize="vocab"``).
 * ``"boxed"``: greedy generation, then strict parsing of ``\\boxed{0}`` / ``\\boxed{1}``: at least one
-  box, every box holding the same 0 or 1. Anything else is unparsable: a RewardError quoting the
-  answer, or the reward's ``fallback`` when one is configured (counted in ``num_fallbacks``).
+  box, every box holding the same 0 or 1 (``fastbicot.rewards.judging.boxed_verdict``). Anything else is
+  unparsable: a RewardError quoting the answer, or the reward's ``fallback`` when one is configured
+  (counted in ``num_fallbacks``).
 
 Rows are left-padded so every row's next token sits at the last position. ``VLMJudgeReward`` takes any
 transformers image-text-to-text model with a processor and a chat template; ``from_pretrained``
@@ -16,27 +17,16 @@ reuses it for the LLaVA-OneVision ORM.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from ..base import Reward, RewardError, _short
-from ._common import batch_slices, load_model, single_token_id, yes_probability
+from ..judging import UnscorableAnswer, boxed_verdict, yes_probability
+from ._common import batch_slices, load_model, single_token_id
 
 PROB_QUESTION = ('Does this image accurately show the following prompt: "{prompt}"? Answer with yes or no.')
 BOXED_QUESTION = ('Does this image accurately show the following prompt: "{prompt}"? Check every object, '
                   "attribute, count and spatial relation, then give the final answer as \\boxed{{1}} if the "
                   "image matches the prompt and \\boxed{{0}} if it does not.")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
-def parse_boxed(text: str) -> float | None:
-    """0.0 / 1.0 from ``\\boxed{0}`` / ``\\boxed{1}``; None when there is no box or the boxes disagree or
-    hold anything else."""
-    values = {v.strip() for v in _BOXED.findall(text)}
-    if len(values) != 1 or not values <= {"0", "1"}:
-        return None
-    return float(values.pop())
 
 
 class VLMJudgeReward(Reward):
@@ -107,10 +97,13 @@ class VLMJudgeReward(Reward):
         answers = self.processor.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         scores = []
         for prompt, answer in zip(prompts, answers):
-            value = parse_boxed(answer)
-            if value is None and self.fallback is None:
-                raise RewardError(f"reward {self.name!r}: unparsable judgement for prompt {_short(prompt)}: "
-                                  f"{_short(answer)} (expected \\boxed{{0}} or \\boxed{{1}}); set fallback=<value> "
-                                  "to substitute a fixed value")
-            scores.append(float("nan") if value is None else value)  # NaN -> fallback in Reward.check_scores
+            try:
+                value = boxed_verdict(answer)
+            except UnscorableAnswer as e:
+                if self.fallback is None:
+                    raise RewardError(f"reward {self.name!r}: unparsable judgement for prompt {_short(prompt)}: "
+                                      f"{_short(answer)} ({e}; expected \\boxed{{0}} or \\boxed{{1}}); set "
+                                      "fallback=<value> to substitute a fixed value") from None
+                value = float("nan")  # NaN -> fallback in Reward.check_scores
+            scores.append(value)
         return torch.tensor(scores, dtype=torch.float32)
