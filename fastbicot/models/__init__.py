@@ -1,6 +1,8 @@
-"""Policy adapters. JanusPolicy wraps transformers' JanusForConditionalGeneration."""
+"""Policy adapters. JanusPolicy wraps transformers' JanusForConditionalGeneration; Policy is the Protocol
+the rollout and the trainer rely on."""
 
-from .janus import PRESETS, JanusPolicy, preset_config
+from .janus import PRESETS, DecoderLayer, JanusPolicy, preset_config
+from .protocol import Policy
 from .tokenizer import build_byte_tokenizer
 
-__all__ = ["PRESETS", "JanusPolicy", "build_byte_tokenizer", "preset_config"]
+__all__ = ["PRESETS", "DecoderLayer", "JanusPolicy", "Policy", "build_byte_tokenizer", "preset_config"]

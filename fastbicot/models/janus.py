@@ -1,9 +1,16 @@
-"""JanusPolicy: the one place that knows transformers' Janus internals.
+"""JanusPolicy: the adapter over transformers' ``JanusForConditionalGeneration``.
 
-The rollout engine and the trainer talk to the model only through this adapter: embeddings for
-text and image tokens, the decoder trunk, the text head, and the image head split into its hidden
-part and its final Linear (the fused log-prob kernel takes that Linear's input and weight, and CFG
-can be applied to that input because the layer is linear).
+The rollout engine and the trainer talk to the model through this adapter (the members they use are
+listed in ``fastbicot.models.protocol.Policy``): embeddings for text and image tokens, the decoder
+trunk and its parts by role (``decoder_layers``, ``final_norm``, ``rope_tables``, ...), the text
+head, and the image head split into its hidden part and its final Linear (the fused log-prob kernel
+takes that Linear's input and weight, and CFG can be applied to that input because the layer is
+linear).
+
+Other code that knows a transformers class, on purpose: ``fastbicot/vq.py`` re-implements
+``JanusVQVAE``'s decoder (it reads its blocks; ``policy.vqmodel`` is handed to it);
+``fastbicot/rollout/seed_loop.py`` is the transformers-generate baseline; the trainer's LoRA and
+FSDP code wraps modules of ``policy.hf_model``; checkpoints are ``hf_model.save_pretrained``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import json
 import numbers
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +111,29 @@ def preset_config(name: str, attn_implementation: str = "sdpa"):
     return config
 
 
+@dataclass(frozen=True)
+class DecoderLayer:
+    """One decoder layer's parts by role (transformers' LlamaDecoderLayer: ``input_layernorm``,
+    ``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``).
+
+    The projections are ``nn.Linear`` modules, or peft LoRA wrappers of them (read the weight the
+    layer applies with ``fastbicot.rollout.trunk.effective_weight``); the norms are RMSNorm modules
+    (``weight``; their epsilon is ``JanusPolicy.rms_norm_eps``); ``mlp(x) = down(act(gate(x)) * up(x))``.
+    """
+
+    input_norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+    post_attention_norm: nn.Module
+    mlp: nn.Module
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
 def _set_generation_ids(hf_model, ids: dict) -> None:
     gen = hf_model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = ids["bos"], ids["eos"], ids["pad"]
@@ -112,10 +143,8 @@ def _set_generation_ids(hf_model, ids: dict) -> None:
 class JanusPolicy(nn.Module):
     """Adapter over ``transformers.JanusForConditionalGeneration``.
 
-    Attributes used by the rest of fastbicot:
-      bos_token_id, eos_token_id, pad_token_id, boi_token_id, num_image_tokens, image_grid,
-      text_vocab_size, image_vocab_size, hidden_size, num_layers, num_heads, head_dim,
-      language_model (the LlamaModel trunk), lm_head, image_head_linear, vqmodel, tokenizer.
+    What the rest of fastbicot uses is the ``fastbicot.models.protocol.Policy`` Protocol
+    (tests/test_models.py checks that this class satisfies it, signatures included).
     """
 
     def __init__(self, hf_model, tokenizer=None):
@@ -271,6 +300,53 @@ class JanusPolicy(nn.Module):
     @property
     def vqmodel(self):
         return self.hf_model.model.vqmodel
+
+    # ---- the decoder trunk by role (fastbicot's own trunk: rollout/trunk.py) ----------------------
+    @property
+    def max_positions(self) -> int:
+        """Positions the trunk supports (``text_config.max_position_embeddings``)."""
+        return int(self.config.text_config.max_position_embeddings)
+
+    @property
+    def mlp_activation(self) -> str:
+        """The MLP activation's name (``text_config.hidden_act``; "silu" for Janus-Pro)."""
+        return str(getattr(self.config.text_config, "hidden_act", ""))
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q·k before the softmax (head_dim ** -0.5 for Janus-Pro)."""
+        return float(self.language_model.layers[0].self_attn.scaling)
+
+    @property
+    def rms_norm_eps(self) -> float:
+        """The epsilon of every RMSNorm of the trunk."""
+        return float(self.language_model.layers[0].input_layernorm.variance_epsilon)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The RMSNorm after the last decoder layer."""
+        return self.language_model.norm
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The trunk's layers by role, read now (so a LoRA wrapper added later is seen by the next call)."""
+        out = []
+        for layer in self.language_model.layers:
+            a, m = layer.self_attn, layer.mlp
+            out.append(DecoderLayer(
+                input_norm=layer.input_layernorm, q_proj=a.q_proj, k_proj=a.k_proj, v_proj=a.v_proj,
+                o_proj=a.o_proj, post_attention_norm=layer.post_attention_layernorm, mlp=m,
+                gate_proj=m.gate_proj, up_proj=m.up_proj, down_proj=m.down_proj, act=m.act_fn,
+            ))
+        return out
+
+    @torch.no_grad()
+    def rope_tables(self, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [num_positions, head_dim] in the policy's dtype and on its device, from the
+        model's own rotary embedding (so RoPE scaling settings of the config apply)."""
+        num_positions = check_int("num_positions", num_positions, low=1)
+        pos = torch.arange(num_positions, device=self.device)[None]
+        cos, sin = self.language_model.rotary_emb(torch.empty(1, dtype=self.dtype, device=self.device), pos)
+        return cos[0], sin[0]
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.embed_tokens(ids)
