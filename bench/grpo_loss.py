@@ -27,7 +27,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from fastbicot.bench_cli import name_list, write_json
 from fastbicot.checks import ArgumentError, arg_type, check_int, check_writable_file
 from fastbicot.kernels.grpo_loss import grpo_loss
