@@ -7,7 +7,7 @@
 Rule-based rewards: the detector rules over a synthetic detector (random boxes for every queried
 phrase, so the time is the rules' own), and the remote judge client against a loopback server that
 answers instantly (PNG encoding + HTTP overhead per image). Model-backed rewards come from
-fastbicot.rewards.models when present: the CLIP family (CLIPScore ViT-L/14, PickScore and HPS v2.1
+fastbicot.rewards.learned when present: the CLIP family (CLIPScore ViT-L/14, PickScore and HPS v2.1
 ViT-H/14) is built with random weights at the real sizes on CUDA or tiny sizes on CPU, anything else
 only from --checkpoint; missing ones are reported as skipped. Prints a table and writes JSON.
 
@@ -32,11 +32,8 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastbicot.bench_cli import write_json
 from fastbicot.checks import ArgumentError, arg_type, check_int, check_writable_file
@@ -154,7 +151,7 @@ CLIP_SIZES = {
 def build_clip_family(cls_name, arch, device):
     from transformers import CLIPConfig, CLIPModel
 
-    import fastbicot.rewards.models as M
+    import fastbicot.rewards.learned as M
 
     s = CLIP_SIZES[arch]
     side = 224 if arch != "tiny" else 56
@@ -283,7 +280,7 @@ def main(argv=None):
         action="append",
         default=[],
         metavar="CLASS=DIR",
-        help="bench fastbicot.rewards.models.CLASS.from_pretrained(DIR)",
+        help="bench fastbicot.rewards.learned.CLASS.from_pretrained(DIR)",
     )
     ap.add_argument("--json", default="bench/out/rewards.json", help="checked for writability first")
     args = ap.parse_args(argv)
@@ -344,10 +341,10 @@ def main(argv=None):
     httpd.shutdown()
 
     try:
-        import fastbicot.rewards.models as M
+        import fastbicot.rewards.learned as M
     except ImportError as e:
         M = None
-        results["fastbicot.rewards.models"] = {
+        results["fastbicot.rewards.learned"] = {
             ("error" if checkpoints else "skipped"): f"not importable: {e}"
         }
     if M is not None:

@@ -399,7 +399,7 @@ def orm_config_from_llava(config: dict, state_dict: dict, *, vision_heads: int |
 def convert_orm(src_dir, dst_dir, *, vision_heads: int | None = None, overwrite: bool = False) -> Path:
     """Convert the seed's ORM (ORM-T2I-R1: a LLaVA-NeXT ``llava_qwen`` checkpoint directory with config.json,
     the weights and the Qwen2 tokenizer) into transformers' LLaVA-OneVision format, loadable with
-    ``fastbicot.rewards.models.ORMReward.from_pretrained(dst_dir)``.
+    ``fastbicot.rewards.learned.ORMReward.from_pretrained(dst_dir)``.
 
     Adds an ``<image>`` token to the tokenizer when absent (its embedding row is the mean of the existing
     rows when the embedding matrix has no spare row), writes the SigLIP preprocessing the seed uses

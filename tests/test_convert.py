@@ -340,10 +340,10 @@ def qwen_reference(d, x):
 
 
 def test_convert_orm_matches_the_source_weights(tmp_path, seed):
-    from test_rewards_models import VLM_WORDS, word_tokenizer
+    from test_rewards_learned import VLM_WORDS, word_tokenizer
 
     from fastbicot.convert import convert_orm
-    from fastbicot.rewards.models import ORMReward
+    from fastbicot.rewards.learned import ORMReward
 
     tok = word_tokenizer(extra=VLM_WORDS, eos_token="<|im_end|>")  # no "<image>": the converter adds it
     sd = llava_state_dict(seed, len(tok))

@@ -1,7 +1,7 @@
 """Rewards: the Reward protocol and ensemble, rule-based detector rewards, a remote judge client.
 
 Model-backed rewards (GroundingDINO, GIT VQA, HPS, ORM, Qwen2.5-VL judge, CLIP/PickScore) live in
-``fastbicot.rewards.models`` and load transformers only when first used; their names are also
+``fastbicot.rewards.learned`` and load transformers only when first used; their names are also
 reachable here (``fastbicot.rewards.<Name>``), imported lazily.
 """
 
@@ -63,11 +63,11 @@ def __getattr__(name):
     if name.startswith("_"):
         raise AttributeError(name)
     try:
-        models = importlib.import_module(".models", __name__)
+        learned = importlib.import_module(".learned", __name__)
     except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.models":
+        if e.name != f"{__name__}.learned":
             raise
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    if not hasattr(models, name):
+    if not hasattr(learned, name):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(models, name)
+    return getattr(learned, name)

@@ -27,7 +27,7 @@ def t2i_r1_rewards(*, hps: str, git: str, gdino: str, orm: str, device="cpu", **
     to that reward's ``from_pretrained``, overriding the preset). The rewards are named hps, git, gdino,
     orm, as in the seed.
     """
-    from .models import GitVQAReward, GroundingDinoReward, HPSReward, ORMReward
+    from .learned import GitVQAReward, GroundingDinoReward, HPSReward, ORMReward
 
     known = {"dtype", "seed_exact", *_PER_REWARD}
     unknown = sorted(set(options) - known)

@@ -3,7 +3,7 @@
 The rules are pure functions over one image's detections, a list of ``Detection(label, score, box)``
 with ``box = (x1, y1, x2, y2)`` in normalised image coordinates (y down) and ``label`` the queried
 phrase the box was grounded to (matched case-insensitively, whitespace-collapsed). ``DetectorReward``
-runs any detector (e.g. GroundingDINO from ``fastbicot.rewards.models``) and applies the rules the
+runs any detector (e.g. GroundingDINO from ``fastbicot.rewards.learned``) and applies the rules the
 prompt metadata asks for (T2I-CompBench / T2I-R1 fields ``task_type``, ``nouns``, ``attr_nouns``,
 ``spatial_info``, ``numeracy_info``):
 

@@ -11,7 +11,7 @@ Two modes:
 
 Rows are left-padded so every row's next token sits at the last position. ``VLMJudgeReward`` takes any
 transformers image-text-to-text model with a processor and a chat template; ``from_pretrained``
-loads the Qwen2.5-VL family (Qwen/Qwen2.5-VL-3B/7B/72B-Instruct). ``fastbicot.rewards.models.orm``
+loads the Qwen2.5-VL family (Qwen/Qwen2.5-VL-3B/7B/72B-Instruct). ``fastbicot.rewards.learned.orm``
 reuses it for the LLaVA-OneVision ORM.
 """
 

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from fastbicot.rewards import RewardError, rule_score
-from fastbicot.rewards.models import (
+from fastbicot.rewards.learned import (
     CLIPScoreReward,
     GitVQAReward,
     GroundingDinoReward,
@@ -29,7 +29,7 @@ from fastbicot.rewards.models import (
     convert_hps_checkpoint,
     open_clip_to_clip_state_dict,
 )
-from fastbicot.rewards.models._common import preprocess
+from fastbicot.rewards.learned._common import preprocess
 
 WORDS = ["a", "an", "the", "is", "this", "there", "of", "and", "image", "prompt", "does", "show", "accurately", "following", "answer", "with", "yes", "no", "green", "red", "blue", "bench", "car", "cat", "dog", "cup", "plate", "left", "right", "above", "below", "two", "three", "on", "top"]
 PUNCT = list(".,?!:\"'{}\\")

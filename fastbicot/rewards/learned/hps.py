@@ -9,7 +9,7 @@ with keys ``visual.conv1.weight``, ``visual.transformer.resblocks.N.attn.in_proj
 ``positional_embedding``, ``text_projection``, ``logit_scale``, ...). ``convert_hps_checkpoint`` writes
 it as a CLIPModel directory once; ``HPSReward.from_pretrained`` loads that directory:
 
-    python -m fastbicot.rewards.models.hps --checkpoint HPS_v2.1_compressed.pt \
+    python -m fastbicot.rewards.learned.hps --checkpoint HPS_v2.1_compressed.pt \
         --tokenizer /path/to/CLIP-ViT-H-14-laion2B-s32B-b79K --out /path/to/hps_v2.1_hf
 """
 
