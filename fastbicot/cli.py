@@ -1,11 +1,13 @@
 """``fastbicot`` command line: train | sft | generate | eval | plan | convert.
 
     fastbicot train --config configs/t2i_r1.yaml --optim.lr=2e-6 --output_dir=runs/x [--resume [STEP]] [--overwrite]
+    torchrun --nproc_per_node 8 -m fastbicot train --config configs/t2i_r1.yaml   (FSDP2; trainer/distributed.py)
     fastbicot sft --config configs/toy.yaml                  (the supervised stage alone -> OUTPUT_DIR/sft/final)
     fastbicot generate --config configs/t2i_r1.yaml --prompts prompts.jsonl --out samples/ [--checkpoint DIR]
     fastbicot eval --config X.yaml --checkpoint DIR --prompts FILE [--num 10] [--no-cot]   (fastbicot/evaluate.py)
     fastbicot plan --config X.yaml --gpus 8 [--gpu-memory 80]                 (fastbicot/trainer/memory.py)
     fastbicot convert janus SRC DST | convert orm SRC DST
+    fastbicot merge --adapter DIR --out DIR [--base DIR]     (a LoRA run's adapter + its base -> one model)
 
 Settings come from the YAML file; ``--section.key=value`` overrides any of them. A bad key, type or
 value exits with status 2 and one line naming it; nothing is written before the config is valid.
@@ -36,12 +38,18 @@ def cmd_train(args, rest) -> int:
 
         ckpt = find_checkpoint(config.output_dir, args.resume)
         trainer.load_checkpoint(ckpt)
-        print(f"fastbicot: resumed from {ckpt} at step {trainer.step_idx}", file=sys.stderr)
+        if trainer.world.is_main:
+            print(f"fastbicot: resumed from {ckpt} at step {trainer.step_idx}", file=sys.stderr)
     out = trainer.train(overwrite=args.overwrite)
+    trainer.world.close()
+    if not trainer.world.is_main:  # torchrun: rank 0 reports
+        return 0
     print(f"fastbicot: done. metrics: {os.path.join(out, 'metrics.jsonl')}\n"
           f"  reward curve: {os.path.join(out, 'reward_curve.png')}\n"
           f"  sample grids: {os.path.join(out, 'grids')}/\n"
-          f"  final policy: {os.path.join(out, 'final')} (transformers format)")
+          f"  final policy: {os.path.join(out, 'final')} "
+          + ("(LoRA adapter, peft format; full model: fastbicot merge --adapter DIR --out DIR)"
+             if config.lora.enabled else "(transformers format)"))
     return 0
 
 
@@ -98,6 +106,17 @@ def cmd_generate(args, rest) -> int:
     return 0
 
 
+def cmd_merge(args, rest) -> int:
+    if rest:
+        raise SystemExit(f"fastbicot merge: unexpected arguments {rest}")
+    from .trainer.lora import merge_adapter
+
+    out = merge_adapter(args.adapter, args.out, base_dir=args.base)
+    print(f"fastbicot: wrote {out} (transformers format: JanusPolicy.from_pretrained / "
+          "JanusForConditionalGeneration.from_pretrained)")
+    return 0
+
+
 def cmd_convert(args, rest) -> int:
     if rest:
         raise SystemExit(f"fastbicot convert: unexpected arguments {rest}")
@@ -142,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.set_defaults(fn=cmd_convert)
+    m = sub.add_parser("merge", help="merge a LoRA adapter (a LoRA run's final/ or checkpoint) into its base")
+    m.add_argument("--adapter", required=True, help="a directory with adapter_config.json + "
+                   "adapter_model.safetensors (OUTPUT_DIR/final of a LoRA run)")
+    m.add_argument("--out", required=True, help="where the merged transformers-format policy goes (new)")
+    m.add_argument("--base", help="the base policy (transformers format); default: the directory the "
+                   "adapter records (model.path or the SFT warm start of the run)")
+    m.set_defaults(fn=cmd_merge)
     return p
 
 

@@ -106,45 +106,69 @@ def _sample_rows(s, image_mode: str, cfg_rows: bool):
 
 
 def aggregation_weights(seq_ids, segments, groups, *, aggregation: str, text_weight=1.0, image_weight=1.0,
-                        max_tokens=None) -> torch.Tensor:
+                        max_tokens=None, live=None, world=None) -> torch.Tensor:
     """float64 [T] weights w with ``loss = sum(w * l)`` equal to the chosen aggregation:
     group_token_mean  mean over groups of (sum_g s*l / sum_g s)
     token_mean        sum s*l / sum s
     seq_mean          mean over sequences of (sum_seq s*l / sum_seq s)
     dr_grpo           sum s*l / (num_sequences * max_tokens)
-    where s is the segment weight of each token (text_weight / image_weight)."""
+    where s is the segment weight of each token (text_weight / image_weight).
+
+    ``live`` (bool [T]): tokens that count (False: a filtered group kept in the batch with weight 0).
+    ``world`` (trainer/distributed.py's Parallel): the totals (group / sequence counts, token sums,
+    the longest sequence) are taken over every rank's tokens, so the ranks' losses add up to the
+    single-process loss of the global batch."""
     s = torch.where(segments == TEXT, float(text_weight), float(image_weight)).double()
-    if s.numel() == 0:
+    if live is not None:
+        s = s * live.double()
+    total = world.sum if world is not None else (lambda x: x)
+    largest = world.max if world is not None else (lambda x: x)
+    if s.numel() == 0 and world is None:
         return s
 
     def per(ids):
+        if ids.numel() == 0:
+            total(0)  # this rank has no tokens; the others still wait for its count
+            return s
         _, inv = torch.unique(ids, return_inverse=True)
         tot = torch.zeros(int(inv.max()) + 1, dtype=torch.float64).index_add_(0, inv, s)
-        live = tot > 0
-        return torch.where(live[inv], s / tot.clamp(min=1e-300)[inv], 0.0) / live.sum()
+        live_ids = tot > 0
+        n_live = total(int(live_ids.sum()))
+        return torch.where(live_ids[inv], s / tot.clamp(min=1e-300)[inv], 0.0) / max(n_live, 1)
 
     if aggregation == "group_token_mean":
         return per(groups)
     if aggregation == "seq_mean":
         return per(seq_ids)
     if aggregation == "token_mean":
-        return s / s.sum() if s.sum() > 0 else s
+        z = total(float(s.sum()))
+        return s / z if z > 0 else s
     if aggregation == "dr_grpo":
-        n_seq = int(torch.unique(seq_ids).numel())
+        if live is None:
+            n_seq = total(int(torch.unique(seq_ids).numel()))
+            longest = int(torch.bincount(seq_ids).max()) if seq_ids.numel() else 0
+        else:
+            counts = torch.bincount(seq_ids, weights=live.double()) if seq_ids.numel() else torch.zeros(0)
+            n_seq = total(int((counts > 0).sum()))
+            longest = int(counts.max()) if counts.numel() else 0
         if max_tokens is None:
-            max_tokens = int(torch.bincount(seq_ids).max())
-        return s / (n_seq * max_tokens)
+            max_tokens = largest(longest)
+        return s / max(n_seq * max_tokens, 1)
     raise ValueError(f"unknown aggregation {aggregation!r}")
 
 
-def pack(batch, advantages: torch.Tensor, loss, keep: torch.Tensor | None = None) -> TrainBatch:
+def pack(batch, advantages: torch.Tensor, loss, keep: torch.Tensor | None = None, world=None) -> TrainBatch:
     """The training batch of a RolloutBatch. ``loss`` is a LossConfig; ``keep`` (bool [N]) leaves
-    out the samples of filtered groups."""
+    out the samples of filtered groups. ``world`` (a multi-rank Parallel): normalise over every rank,
+    and keep filtered samples with weight 0 instead of dropping them (every rank must run the same
+    forwards and backwards)."""
+    drop = world is None or not world.enabled
+    world = None if drop else world
     mode = batch.config.image_mode if batch.config is not None else "reprompt"
     cfg_rows = loss.cfg_logprobs != "none"
-    samples, seq, seg, grp, offsets = [], [], [], [], [0]
+    samples, seq, seg, grp, offsets, live = [], [], [], [], [0], []
     for i, s in enumerate(batch.samples):
-        if keep is not None and not bool(keep[i]):
+        if keep is not None and drop and not bool(keep[i]):
             continue
         rows, uncond, nt, ni = _sample_rows(s, mode, cfg_rows)
         k = len(samples)
@@ -152,11 +176,13 @@ def pack(batch, advantages: torch.Tensor, loss, keep: torch.Tensor | None = None
         seq += [k] * (nt + ni)
         seg += [TEXT] * nt + [IMAGE] * ni
         grp += [s.prompt_index] * (nt + ni)
+        live += [keep is None or bool(keep[i])] * (nt + ni)
         offsets.append(offsets[-1] + nt + ni)
     seq_t = torch.tensor(seq, dtype=torch.long)
     seg_t = torch.tensor(seg, dtype=torch.long)
     w = aggregation_weights(seq_t, seg_t, torch.tensor(grp, dtype=torch.long), aggregation=loss.aggregation,
                             text_weight=loss.text_weight, image_weight=loss.image_weight,
-                            max_tokens=loss.max_tokens)
+                            max_tokens=loss.max_tokens, world=world,
+                            live=torch.tensor(live, dtype=torch.bool) if not drop and keep is not None else None)
     adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
     return TrainBatch(samples, seq_t, seg_t, w, adv, offsets)

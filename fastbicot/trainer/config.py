@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 
 from ..rollout.config import RolloutConfig, SamplingParams
 from ..settings import ConfigError, Settings, check_choice, check_range
+from .entropy import EntropyBonusConfig
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "float64")
 # transformers' Janus parameter names (JanusForConditionalGeneration.named_parameters()).
 TRAINABLE = ["model.language_model.*", "lm_head.*"]
+# LoRA (lora.target_modules): the language model's attention and MLP projections (LlamaDecoderLayer)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -45,8 +48,15 @@ class ModelConfig(Settings):
     frozen: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = True
     attn_implementation: str = "sdpa"
+    # text tokens added to the tokenizer, embeddings resized when needed (GoT-R1's layout markers;
+    # fastbicot/models/added_tokens.py); cot_end_token: the token that ends the CoT instead of EOS (GoT-R1:
+    # "<begin_of_image>", so the image follows the plan in one sequence); None: the model's EOS
+    add_tokens: list[str] = field(default_factory=list)
+    cot_end_token: str | None = None
 
     def check(self, path):
+        if any(not isinstance(t, str) or not t.strip() for t in self.add_tokens):
+            self.fail(path, "add_tokens", f"must be non-empty strings, got {self.add_tokens}")
         given = [k for k in ("path", "preset", "builder") if getattr(self, k) is not None]
         if len(given) > 1:
             self.fail(path, given[1], f"give one of model.path, model.preset, model.builder; got {given}")
@@ -115,10 +125,19 @@ class AdvantageConfig(Settings):
     scale: str = "group"
     eps: float = 1e-4
     filter_zero_std: bool = False
+    # DAPO dynamic sampling (trainer/dynamic_sampling.py): refill the filtered groups with new generations
+    # ("new_prompts" as ReasonGen-R1, or "same_prompts") up to max_gen_batches generation batches per step
+    refill: str = "none"
+    refill_size: str = "missing"
+    max_gen_batches: int = 8
 
     def check(self, path):
         check_choice(self, path, "scale", ("group", "batch", "none"))
         check_range(self, path, "eps", low=0.0)
+        check_choice(self, path, "refill", ("none", "new_prompts", "same_prompts"))
+        check_choice(self, path, "refill_size", ("missing", "pow2"))
+        if self.refill != "none" and not self.filter_zero_std:
+            self.fail(path, "refill", "needs advantage.filter_zero_std: true (it refills the filtered groups)")
 
 
 AGGREGATIONS = ("group_token_mean", "token_mean", "seq_mean", "dr_grpo")
@@ -159,6 +178,8 @@ class LossConfig(Settings):
     text_weight: float = 1.0
     image_weight: float = 1.0
     ref_text_embeddings: str = "policy"
+    # entropy term of the loss (trainer/entropy.py): none (T2I-R1), fixed, or adaptive per token kind (ReasonGen-R1)
+    entropy_bonus: EntropyBonusConfig = field(default_factory=EntropyBonusConfig)
 
     def check(self, path):
         check_range(self, path, "beta", low=0.0)
@@ -243,6 +264,35 @@ class SFTConfig(Settings):
 
 
 @dataclass
+class LoRAConfig(Settings):
+    """LoRA adapters on the policy's language model (trainer/lora.py; needs the optional peft:
+    ``pip install 'fastbicot[lora]'``). With ``enabled`` only the adapters train -- model.trainable /
+    model.frozen then select nothing -- the optimizer holds only them, the KL reference is the same
+    weights with the adapters disabled (no second copy), and checkpoints and the final output are
+    the adapter in peft's format (``fastbicot merge`` writes a merged transformers checkpoint).
+
+    r / alpha: rank and scale (the update is alpha / r * B A; B starts at 0, so step 1 is the base
+    model). dropout: on the adapters' input while training. target_modules: Linear modules of the
+    language model (model.language_model.*) that get adapters; a pattern matches a module's last
+    name (``q_proj``, ``*_proj``) or, fnmatch, its full transformers name
+    (``model.language_model.layers.1?.mlp.*``). Default: every attention and MLP projection.
+    """
+
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def check(self, path):
+        check_range(self, path, "r", low=1)
+        check_range(self, path, "alpha", low=0.0, low_open=True)
+        check_range(self, path, "dropout", low=0.0, high=1.0, high_open=True)
+        if not self.target_modules:
+            self.fail(path, "target_modules", f"is empty: name the modules to adapt (default {LORA_TARGETS})")
+
+
+@dataclass
 class CheckpointConfig(Settings):
     """Every ``every`` steps and at the end (0: only at the end); the last ``keep`` are kept."""
 
@@ -252,6 +302,24 @@ class CheckpointConfig(Settings):
     def check(self, path):
         check_range(self, path, "every", low=0)
         check_range(self, path, "keep", low=1)
+
+
+@dataclass
+class DistributedConfig(Settings):
+    """Multi-process training under torchrun (fastbicot/trainer/distributed.py); ignored in a single
+    process. FSDP2 shards each decoder layer and then the rest of the policy (and the reference)."""
+
+    backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
+    timeout_s: float = 1800.0  # a collective waiting longer (a dead or stuck rank) stops every rank
+    mixed_precision: str = "auto"  # "auto": bf16 compute + fp32 gradient reduction on CUDA; "none": fp32
+    reshard_after_forward: bool = True  # ZeRO-3 (True) or ZeRO-2-like (False) for the decoder layers
+    reference: str = "shard"  # "shard" | "cpu_offload": the frozen reference's parameters
+
+    def check(self, path):
+        check_choice(self, path, "backend", ("auto", "nccl", "gloo"))
+        check_range(self, path, "timeout_s", low=1.0)
+        check_choice(self, path, "mixed_precision", ("auto", "none"))
+        check_choice(self, path, "reference", ("shard", "cpu_offload"))
 
 
 @dataclass
@@ -287,7 +355,9 @@ class TrainerConfig(Settings):
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def check(self, path):
@@ -388,7 +458,7 @@ def apply_dotted(data: dict, dotted: dict) -> dict:
 
 
 __all__ = [
-    "AdvantageConfig", "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "LossConfig",
+    "AdvantageConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DistributedConfig", "LoRAConfig", "LogConfig", "LossConfig",
     "ModelConfig", "OptimConfig", "RewardSpec", "RewardsConfig", "RolloutConfig", "SFTConfig", "SamplingParams",
     "TrainerConfig", "parse_overrides",
 ]

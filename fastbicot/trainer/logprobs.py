@@ -97,12 +97,12 @@ def _targets(rows, dests, head):
     return r_i, p_i, tgt, dst
 
 
-def _forward_heads(policy, src, rows, dests):
+def _forward_heads(policy, src, rows, dests, max_waste=0.25):
     """Trunk over ``rows`` (bucketed by length) -> text hidden, image-head hidden, their targets and
     destinations, each concatenated over the buckets."""
     out = {TEXT: ([], [], []), IMAGE: ([], [], [])}
     dev = policy.device
-    for bucket in length_buckets([len(r.ids) for r in rows]):
+    for bucket in length_buckets([len(r.ids) for r in rows], max_waste):
         brows = [rows[i] for i in bucket]
         emb, mask, pos = embed_rows(src, brows)
         hidden = trunk_hidden(policy, emb.detach() if src is not policy else emb, mask, pos)
@@ -119,12 +119,14 @@ def _forward_heads(policy, src, rows, dests):
 
 
 def sample_logprobs(policy, samples, *, loss, guidance_scale: float = 1.0, embeds_from=None,
-                    entropy: bool = False) -> Forward:
+                    entropy: bool = False, max_waste: float = 0.25) -> Forward:
     """Per-token log-probs of ``samples`` (TrainSamples) under ``policy``, in batch.py's token order
     (sample by sample: its text targets, then its image targets).
 
     ``embeds_from``: a policy whose text embeddings feed the trunk instead of ``policy``'s own (the
     seed feeds its reference model the policy's embeddings). Runs under the caller's grad mode.
+    ``max_waste``: length_buckets' padding bound (inf: one forward per row set, as FSDP needs every
+    rank to run each layer the same number of times).
     """
     rows, dests, udests, offset = [], [], [], 0
     for s in samples:
@@ -144,11 +146,11 @@ def sample_logprobs(policy, samples, *, loss, guidance_scale: float = 1.0, embed
             udests.append([offset + s.num_text + j for j in range(s.num_image)])
         offset += s.num_tokens
     src = embeds_from if embeds_from is not None else policy
-    res = _forward_heads(policy, src, rows, dests)
+    res = _forward_heads(policy, src, rows, dests, max_waste)
     h_t, t_t, d_t = res[TEXT]
     z_i, t_i, d_i = res[IMAGE]
     if loss.cfg_logprobs != "none":  # combine the image head's inputs: CFG on its last (linear) layer
-        u = _forward_heads(policy, src, [s.uncond for s in samples], udests)[IMAGE]
+        u = _forward_heads(policy, src, [s.uncond for s in samples], udests, max_waste)[IMAGE]
         z_u = torch.empty_like(z_i)
         z_u[_position_of(d_i, u[2])] = u[0]
         if not loss.cfg_uncond_grad:
@@ -165,12 +167,15 @@ def sample_logprobs(policy, samples, *, loss, guidance_scale: float = 1.0, embed
         where.append(d_i)
     lp, dst = torch.cat(parts), torch.cat(where)
     out = Forward(torch.empty_like(lp).index_put((dst,), lp))
-    if entropy:
+    if entropy:  # "grad": differentiable (the entropy bonus, trainer/entropy.py); else detached
+        from .entropy import head_entropy_grad
+
+        ent, keep = (head_entropy_grad, lambda x: x) if entropy == "grad" else (head_entropy, torch.Tensor.detach)
         if h_t is not None:
-            out.entropy_text = head_entropy(h_t.detach(), head_t.weight, head_t.bias)
+            out.entropy_text = ent(keep(h_t), head_t.weight, head_t.bias)
         if z_i is not None:
-            out.entropy_image = head_entropy(z_i.detach() / temperature, head_i.weight,
-                                             None if head_i.bias is None else head_i.bias / temperature)
+            out.entropy_image = ent(keep(z_i) / temperature, head_i.weight,
+                                    None if head_i.bias is None else head_i.bias / temperature)
     return out
 
 

@@ -29,7 +29,8 @@ from ..rollout import RolloutEngine
 from .advantage import group_advantages
 from .batch import IMAGE, TEXT, pack
 from .config import ConfigError, TrainerConfig
-from .logprobs import sample_logprobs
+from .entropy import EntropyBonus
+from .distributed import Parallel
 from .optim import MasterOptimizer
 from .rewards import build_rewards, load_callable
 from .step import grpo_objective
@@ -55,7 +56,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_policy(model, device=None):
-    """The policy a ModelConfig names (local directory, preset or builder), on its device/dtype."""
+    """The policy a ModelConfig names (local directory, preset or builder), on its device/dtype, with
+    its token settings (model.add_tokens, model.cot_end_token) applied."""
+    from ..models.added_tokens import apply_model_tokens
+
+    return apply_model_tokens(_load_policy(model, device), model.add_tokens, model.cot_end_token)
+
+
+def _load_policy(model, device=None):
     from ..models import JanusPolicy
 
     device = device or resolve_device(model.device)
@@ -111,7 +119,8 @@ class Trainer:
 
     policy: a JanusPolicy (default: built from ``config.model``). rewards: a RewardEnsemble, a
     Reward, a list of Rewards (default: built from ``config.rewards``). ref_policy: the frozen
-    reference for the KL term (default: a copy of the policy when ``loss.beta > 0``; none at 0).
+    reference for the KL term (default: a copy of the policy when ``loss.beta > 0``; none at 0;
+    none with ``lora.enabled``: the reference is the policy with its adapters disabled).
     """
 
     def __init__(self, config: TrainerConfig, policy=None, rewards=None, ref_policy=None):
@@ -121,25 +130,53 @@ class Trainer:
         if c.threads:
             torch.set_num_threads(c.threads)
         torch.manual_seed(c.seed)
-        self.policy = policy if policy is not None else build_policy(c.model)
+        # torchrun: join the process group; one process: every collective is the identity
+        self.world = world = Parallel.from_env(c.distributed)
+        world.local_slice(c.data.prompts_per_step)  # a world size that does not divide the groups: stop now
+        if world.enabled and c.lora.enabled:
+            raise ConfigError("lora.enabled: LoRA runs in one process for now (FSDP2 + peft adapters is not "
+                              "supported yet); launch without torchrun or set lora.enabled=false")
+        model = c.model
+        if world.enabled:  # FSDP keeps fp32 parameters (the master weights) and computes in model.dtype
+            device = world.device(c.model.device)
+            self.compute_dtype = world.compute_dtype(resolve_dtype(c.model.dtype, device), device)
+            model = model.replace(dtype="float32", device=str(device))
+        self.policy = policy if policy is not None else build_policy(model)
         if policy is None and c.sft.steps > 0:  # the supervised warm start (cached), then GRPO from it
             from .sft import warm_start
 
-            load_policy_weights(self.policy, warm_start(c))
+            if world.is_main:  # one rank trains (or finds the cached) warm start; the others wait for it
+                path = warm_start(c)
+            world.barrier()
+            load_policy_weights(self.policy, path if world.is_main else warm_start(c))
         self.device = self.policy.device
-        self.trainable = set_trainable(self.policy, c.model.trainable, c.model.frozen)
+        self.lora = None  # lora.enabled: the peft handle (trainer/lora.py); only the adapters train
+        if c.lora.enabled:
+            from .lora import setup
+
+            self.lora, self.trainable = setup(self, ref_policy, built=policy is None)
+        else:
+            self.trainable = set_trainable(self.policy, c.model.trainable, c.model.frozen)
         if c.model.gradient_checkpointing:
             enable_checkpointing(self.policy.language_model)
         self.ref_policy = None
-        if c.loss.beta > 0:
+        if c.loss.beta > 0 and self.lora is None:  # LoRA: the reference is the adapters disabled
             self.ref_policy = ref_policy if ref_policy is not None else copy.deepcopy(self.policy)
             self.ref_policy.eval()
             for p in self.ref_policy.parameters():
                 p.requires_grad_(False)
+        if world.enabled:
+            world.shard(self.policy, compute_dtype=self.compute_dtype, trainable=True)
+            if self.ref_policy is not None:
+                world.shard(self.ref_policy, compute_dtype=self.compute_dtype, trainable=False,
+                            offload=c.distributed.reference == "cpu_offload")
+        self.entropy_bonus = None if c.loss.entropy_bonus.mode == "none" else EntropyBonus(c.loss.entropy_bonus)
         self.rewards = self._as_ensemble(rewards) if rewards is not None else build_rewards(c.rewards, self.device)
         self.prompts = load_prompts(c.data.prompts, c.data.format) if c.data.prompts else None
         self.engine = RolloutEngine(self.policy, c.rollout, progress=False)
         self.optim = MasterOptimizer(self.policy.parameters(), c.optim, c.steps * c.loss.num_iterations)
+        if world.enabled:
+            self.optim.grad_norm = lambda: world.grad_norm(self.optim.params)
         self.step_idx = 0  # completed steps
         self.last_batch = self.last_scores = None
 
@@ -172,10 +209,14 @@ class Trainer:
 
     # ---- the four stages -------------------------------------------------------------------------
     def rollout(self, records=None):
-        """This step's prompts (or ``records``) generated by the current policy -> RolloutBatch."""
+        """This step's prompts (or ``records``) generated by the current policy -> RolloutBatch.
+        Under torchrun each rank generates its own slice of the step's prompt groups."""
         records = self.records() if records is None else records
+        own = self.world.local_slice(len(records), "the step's prompt count")
         self.policy.eval()
-        return self.engine.generate(records, seed=step_seed(self.config.seed, self.step_idx))
+        with self.world.unsharded(self.policy):
+            return self.engine.generate([records[i] for i in own], seed=step_seed(self.config.seed, self.step_idx),
+                                        group_index=list(own))
 
     def score(self, batch):
         """The reward ensemble on a RolloutBatch -> RewardOutput(total, components); a reward that
@@ -198,7 +239,7 @@ class Trainer:
     def compute_loss(self, batch, advantages, keep=None):
         """The step's loss over the whole batch in one forward (no micro-batching, no backward):
         -> (loss 0-dim with graph, stats). The reference runs without grad."""
-        train = pack(batch, advantages, self.config.loss, keep)
+        train = pack(batch, advantages, self.config.loss, keep, world=self.world)
         idx = list(range(len(train.samples)))
         loss, sums, _ = self._micro(train, idx, ref=self._ref_logprobs(train, idx), old=None, entropy=False)
         w = sums.pop("weight")
@@ -206,26 +247,38 @@ class Trainer:
 
     # ---- the update --------------------------------------------------------------------------------
     def _ref_logprobs(self, train, idx):
+        if self.lora is not None and self.config.loss.beta > 0:
+            from .lora import reference_logprobs
+
+            return reference_logprobs(self.lora, self.policy, [train.samples[i] for i in idx],
+                                      self.config.loss, self.config.rollout.guidance_scale)
         if self.ref_policy is None:
             return None
         samples = [train.samples[i] for i in idx]
         emb = self.policy if self.config.loss.ref_text_embeddings == "policy" else None
-        with torch.no_grad():
-            return sample_logprobs(self.ref_policy, samples, loss=self.config.loss,
-                                   guidance_scale=self.config.rollout.guidance_scale, embeds_from=emb).logprobs
+        with torch.no_grad(), self.world.root_unsharded(emb):
+            return self.world.logprobs(self.ref_policy, samples, loss=self.config.loss,
+                                       guidance_scale=self.config.rollout.guidance_scale, embeds_from=emb).logprobs
 
     def _micro(self, train, idx, *, ref, old, entropy):
         L = self.config.loss
         samples = [train.samples[i] for i in idx]
         tok = train.token_slice(idx)
-        fwd = sample_logprobs(self.policy, samples, loss=L, guidance_scale=self.config.rollout.guidance_scale,
-                              entropy=entropy)
+        bonus = self.entropy_bonus
+        fwd = self.world.logprobs(self.policy, samples, loss=L, guidance_scale=self.config.rollout.guidance_scale,
+                                  entropy="grad" if bonus is not None else entropy)
         local = {k: j for j, k in enumerate(idx)}
         seq = torch.tensor([local[int(s)] for s in train.seq_ids[tok]], dtype=torch.long)
         loss, sums = grpo_objective(fwd.logprobs, train.advantages[idx], seq, train.weights[tok], old=old, ref=ref,
                                     beta=L.beta, eps_low=L.eps_low, eps_high=L.eps_high,
                                     importance_sampling=L.importance_sampling,
                                     kl_bias_correction=L.kl_bias_correction)
+        if bonus is not None:  # + this micro-batch's share of the step's entropy term (trainer/entropy.py)
+            live = train.weights > 0
+            n_text, n_image = (self.world.sum(int(((train.segments == k) & live).sum())) for k in (TEXT, IMAGE))
+            term = bonus.term(fwd.entropy_text, fwd.entropy_image, n_text, n_image)
+            if term is not None:
+                loss = loss + term.to(loss.dtype)
         return loss, sums, fwd
 
     def update(self, batch, advantages, keep=None) -> dict:
@@ -233,8 +286,9 @@ class Trainer:
         micro-batch of whole prompt groups. Returns the update's metrics."""
         c, L = self.config, self.config.loss
         step = self.step_idx + 1
-        train = pack(batch, advantages, L, keep)
-        if not train.samples:  # every group filtered: nothing to learn from this rollout
+        train = pack(batch, advantages, L, keep, world=self.world)
+        if not self.world.sum(float(train.weights.sum())) > 0:  # every group filtered: nothing to learn
+            self.optim.zero_grad()
             return {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 1.0, "grad_norm": 0.0,
                     "lr": self.optim.lr, "update/skipped": 1.0}
         micros = train.micro_batches(c.optim.micro_batch_prompts)
@@ -260,7 +314,8 @@ class Trainer:
                     if not bool(torch.isfinite(loss)):
                         raise TrainingError(f"step {step}: the loss is {float(loss)} (update {it + 1}, "
                                             f"micro-batch {m + 1}/{len(micros)}); no optimizer step was taken")
-                    loss.backward()
+                    # FSDP averages gradients over ranks; each rank's loss is its share of the sum
+                    (loss * self.world.world_size if self.world.enabled else loss).backward()
                     if L.num_iterations > 1 and it == 0:
                         olds[m] = fwd.logprobs.detach()
                     for k, v in sums.items():
@@ -270,6 +325,7 @@ class Trainer:
                         ent[TEXT].append(fwd.entropy_text)
                     if fwd.entropy_image is not None:
                         ent[IMAGE].append(fwd.entropy_image)
+                total = {k: self.world.sum(v) for k, v in sorted(total.items())}
                 gn = self.optim.grad_norm()
                 if not bool(torch.isfinite(gn)):
                     bad = next(n for n, p in self.policy.hf_model.named_parameters()
@@ -288,8 +344,12 @@ class Trainer:
         out["clip_fraction"] = sum(clip) / len(clip)
         out["ratio_mean"] = sum(ratio) / len(ratio)
         for key, seg in (("entropy/text", TEXT), ("entropy/image", IMAGE)):
-            if ent[seg]:
-                out[key] = float(torch.cat(ent[seg]).mean())
+            e = torch.cat(ent[seg]) if ent[seg] else torch.zeros(0)
+            n = self.world.sum(float(e.numel()))
+            if n > 0:
+                out[key] = self.world.sum(float(e.detach().double().sum())) / n
+        if self.entropy_bonus is not None:  # one controller step with this step's mean entropies
+            out.update(self.entropy_bonus.update(out.get("entropy/text"), out.get("entropy/image")))
         return out
 
     def step(self) -> dict:
@@ -298,22 +358,32 @@ class Trainer:
         batch = self.rollout()
         t1 = time.perf_counter()
         scores = self.score(batch)
+        refill_stats = {}
+        if self.config.advantage.refill != "none":  # DAPO dynamic sampling (trainer/dynamic_sampling.py)
+            from .dynamic_sampling import refill
+
+            batch, scores, refill_stats = refill(self, batch, scores, self.records())
         t2 = time.perf_counter()
         adv, keep, adv_stats = self.advantages(batch, scores)
         metrics = self.update(batch, adv, keep if self.config.advantage.filter_zero_std else None)
         t3 = time.perf_counter()
         self.step_idx += 1
         self.last_batch, self.last_scores = batch, scores
-        total = scores.total
+        W = self.world  # metrics over the global batch (every rank's samples)
+        total = W.gather(scores.total.detach().cpu())
+        n = len(total)
+        if W.enabled:
+            adv_stats = {k: W.sum(v) / (W.world_size if k == "reward/group_std" else 1) for k, v in adv_stats.items()}
         metrics = {
             "step": self.step_idx,
             "reward/mean": float(total.mean()),
             "reward/std": float(total.std()) if total.numel() > 1 else 0.0,
-            **{f"reward/{k}": float(v.mean()) for k, v in scores.components.items()},
+            **{f"reward/{k}": float(W.gather(v.detach().cpu()).mean()) for k, v in scores.components.items()},
             **adv_stats,
+            **refill_stats,
             **metrics,
-            "cot_len": sum(len(s.cot_ids) for s in batch.samples) / len(batch.samples),
-            "images_per_s": len(batch.samples) / (t3 - t0),
+            "cot_len": W.sum(float(sum(len(s.cot_ids) for s in batch.samples))) / n,
+            "images_per_s": n / W.max(t3 - t0),
             "time/rollout": t1 - t0,
             "time/cot": batch.timing.get("cot", math.nan),
             "time/image": batch.timing.get("image", math.nan),
@@ -326,103 +396,73 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------
     def train(self, *, overwrite: bool = False) -> str:
         """Run ``config.steps`` steps, writing metrics, grids, the reward curve and the final policy
-        into ``output_dir``; returns ``output_dir``."""
+        into ``output_dir``; returns ``output_dir``. Under torchrun rank 0 writes the files (grids show
+        its own samples) and every rank takes part in the checkpoints."""
         from .metrics import MetricsLogger, save_reward_curve, save_sample_grid
 
-        c = self.config
+        c, main = self.config, self.world.is_main
         out = c.output_dir
-        prepare_output_dir(out, overwrite=overwrite, resume=self.step_idx > 0)
-        with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(c.to_yaml())
-        logger = MetricsLogger(out, c.log, total_steps=c.steps, start_step=self.step_idx, config_dict=c.to_dict())
+        logger = None
+        if main:
+            prepare_output_dir(out, overwrite=overwrite, resume=self.step_idx > 0)
+            with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(c.to_yaml())
+            logger = MetricsLogger(out, c.log, total_steps=c.steps, start_step=self.step_idx, config_dict=c.to_dict())
+        self.world.barrier()  # nobody writes into output_dir before rank 0 has prepared it
         grids = os.path.join(out, "grids")
-        os.makedirs(grids, exist_ok=True)
         try:
             while self.step_idx < c.steps:
                 m = self.step()
-                logger.log(m)
                 s = self.step_idx
-                if s == 1 or s == c.steps or (c.log.grid_every and s % c.log.grid_every == 0):
-                    save_sample_grid(self.last_batch, self.last_scores, os.path.join(grids, f"step_{s:06d}.png"),
-                                     max_samples=c.log.grid_samples, title=f"step {s}")
+                if main:
+                    logger.log(m)
+                    if s == 1 or s == c.steps or (c.log.grid_every and s % c.log.grid_every == 0):
+                        os.makedirs(grids, exist_ok=True)
+                        save_sample_grid(self.last_batch, self.last_scores, os.path.join(grids, f"step_{s:06d}.png"),
+                                         max_samples=c.log.grid_samples, title=f"step {s}")
                 if c.checkpoint.every and s % c.checkpoint.every == 0 and s < c.steps:
                     self.save_checkpoint()
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
         self.save_checkpoint(final=True)
-        save_reward_curve(logger.path, os.path.join(out, "reward_curve.png"))
+        if main:
+            save_reward_curve(logger.path, os.path.join(out, "reward_curve.png"))
         return out
 
     def save_checkpoint(self, final: bool = False) -> str:
-        """The policy in transformers' format plus the trainer state, written under a temporary name
-        and renamed (a failed write never replaces a good checkpoint); keeps the last ``keep``."""
-        out = self.config.output_dir
-        name = "final" if final else f"checkpoint-{self.step_idx:06d}"
-        dst = os.path.join(out, name)
-        tmp = os.path.join(out, f".tmp-{name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_policy(self.policy, tmp)
-        torch.save({"step": self.step_idx, "optim": self.optim.state_dict(), "torch_rng": torch.get_rng_state()},
-                   os.path.join(tmp, "trainer_state.pt"))
-        if os.path.exists(dst):
-            old = dst + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-        if not final:
-            ckpts = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-"))
-            for d in ckpts[: -self.config.checkpoint.keep]:
-                shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-        return dst
+        """The policy in transformers' format (with LoRA: the adapter) plus the exact training state
+        (trainer/checkpoint.py), written under a temporary name and renamed; keeps the last
+        ``checkpoint.keep``."""
+        from . import checkpoint
 
+        return checkpoint.save(self, final)
 
     def load_checkpoint(self, path: str) -> None:
-        """Continue from a checkpoint written by save_checkpoint: policy weights, optimizer and
-        scheduler state, the step (hence the data position and the rollout's random stream), RNG."""
-        state_path = os.path.join(path, "trainer_state.pt")
-        if not os.path.isfile(state_path):
-            raise FileNotFoundError(f"{path!r} is not a fastbicot checkpoint (no trainer_state.pt)")
-        load_policy_weights(self.policy, path)
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        self.optim.load_state_dict(state["optim"])
-        self.step_idx = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
-        metrics = os.path.join(self.config.output_dir, "metrics.jsonl")
-        if os.path.isfile(metrics):  # drop lines of steps after the checkpoint (a crash between saves)
-            import json
+        """Continue from a checkpoint (any world size): weights, fp32 masters, optimizer, scheduler,
+        the step (hence the data position and the rollout's random stream), RNG."""
+        from . import checkpoint
 
-            with open(metrics, encoding="utf-8") as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= self.step_idx]
-            tmp = metrics + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(keep)
-            os.replace(tmp, metrics)
+        checkpoint.load(self, path)
+
+    @property
+    def optim_names(self) -> list:
+        """Names of the optimizer's parameters (its checkpoint keys), in its order."""
+        ids = {id(p): n for n, p in self.policy.named_parameters()}
+        return [ids[id(p)] for p in self.optim.params]
 
 
 def find_checkpoint(output_dir: str, which: str = "latest") -> str:
     """``output_dir``'s latest checkpoint (``which="latest"``) or the one of step ``which``."""
-    if not os.path.isdir(output_dir):
-        raise FileNotFoundError(f"--resume: output_dir {output_dir!r} does not exist")
-    ckpts = sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint-")
-                   and os.path.isfile(os.path.join(output_dir, d, "trainer_state.pt")))
-    if which == "latest":
-        if not ckpts:
-            raise FileNotFoundError(f"--resume: no checkpoint in {output_dir!r}")
-        return os.path.join(output_dir, ckpts[-1])
-    if not str(which).isdigit():
-        raise ValueError(f"--resume: expected 'latest' or a step number, got {which!r}")
-    name = f"checkpoint-{int(which):06d}"
-    if name not in ckpts:
-        raise FileNotFoundError(f"--resume: no checkpoint of step {which} in {output_dir!r} (have {ckpts})")
-    return os.path.join(output_dir, name)
+    from .checkpoint import find
+
+    return find(output_dir, which)
 
 
-def load_policy_weights(policy, path: str) -> None:
-    """Load every ``*.safetensors`` file of a transformers-format directory into ``policy``; a missing
-    or unexpected tensor is an error naming it."""
+def load_policy_weights(policy, path: str, world=None) -> None:
+    """Load every ``*.safetensors`` file of a transformers-format directory into ``policy`` (FSDP-
+    sharded when ``world`` sharded it: each rank keeps its shard); a missing or unexpected tensor is
+    an error naming it."""
     from safetensors.torch import load_file
 
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -431,16 +471,22 @@ def load_policy_weights(policy, path: str) -> None:
     state = {}
     for f in files:
         state.update(load_file(os.path.join(path, f)))
+    if world is not None and world.sharded(policy):
+        world.load_full_state_dict(policy, state, path)
+        return
     missing, unexpected = policy.hf_model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path!r} does not match the policy: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
-def save_policy(policy, path: str) -> None:
+def save_policy(policy, path: str, state_dict=None, dtype=None) -> None:
     """transformers' format (loadable by JanusForConditionalGeneration / JanusPolicy.from_pretrained),
-    with the tokenizer and the BOI id (generation_config.json's generation_kwargs)."""
+    with the tokenizer and the BOI id (generation_config.json's generation_kwargs). ``state_dict``:
+    the weights to write (a gathered FSDP state dict) instead of the module's, cast to ``dtype``."""
     os.makedirs(path, exist_ok=True)
-    policy.hf_model.save_pretrained(path)
+    if state_dict is not None and dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    policy.hf_model.save_pretrained(path, state_dict=state_dict)
     if policy.tokenizer is not None:
         policy.tokenizer.save_pretrained(path)
 
