@@ -17,6 +17,39 @@ def _rotate_half(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def effective_weight(linear):
+    """The weight a decoder projection applies, for the fused CPU decode (Trunk.fuse_weights).
+
+    A plain ``nn.Linear``: its weight (no copy). A peft LoRA layer (``base_layer`` + ``lora_A`` /
+    ``lora_B``): ``W + sum_a scaling_a * B_a @ A_a`` over its active adapters (W alone when they are
+    disabled or already merged), so the rollout samples from the adapted policy -- the layer's own
+    ``.weight`` is the *base* weight, which the fused path would otherwise read silently. None for an
+    adapter variant this does not express (DoRA, ...): the caller keeps the module path.
+
+    Why not merge the adapters into W for the rollout and unmerge after: ``W += d; W -= d`` is not
+    the identity in bf16 (measured: 400 cycles with a growing adapter change 55 % of a bf16 weight's
+    entries, median by 0.4 %), so the frozen base would drift over a run. This builds the sum into
+    the copies fuse_weights makes anyway, once per rollout. The module path (CUDA, biased or unfused
+    trunks) runs the LoRA layer's own forward ``W x + s B (A x)``: per decode step that reads
+    r (in + out) / (in out) more weight bytes (0.8 % at r = 16, 4096 x 4096), and the CUDA graph
+    hides the extra launches.
+    """
+    base = getattr(linear, "base_layer", None)
+    if base is None:
+        return linear.weight
+    if not hasattr(linear, "lora_A") or any(getattr(linear, "lora_variant", {}).get(a) is not None
+                                            for a in linear.active_adapters):
+        return None
+    w = base.weight
+    if linear.disable_adapters or linear.merged:  # merged: already in W
+        return w
+    with torch.no_grad():
+        for a in linear.active_adapters:
+            if a in linear.lora_A:
+                w = w + linear.get_delta_weight(a).to(w.dtype)
+    return w
+
+
 class Trunk:
     def __init__(self, policy, max_positions: int):
         lm = policy.language_model
@@ -32,7 +65,7 @@ class Trunk:
             raise NotImplementedError("the rollout trunk supports multi-head attention (Janus-Pro); got GQA")
         self.scale = self.layers[0].self_attn.scaling
         self.eps = self.layers[0].input_layernorm.variance_epsilon
-        self.fused = self.native = None  # see fuse_weights
+        self.fused = self.native = self.out_w = None  # see fuse_weights
         self.max_positions = max_positions
         # RoPE tables for every position, computed once by the model's own rotary embedding.
         dev, dt = policy.device, policy.dtype
@@ -59,26 +92,27 @@ class Trunk:
             w = w.view(H, D, -1)
             return torch.cat([-w[:, D // 2 :], w[:, : D // 2]], dim=1).reshape(H * D, -1)
 
-        self.fused, self.native = [], None
+        self.fused, self.native, self.out_w = [], None, []
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
-            if any(
-                mod.bias is not None
-                for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-            ):
-                self.fused = None  # biased projections: keep the module path
+            mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+            ws = [effective_weight(mod) for mod in mods]
+            if any(mod.bias is not None for mod in mods) or any(w is None for w in ws):
+                self.fused = self.out_w = None  # biased projections or an adapter variant: module path
                 return
-            wq, wk = a.q_proj.weight * self.scale, a.k_proj.weight
-            w_in = torch.cat([wq, wk, rot(wq), rot(wk), a.v_proj.weight]) * layer.input_layernorm.weight
-            w_gu = torch.cat([m.gate_proj.weight, m.up_proj.weight]) * layer.post_attention_layernorm.weight
+            wq_, wk_, wv, wo, wg, wu, wd = ws
+            wq, wk = wq_ * self.scale, wk_
+            w_in = torch.cat([wq, wk, rot(wq), rot(wk), wv]) * layer.input_layernorm.weight
+            w_gu = torch.cat([wg, wu]) * layer.post_attention_layernorm.weight
             self.fused.append((w_in.detach(), w_gu.detach()))
+            self.out_w.append((wo.detach(), wd.detach()))
         # the same weights as lists for fastbicot._C.decode_step_cpu (decode_flat_native)
         H_D = H * D  # [q, k, v] rows of w_in: the C++ step applies RoPE itself
         self.native = (
             [torch.cat([w[: 2 * H_D], w[4 * H_D :]]) for w, _ in self.fused],
-            [layer.self_attn.o_proj.weight.detach() for layer in self.layers],
+            [wo for wo, _ in self.out_w],
             [w for _, w in self.fused],
-            [layer.mlp.down_proj.weight.detach() for layer in self.layers],
+            [wd for _, wd in self.out_w],
             self.norm.weight.detach(),
         )
 
@@ -179,7 +213,7 @@ class Trunk:
     def _decode_fused(self, x, cache, n, rows, wpos, cos, sin, attn):
         H, D = self.num_heads, self.head_dim
         hd = H * D
-        for i, (layer, (w_in, w_gu)) in enumerate(zip(self.layers, self.fused)):
+        for i, (layer, (w_in, w_gu), (w_o, w_down)) in enumerate(zip(self.layers, self.fused, self.out_w)):
             y = F.linear(self._rms(x), w_in)  # [n, 5 H D]
             qk = torch.addcmul(
                 y[:, : 2 * hd].view(n, 2, H, D) * cos, y[:, 2 * hd : 4 * hd].view(n, 2, H, D), sin
@@ -187,10 +221,10 @@ class Trunk:
             cache.suffix_kv[i, 0, rows, :, wpos] = qk[:, 1]
             cache.suffix_kv[i, 1, rows, :, wpos] = y[:, 4 * hd :].view(n, H, D)
             o = attn(qk[:, 0], i, 1.0)  # q carries the attention scale (fuse_weights)
-            x = torch.addmm(x, o.reshape(n, hd), layer.self_attn.o_proj.weight.t())
+            x = torch.addmm(x, o.reshape(n, hd), w_o.t())
             gu = F.linear(self._rms(x), w_gu)
             f = gu.shape[1] // 2
-            x = torch.addmm(x, layer.mlp.act_fn(gu[:, :f]) * gu[:, f:], layer.mlp.down_proj.weight.t())
+            x = torch.addmm(x, layer.mlp.act_fn(gu[:, :f]) * gu[:, f:], w_down.t())
         return self._norm(self.norm, x)
 
     def native_ok(self) -> bool:
@@ -231,7 +265,7 @@ class Trunk:
         n, H, D = x.shape[0], self.num_heads, self.head_dim
         hd = H * D
         cos, sin = cos_sin[:, None, None, :D], cos_sin[:, None, None, D:]
-        for i, (layer, (w_in, w_gu)) in enumerate(zip(self.layers, self.fused)):
+        for i, (layer, (w_in, w_gu), (w_o, w_down)) in enumerate(zip(self.layers, self.fused, self.out_w)):
             y = F.linear(self._rms(x), w_in)  # [n, 5 H D]: q, k, rot(q), rot(k), v
             qk = (y[:, : 2 * hd].view(n, 2, H, D) * cos).addcmul_(y[:, 2 * hd : 4 * hd].view(n, 2, H, D), sin)
             new_kv = torch.stack([qk[:, 1], y[:, 4 * hd :].view(n, H, D)])  # [2, n, H, D]
@@ -241,8 +275,8 @@ class Trunk:
             if hidden is not None:
                 s.masked_fill_(hidden, float("-inf"))
             o = torch.matmul(torch.softmax(s, -1), kv[1, :n, :, :ls])  # [n, H, 1, D]
-            x = torch.addmm(x, o.view(n, hd), layer.self_attn.o_proj.weight.t())
+            x = torch.addmm(x, o.view(n, hd), w_o.t())
             gu = F.linear(self._rms(x), w_gu)
             f = gu.shape[1] // 2
-            x = torch.addmm(x, layer.mlp.act_fn(gu[:, :f]).mul_(gu[:, f:]), layer.mlp.down_proj.weight.t())
+            x = torch.addmm(x, layer.mlp.act_fn(gu[:, :f]).mul_(gu[:, f:]), w_down.t())
         return self._norm(self.norm, x)
