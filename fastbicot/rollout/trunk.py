@@ -44,10 +44,12 @@ def effective_weight(linear):
     if linear.disable_adapters or linear.merged:  # merged: already in W
         return w
     with torch.no_grad():
-        for a in linear.active_adapters:
-            if a in linear.lora_A:
-                w = w + linear.get_delta_weight(a).to(w.dtype)
-    return w
+        delta = [linear.get_delta_weight(a) for a in linear.active_adapters if a in linear.lora_A]
+        if not delta:
+            return w
+        d = sum(delta[1:], delta[0])  # fp32 adapters on a bf16 base: sum in the wider dtype, round once
+        dt = torch.promote_types(w.dtype, d.dtype)
+        return (w.to(dt) + d.to(dt)).to(w.dtype)
 
 
 class Trunk:
