@@ -388,6 +388,9 @@ class RewardEnsemble:
                 raise RewardError(
                     "mode='product' gave a non-finite total (a zero reward with a negative weight?)"
                 )
+        for r in self.rewards:  # a composite reward's parts (e.g. SumReward) are logged, not combined
+            for part, values in (getattr(r, "parts", None) or {}).items():
+                components[f"{r.name}/{part}"] = values
         return RewardOutput(total.float(), components)
 
     @staticmethod

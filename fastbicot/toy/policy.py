@@ -35,12 +35,12 @@ MAX_POSITIONS = 512
 EMBED_DIM = 16
 
 
-def toy_config(pixels_per_token: int = PIXELS_PER_TOKEN, attn_implementation: str = "sdpa"):
+def toy_config(pixels_per_token: int = PIXELS_PER_TOKEN, attn_implementation: str = "sdpa", extra_words=()):
     """The transformers JanusConfig of the toy policy (text vocabulary = the toy tokenizer's)."""
     from transformers import JanusConfig
 
     levels = _levels(pixels_per_token)
-    vocab_size = len(build_tokenizer())
+    vocab_size = len(build_tokenizer(extra_words))
     ids = SPECIAL_IDS
     text = {
         "model_type": "llama", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
@@ -90,18 +90,19 @@ def _unit_scale_generation_modules(model) -> None:
 
 
 def build_policy(seed: int = 0, dtype=torch.float32, device="cpu", *,
-                 pixels_per_token: int = PIXELS_PER_TOKEN, attn_implementation: str = "sdpa"):
+                 pixels_per_token: int = PIXELS_PER_TOKEN, attn_implementation: str = "sdpa", extra_words=()):
     """The toy ``JanusPolicy``: tiny random trunk, word-level tokenizer, colour-patch codebook.
 
     Deterministic in ``seed``; ``dtype``/``device`` as ``JanusPolicy.from_preset``. Images are
     ``8 * pixels_per_token`` pixels square (1, 2, 4 or 8 pixels per token; default 2: 16 x 16).
+    ``extra_words``: more words for the tokenizer (and text vocabulary), e.g. ``toy.got.GOT_WORDS``.
     """
     from transformers import JanusForConditionalGeneration
 
     from fastbicot.models import JanusPolicy
     from fastbicot.models.janus import _set_generation_ids
 
-    config = toy_config(pixels_per_token, attn_implementation)
+    config = toy_config(pixels_per_token, attn_implementation, extra_words)
     gen = torch.Generator().manual_seed(seed)
     old_dtype = torch.get_default_dtype()
     rng_state = torch.get_rng_state()
@@ -116,4 +117,4 @@ def build_policy(seed: int = 0, dtype=torch.float32, device="cpu", *,
     model.to(device=torch.device(device), dtype=dtype)
     model.eval()
     _set_generation_ids(model, SPECIAL_IDS)
-    return JanusPolicy(model, build_tokenizer())
+    return JanusPolicy(model, build_tokenizer(extra_words))

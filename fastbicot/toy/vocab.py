@@ -71,19 +71,20 @@ def _words() -> list[str]:
 WORDS = tuple(_words())
 
 
-def build_tokenizer():
+def build_tokenizer(extra_words=()):
     """A transformers ``PreTrainedTokenizerFast`` over a ``tokenizers`` WordLevel model.
 
     Text is lower-cased, split on whitespace, and every punctuation character is its own token, so
     any text made of ``WORDS`` round-trips token ids through encode -> decode -> encode (decode
     joins tokens with single spaces; newlines carry no token). Unknown words map to ``<unk>``.
+    ``extra_words`` (e.g. the GoT variant's coordinates, ``toy/got.py``) follow ``WORDS``.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: SPECIAL_IDS[key] for key, tok in SPECIAL_TOKENS.items()}
-    for w in WORDS:
-        vocab[w] = len(vocab)
+    for w in tuple(WORDS) + tuple(w for w in extra_words if w not in WORDS):
+        vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence(

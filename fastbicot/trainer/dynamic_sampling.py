@@ -1,0 +1,130 @@
+"""DAPO's dynamic sampling: groups whose rewards are all equal are dropped and the step's batch is refilled
+with freshly generated groups until it holds ``data.prompts_per_step`` groups with a reward spread.
+
+As ReasonGen-R1 (``verl/trainer/ppo/ray_trainer.py:928-1000``, ``algorithm.filter_groups``): after
+scoring, keep the groups with a spread (a group of one sample is kept); while fewer than P groups are
+kept, generate and score another batch and keep its spread groups; after ``max_gen_batches`` generation
+batches (the first included) without reaching P, stop with an error (<= 0: no limit); the step trains on
+the first P kept groups, in order.
+
+``advantage.refill``: "new_prompts" (the original: the next prompts of the data) or "same_prompts" (the
+filtered prompts again, with fresh samples). Refill prompts are drawn per (data.seed, step, round) from
+the whole prompt set -- the original consumes the next batches of its data loader instead -- so the data
+position stays a function of the step (exact resume). ``advantage.refill_size``: "missing" (generate as
+many groups as are missing) or "pow2" (the original: ``min(P, 2 ** (bit_length(missing) + 1))``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+
+from ..rewards import RewardOutput
+
+
+def _seed(seed: int, step: int, round_: int) -> int:
+    h = hashlib.blake2b(f"fastbicot/{seed}/{step}/refill/{round_}".encode(), digest_size=7).digest()
+    return int.from_bytes(h, "little")
+
+
+def spread_groups(batch, total: torch.Tensor) -> list[int]:
+    """The prompt indices (in order) of ``batch``'s groups whose rewards are not all equal, or of one sample."""
+    by_group: dict[int, list[float]] = {}
+    for s, r in zip(batch.samples, total.tolist()):
+        by_group.setdefault(s.prompt_index, []).append(r)
+    return [g for g, rs in by_group.items() if len(rs) == 1 or any(r != rs[0] for r in rs)]
+
+
+def select_groups(batch, scores, groups: list[int]):
+    """(batch, scores) restricted to the samples of ``groups`` (prompt indices), renumbered 0..len-1."""
+    new_index = {g: i for i, g in enumerate(groups)}
+    rows = [k for k, s in enumerate(batch.samples) if s.prompt_index in new_index]
+    samples = [dataclasses.replace(batch.samples[k], prompt_index=new_index[batch.samples[k].prompt_index])
+               for k in rows]
+    idx = torch.tensor(rows, dtype=torch.long)
+    changes = {"samples": samples, "image_tokens": batch.image_tokens[idx.to(batch.image_tokens.device)],
+               "images": None if batch.images is None else batch.images[idx.to(batch.images.device)]}
+    if getattr(batch, "group_index", None) is not None:
+        changes["group_index"] = [batch.group_index[g] for g in groups]
+    return (dataclasses.replace(batch, **changes),
+            RewardOutput(scores.total[idx], {k: v[idx] for k, v in scores.components.items()}))
+
+
+def concat(parts):
+    """One (batch, scores) from several, prompt indices renumbered in order."""
+    if len(parts) == 1:
+        return parts[0]
+    samples, offset = [], 0
+    for b, _ in parts:
+        samples += [dataclasses.replace(s, prompt_index=s.prompt_index + offset) for s in b.samples]
+        offset += len({s.prompt_index for s in b.samples})
+    first = parts[0][0]
+    timing = {}
+    for b, _ in parts:
+        for k, v in b.timing.items():
+            timing[k] = timing.get(k, 0.0) + v
+    changes = {"samples": samples, "timing": timing,
+               "image_tokens": torch.cat([b.image_tokens.to(first.image_tokens.device) for b, _ in parts]),
+               "images": None if first.images is None else torch.cat([b.images.to(first.images.device)
+                                                                      for b, _ in parts])}
+    if getattr(first, "group_index", None) is not None:
+        changes["group_index"] = list(range(offset))
+    keys = parts[0][1].components.keys()
+    scores = RewardOutput(torch.cat([s.total for _, s in parts]),
+                          {k: torch.cat([s.components[k] for _, s in parts]) for k in keys})
+    return dataclasses.replace(first, **changes), scores
+
+
+def refill_size(missing: int, P: int, rule: str) -> int:
+    if rule == "pow2":  # ray_trainer.py:846-849 (one process: world size 1)
+        return min(P, 1 << (missing.bit_length() + 1))
+    return missing
+
+
+def refill(trainer, batch, scores, records):
+    """DAPO dynamic sampling for one step (see the module docstring): -> (batch, scores, stats) with exactly
+    ``len(records)`` spread groups. ``records``: the step's prompt records (``batch``'s, in order)."""
+    from .trainer import TrainingError
+
+    c = trainer.config
+    a = c.advantage
+    P, step = len(records), trainer.step_idx
+    if trainer.world.enabled:
+        raise TrainingError("advantage.refill is not supported under torchrun yet (each rank would refill "
+                            "a different number of groups); use advantage.filter_zero_std alone")
+    kept_groups = spread_groups(batch, scores.total)
+    parts = [select_groups(batch, scores, kept_groups)]
+    n_kept, gen_batches, refilled = len(kept_groups), 1, 0
+    flat = [records[g] for g in sorted(set(range(P)) - set(kept_groups))]
+    while n_kept < P:
+        if a.max_gen_batches > 0 and gen_batches >= a.max_gen_batches:
+            raise TrainingError(f"step {step + 1}: {n_kept} of {P} prompt groups have a reward spread after "
+                                f"{gen_batches} generation batches (advantage.max_gen_batches); every other group "
+                                "scored equal rewards -- check the rewards and the data")
+        size = refill_size(P - n_kept, P, a.refill_size)
+        if a.refill == "same_prompts":
+            src = flat or records
+            todo = (src * (size // len(src) + 1))[:size]
+        else:
+            g = torch.Generator().manual_seed(_seed(c.data.seed, step, gen_batches))
+            pool = trainer.prompts if trainer.prompts is not None else records
+            todo = [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:size]]
+        trainer.policy.eval()
+        more = trainer.engine.generate(todo, seed=_seed(c.seed, step, gen_batches))
+        more_scores = trainer.score(more)
+        gen_batches += 1
+        refilled += len(todo)
+        good = spread_groups(more, more_scores.total)
+        parts.append(select_groups(more, more_scores, good))
+        n_kept += len(good)
+        flat = [todo[i] for i in sorted(set(range(len(todo))) - set(good))]
+    batch, scores = concat(parts)
+    if n_kept > P:  # the first P kept groups, as the original's truncation to train_batch_size * n
+        batch, scores = select_groups(batch, scores, list(range(P)))
+    return batch, scores, {"groups/gen_batches": float(gen_batches), "groups/refilled": float(refilled),
+                           "groups/first_batch_kept": float(len(kept_groups))}
+
+
+__all__ = ["concat", "refill", "refill_size", "select_groups", "spread_groups"]
