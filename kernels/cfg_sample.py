@@ -1,7 +1,7 @@
 """Fused classifier-free-guidance sampling: one launch per decode step (DESIGN.md §4).
 
     cfg_sample(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0,
-               top_k=0, top_p=1.0, seed=0, offset=0, return_logprobs=False, check_nan=True)
+               top_k=0, top_p=1.0, seed=0, offset=0, keys=None, return_logprobs=False, check_nan=True)
 
 Per row: z = (u + w (c - u)) / T; keep z >= the k-th largest z (top_k); p = softmax(z); keep the
 tokens whose probability is >= the smallest probability of the shortest most-probable prefix
@@ -25,6 +25,18 @@ Gumbel-max, argmax(score + Gumbel), with Philox keyed by `seed` and counter (tok
 offset), one call giving the uniforms of 4 consecutive tokens:
 rows are independent and (seed, offset) reproduces a step. seed/offset may be int64 0-dim device
 tensors that the kernel reads from memory, so a captured CUDA graph can advance them in place.
+
+Per-row stream keys: with `keys` (int64 [B], a device tensor the kernel reads, so CUDA-graph
+friendly) row r's stream is (seed, offset, keys[r]) instead of (seed, offset, r): the Philox
+counter takes the key's low 32 bits where it took the row, and its high 32 bits are xored into the
+high half of the Philox key (seed), so for one seed distinct keys are distinct streams and
+keys == arange(B) is the unkeyed stream. A row's token then depends only on its logits and its key,
+not on which rows share the batch or where it sits (the rollout keys a sample by its global prompt
+and generation index, so N ranks draw what 1 rank draws). The CPU torch path draws one inverse-CDF
+uniform per row, from a torch.Generator of (seed, offset) without keys, and with keys from a
+counter-based integer hash of (seed, offset, key) (`keyed_uniform`: two 32-bit xor-shift-multiply
+lanes held in int64 without overflow, 52 bits of them forming a float64 on the 2**-53 grid);
+`keyed_exponential` gives the float64 Gumbel-max noise of the same streams per token.
 
 Rows with V <= 16384 run one program per row (several short rows per program), held in registers;
 longer rows (text vocab, V = 102400) run a tiled kernel that streams the row once per pass (the
@@ -90,17 +102,21 @@ def _midpoint(lo, hi):
 
 
 @triton.jit
-def _gumbel(seed, offset, rows, start, WIDTH: tl.constexpr):
+def _gumbel(seed, offset, rows, start, WIDTH: tl.constexpr, ROW_SEED: tl.constexpr = False):
     """Gumbel(0, 1) noise for the tokens start .. start + WIDTH - 1 (start a multiple of 4) of each row.
 
     One Philox-4x32-10 call per 4 tokens, counter (token // 4, row, offset low, offset high): its 4
     outputs are the 4 tokens' uniforms (a quarter of the Philox work and of its live state).
+    `rows` is each row's counter word (its index, or the low 32 bits of its stream key); with
+    ROW_SEED, `seed` is a per-row [R] Philox key (see _row_stream) instead of a scalar.
     """
     quads = start // 4 + tl.arange(0, WIDTH // 4)
     c0 = quads[None, :].to(tl.uint32) + tl.zeros_like(rows[:, None]).to(tl.uint32)
     c1 = rows[:, None].to(tl.uint32) + tl.zeros_like(quads[None, :]).to(tl.uint32)
     c2 = offset.to(tl.uint32) + tl.zeros_like(c0)  # truncates to the low 32 bits
     c3 = (offset >> 32).to(tl.uint32) + tl.zeros_like(c0)
+    if ROW_SEED:
+        seed = seed[:, None]
     r0, r1, r2, r3 = tl.random.philox(seed, c0, c1, c2, c3)
     # [R, WIDTH/4, 2, 2] -> [R, WIDTH]: token 4q + 2a + b takes output 2a + b of quad q
     r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [rows.shape[0], WIDTH])
@@ -117,12 +133,21 @@ def _read_rng(seed_ptr, offset_ptr, seed, offset, RNG_IN_MEMORY: tl.constexpr):
     return seed.to(tl.int64), offset.to(tl.int64)
 
 
+@triton.jit
+def _row_keys(keys_ptr, rows, row_ok, seed):
+    """Per-row stream of keyed rows: (counter word, Philox key) = (key's low 32 bits, seed ^ the key's
+    high 32 bits << 32). For a fixed seed distinct keys give distinct (Philox key, counter) pairs,
+    and keys < 2**32 leave the seed as it is (keys == arange(B) reproduce the unkeyed stream)."""
+    key = tl.load(keys_ptr + rows, mask=row_ok, other=0)
+    return key, seed ^ (key & -4294967296)  # -4294967296 == 0xFFFFFFFF00000000 as int64
+
+
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _cfg_sample_block_kernel(
-    c_ptr, u_ptr, tok_ptr, lp_ptr, seed_ptr, offset_ptr,
+    c_ptr, u_ptr, tok_ptr, lp_ptr, seed_ptr, offset_ptr, keys_ptr,
     B, V, stride_c, stride_u, w, temperature, top_k, top_p, seed, offset,
     HAS_U: tl.constexpr, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr, DO_TOPP: tl.constexpr,
-    RNG_IN_MEMORY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    RNG_IN_MEMORY: tl.constexpr, HAS_KEYS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """BLOCK_R whole rows per program, each held in registers for every pass."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -161,7 +186,11 @@ def _cfg_sample_block_kernel(
             s = tl.where(keep, s, float("-inf"))
             total = tl.sum(tl.where(keep, e, 0.0), axis=1)
         seed, offset = _read_rng(seed_ptr, offset_ptr, seed, offset, RNG_IN_MEMORY)
-        tok = tl.argmax(s + _gumbel(seed, offset, rows, 0, BLOCK_V), axis=1)
+        if HAS_KEYS:
+            ctr, seed = _row_keys(keys_ptr, rows, row_ok, seed)
+        else:
+            ctr = rows
+        tok = tl.argmax(s + _gumbel(seed, offset, ctr, 0, BLOCK_V, HAS_KEYS), axis=1)
         s_tok = tl.sum(tl.where(cols[None, :] == tok[:, None], s, 0.0), axis=1)
         lp = s_tok - tl.log(total)
     tl.store(tok_ptr + rows, tok.to(tl.int64), mask=row_ok)
@@ -215,10 +244,10 @@ def _radix_select(c_ptr, u_ptr, rows, cols0, row_ok, V, stride_c, stride_u, w, m
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _cfg_sample_tiled_kernel(
-    c_ptr, u_ptr, tok_ptr, lp_ptr, seed_ptr, offset_ptr,
+    c_ptr, u_ptr, tok_ptr, lp_ptr, seed_ptr, offset_ptr, keys_ptr,
     B, V, stride_c, stride_u, w, temperature, top_k, top_p, seed, offset,
     HAS_U: tl.constexpr, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr, DO_TOPP: tl.constexpr,
-    RNG_IN_MEMORY: tl.constexpr, BLOCK_R: tl.constexpr, TILE: tl.constexpr,
+    RNG_IN_MEMORY: tl.constexpr, HAS_KEYS: tl.constexpr, BLOCK_R: tl.constexpr, TILE: tl.constexpr,
 ):
     """Rows longer than one block, streamed in TILE-wide chunks: same law as the block kernel.
 
@@ -253,6 +282,10 @@ def _cfg_sample_tiled_kernel(
             lo_u = tl.maximum(lo_u, t_p)
         lo = lo_u + _NEG_INF_KEY
         seed, offset = _read_rng(seed_ptr, offset_ptr, seed, offset, RNG_IN_MEMORY)
+        if HAS_KEYS:
+            ctr, seed = _row_keys(keys_ptr, rows, row_ok, seed)
+        else:
+            ctr = rows
         best = tl.full([BLOCK_R], float("-inf"), tl.float32)
         tok = tl.zeros([BLOCK_R], tl.int32)
         s_tok = tl.zeros([BLOCK_R], tl.float32)
@@ -263,7 +296,7 @@ def _cfg_sample_tiled_kernel(
             s = (z - m) / temperature
             s = tl.where(_ordered_key(s) >= lo[:, None], s, float("-inf"))
             kept += tl.sum(tl.exp(s), axis=1)
-            r = s + _gumbel(seed, offset, rows, start, TILE)
+            r = s + _gumbel(seed, offset, ctr, start, TILE, HAS_KEYS)
             rm = tl.max(r, axis=1)
             ra = tl.argmax(r, axis=1)
             better = rm > best
@@ -280,7 +313,7 @@ def _as_int64(x):
     return (int(x) + 2**63) % 2**64 - 2**63
 
 
-def _cfg_launch(c, u, w, temperature, top_k, top_p, seed, offset, on_gpu=None):
+def _cfg_launch(c, u, w, temperature, top_k, top_p, seed, offset, keys=None, on_gpu=None):
     """(kernel, grid, args, kwargs, (tok, lp)): what `_cfg_sample_triton` launches. on_gpu defaults
     to c's device; tests/aot_compile.py passes True to plan a CUDA launch from CPU tensors."""
     on_gpu = c.is_cuda if on_gpu is None else on_gpu
@@ -302,8 +335,10 @@ def _cfg_launch(c, u, w, temperature, top_k, top_p, seed, offset, on_gpu=None):
     common = {
         "HAS_U": has_u, "GREEDY": greedy, "DO_TOPK": not greedy and 0 < top_k < V,
         "DO_TOPP": not greedy and top_p < 1.0, "RNG_IN_MEMORY": not greedy and in_memory,
+        "HAS_KEYS": not greedy and keys is not None,
     }
-    args = (c, u_arg, tok, lp, seed_t, offset_t, B, V, c.stride(0), u_arg.stride(0), float(w),
+    keys_arg = keys if common["HAS_KEYS"] else tok  # unused pointer argument without keys
+    args = (c, u_arg, tok, lp, seed_t, offset_t, keys_arg, B, V, c.stride(0), u_arg.stride(0), float(w),
             float(temperature) or 1.0, int(top_k), float(top_p), int(seed), int(offset))
     # >= 4: the Gumbel noise comes 4 tokens per Philox call (masked columns past V are -inf)
     block_v = max(4, min(triton.next_power_of_2(V), _MAX_BLOCK if V <= _MAX_BLOCK else _TILE))
@@ -319,8 +354,8 @@ def _cfg_launch(c, u, w, temperature, top_k, top_p, seed, offset, on_gpu=None):
     return kernel, grid, args, {**kwargs, **common, "num_warps": num_warps}, (tok, lp)
 
 
-def _cfg_sample_triton(c, u, w, temperature, top_k, top_p, seed, offset):
-    kernel, grid, args, kwargs, (tok, lp) = _cfg_launch(c, u, w, temperature, top_k, top_p, seed, offset)
+def _cfg_sample_triton(c, u, w, temperature, top_k, top_p, seed, offset, keys=None):
+    kernel, grid, args, kwargs, (tok, lp) = _cfg_launch(c, u, w, temperature, top_k, top_p, seed, offset, keys)
     kernel[grid](*args, **kwargs)
     return tok, lp
 
@@ -355,6 +390,82 @@ def _generator(seed, offset):
     return torch.Generator().manual_seed((h ^ (h >> 32)) & 0xFFFFFFFF)
 
 
+_M32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # < 2**27: its product with a 32-bit word stays < 2**59 (no int64 overflow)
+_LANES = (0x243F6A88, 0x85A308D3)  # initial states of the hash's two 32-bit lanes (digits of pi)
+
+
+def _mix32(x):
+    """Bijective 32-bit integer hash (xor-shift-multiply, multiplier 0x45d9f3b) of x in [0, 2**32):
+    a Python int or an int64 tensor of 32-bit words, elementwise."""
+    x = ((x >> 16) ^ x) * _HASH_MUL & _M32
+    x = ((x >> 16) ^ x) * _HASH_MUL & _M32
+    return (x >> 16) ^ x
+
+
+def _words(x):
+    """(low, high) 32-bit words of int64 x (a Python int in int64 range or an int64 tensor)."""
+    return x & _M32, (x >> 32) & _M32
+
+
+def _lanes_int(seed, offset):
+    """The two lane states after absorbing seed low/high and offset low/high (Python ints)."""
+    h = list(_LANES)
+    for word in (*_words(_as_int64(seed)), *_words(_as_int64(offset))):
+        h = [_mix32(x ^ word) for x in h]
+    return h
+
+
+def _lanes_tensor(seed, offset, device):
+    """_lanes_int as int64 [2] device math: fills and elementwise ops only, no host-to-device copy
+    (legal inside CUDA-graph capture, where seed/offset are 0-dim device tensors)."""
+    seed, offset = (v if torch.is_tensor(v) else torch.full((), _as_int64(v), dtype=torch.int64, device=device)
+                    for v in (seed, offset))
+    h = torch.arange(2, dtype=torch.int64, device=device) * (_LANES[1] - _LANES[0]) + _LANES[0]
+    for word in (*_words(seed), *_words(offset)):
+        h = _mix32(h ^ word)
+    return h
+
+
+def _stream_state(seed, offset, keys):
+    """int64 [2, B]: the two 32-bit lane states of the counter-based streams (seed, offset, keys[r]).
+
+    Each lane absorbs the words seed low/high, offset low/high, key low/high, one _mix32 per word;
+    the lanes differ only in their initial state, so a stream is 64 hashed bits. For a fixed
+    (seed, offset), keys < 2**32 map to distinct states in each lane (each step is a bijection).
+    seed/offset: ints or 0-dim int64 tensors; CUDA tensors stay on the device (no host sync).
+    """
+    if any(torch.is_tensor(v) and v.device.type != "cpu" for v in (seed, offset)):
+        h = _lanes_tensor(seed, offset, keys.device)
+    else:  # host ints: 8 scalar hashes in Python instead of 8 x 10 tiny tensor ops
+        h = torch.tensor(_lanes_int(seed, offset), dtype=torch.int64, device=keys.device)
+    lo, hi = _words(keys)
+    return _mix32(_mix32(h[:, None] ^ lo) ^ hi)
+
+
+def _uniform53(h):
+    """float64 uniforms on the grid of odd multiples of 2**-53, strictly inside (0, 1), from lane states
+    h [2, ...]: 26 bits of each lane (so -log(u) is finite and > 0)."""
+    m = (h[0] >> 6) * 67108864 + (h[1] >> 6)  # 52 bits: lane 0's top 26, then lane 1's
+    return (m * 2 + 1).double() * 2.0**-53
+
+
+def keyed_uniform(seed, offset, keys):
+    """float64 [B]: one uniform in (0, 1) per stream key, a counter-based hash of (seed, offset, keys[r]).
+
+    The torch paths' keyed random numbers (the fused sampler's fallback and the reference): a row's
+    value depends on its key only, not on the other rows. keys: int64 tensor [B]."""
+    return _uniform53(_stream_state(seed, offset, keys))
+
+
+def keyed_exponential(seed, offset, keys, n):
+    """float64 [B, n]: Exp(1) variables of the streams (seed, offset, keys[r]), element j of row r from the
+    state of (seed, offset, keys[r]) hashed with j. For float64 Gumbel-max draws: argmax(log p - log E)."""
+    j = torch.arange(n, dtype=torch.int64, device=keys.device)
+    h = _mix32(_stream_state(seed, offset, keys)[:, :, None] ^ j)
+    return _uniform53(h).log_().neg_()
+
+
 def cfg_probs_reference(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0,
                         top_k=0, top_p=1.0):
     """float64 [B, V]: the exact final distribution of cfg_sample, by sorting each row."""
@@ -379,20 +490,28 @@ def cfg_probs_reference(cond_logits, uncond_logits=None, *, guidance_scale=1.0, 
 
 
 def cfg_sample_reference(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0,
-                         top_k=0, top_p=1.0, seed=0, offset=0, return_logprobs=False):
-    """cfg_sample by sorting in float64 and torch.multinomial (same law, different random stream)."""
+                         top_k=0, top_p=1.0, seed=0, offset=0, keys=None, return_logprobs=False):
+    """cfg_sample by sorting in float64 and torch.multinomial (same law, different random stream);
+    with keys, row r is the inverse CDF of its float64 distribution at keyed_uniform(seed, offset, keys)[r]."""
     p = cfg_probs_reference(cond_logits, uncond_logits, guidance_scale=guidance_scale,
                             temperature=temperature, top_k=top_k, top_p=top_p).cpu()
-    tok = torch.multinomial(p, 1, generator=_generator(seed, offset)).squeeze(1)
+    if keys is None:
+        tok = torch.multinomial(p, 1, generator=_generator(seed, offset)).squeeze(1)
+    else:
+        cum = p.cumsum(-1)
+        r = keyed_uniform(seed, offset, keys.cpu())[:, None] * cum[:, -1:]
+        last = p.shape[-1] - 1 - (p > 0).flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
+        tok = torch.searchsorted(cum, r, right=True).minimum(last).squeeze(1)
     tok = tok.to(cond_logits.device)
     if not return_logprobs:
         return tok
     return tok, p.gather(1, tok.cpu()[:, None]).squeeze(1).log().float().to(cond_logits.device)
 
 
-def _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_logprobs):
+def _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_logprobs, keys=None):
     """Batched fp32 torch path: top-k by torch.topk, top-p by a sort (of the top-k only when
-    top-k is on), then one inverse-CDF draw per row."""
+    top-k is on), then one inverse-CDF draw per row (its uniform from the step's generator, or
+    with keys from keyed_uniform: a function of (seed, offset, keys[r]) alone)."""
     z = c.float()
     if u is not None:
         # lerp = u + w(c - u); inf - inf (NaN) or a +inf marks a token banned in one branch
@@ -418,7 +537,11 @@ def _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_l
     # r rounds up to the total.
     prob = logp.exp()
     cum = prob.cumsum(-1, dtype=torch.float64)
-    r = torch.rand(cum.shape[0], 1, dtype=torch.float64, generator=_generator(seed, offset)) * cum[:, -1:]
+    if keys is None:
+        r = torch.rand(cum.shape[0], 1, dtype=torch.float64, generator=_generator(seed, offset))
+    else:
+        r = keyed_uniform(seed, offset, keys)[:, None]
+    r = r * cum[:, -1:]
     last = V - 1 - (prob > 0).flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
     tok = torch.searchsorted(cum, r, right=True).minimum(last).squeeze(1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(1) if return_logprobs else None
@@ -449,7 +572,7 @@ def _integer(x):
         return None
 
 
-def _check(c, u, w, temperature, top_k, top_p, seed, offset, check_nan):
+def _check(c, u, w, temperature, top_k, top_p, seed, offset, check_nan, keys=None):
     if c.dim() != 2:
         raise ValueError(f"cond_logits must be [B, V], got shape {tuple(c.shape)}")
     if c.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -477,6 +600,13 @@ def _check(c, u, w, temperature, top_k, top_p, seed, offset, check_nan):
             raise ValueError(f"{name} tensor must be a 0-dim int64 tensor, got {v.dtype} {tuple(v.shape)}")
         if torch.is_tensor(v) and v.device != c.device:
             raise ValueError(f"{name} tensor is on {v.device}, logits on {c.device}")
+    if keys is not None:
+        if not torch.is_tensor(keys) or keys.dtype != torch.int64 or keys.shape != c.shape[:1]:
+            got = f"{keys.dtype} {tuple(keys.shape)}" if torch.is_tensor(keys) else f"{type(keys).__name__}"
+            raise ValueError(f"keys must be an int64 tensor of shape [B] = [{c.shape[0]}] (one stream key per "
+                             f"row), got {got}")
+        if keys.device != c.device:
+            raise ValueError(f"keys tensor is on {keys.device}, logits on {c.device}")
     if not check_nan:
         return
     if w == 1.0:
@@ -492,13 +622,17 @@ def _check(c, u, w, temperature, top_k, top_p, seed, offset, check_nan):
 
 
 def cfg_sample(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0,
-               top_k=0, top_p=1.0, seed=0, offset=0, return_logprobs=False, check_nan=True):
+               top_k=0, top_p=1.0, seed=0, offset=0, keys=None, return_logprobs=False, check_nan=True):
     """Draw one token per row from the guided, tempered, top-k/top-p filtered distribution.
 
     cond_logits, uncond_logits: [B, V] float32/float16/bfloat16 (math in fp32). uncond_logits=None
     or guidance_scale == 1 means no guidance (uncond is then not read). Any finite guidance_scale is
     accepted (w < 1 moves towards the unconditional logits, w = 0 samples from them alone).
     seed/offset: ints or 0-dim int64 tensors on the logits' device (CUDA-graph friendly).
+    keys: None, or an int64 tensor [B] on the logits' device: row r's random numbers then come from
+    (seed, offset, keys[r]) instead of (seed, offset, r), so a row draws the same token whatever
+    rows share its batch and wherever it sits (the kernel reads keys from memory: CUDA-graph
+    friendly). keys=None is the same stream as keys=arange(B) on the Triton path, not on the torch one.
     check_nan: reject NaN / +inf logits and rows without any allowed token. It reads the inputs
     once more and synchronises with the device, so turn it off inside CUDA graphs / hot loops;
     unchecked, such rows give an unspecified token and log-prob.
@@ -508,7 +642,7 @@ def cfg_sample(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperatu
     c, u = cond_logits, uncond_logits
     w, temperature = _real("guidance_scale", guidance_scale), _real("temperature", temperature)
     top_p = _real("top_p", top_p)
-    _check(c, u, w, temperature, top_k, top_p, seed, offset, check_nan)
+    _check(c, u, w, temperature, top_k, top_p, seed, offset, check_nan, keys)
     top_k = _integer(top_k)
     seed = seed if torch.is_tensor(seed) else _integer(seed)
     offset = offset if torch.is_tensor(offset) else _integer(offset)
@@ -522,7 +656,7 @@ def cfg_sample(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperatu
         if not c.is_cuda and type(_cfg_sample_block_kernel).__name__ != "InterpretedFunction":
             raise RuntimeError("FASTBICOT_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 set "
                                "before triton is first imported (it is read when kernels are defined)")
-        tok, lp = _cfg_sample_triton(c, u, w, temperature, top_k, top_p, seed, offset)
+        tok, lp = _cfg_sample_triton(c, u, w, temperature, top_k, top_p, seed, offset, keys)
     else:
-        tok, lp = _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_logprobs)
+        tok, lp = _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_logprobs, keys)
     return (tok, lp) if return_logprobs else tok

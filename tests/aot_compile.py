@@ -21,10 +21,11 @@ compile: registers per thread, spill stores/loads and stack frame (bytes per thr
   --quick  the prefix kernel (bf16/fp32) on both targets and one production launch of every other
            kernel on sm_90 (the default pytest run, tests/test_aot_compile.py; ~1 min on 2 cores);
   --full   every kernel x every tile/warp/stage config its launcher picks at the real shapes x
-           bf16/fp32 x both targets, the sampler with its production flag sets plus all flags on,
-           every grpo flag combination (.ci/run; ~100 compiles);
+           bf16/fp32 x both targets, the sampler with its production flag sets (keyed streams, as
+           the rollout launches it, and unkeyed) plus all flags on,
+           every grpo flag combination (.ci/run; ~140 compiles);
   --all    the whole cross product: fp16 too, every constexpr flag combination, more row counts and
-           token counts (~440 compiles: for a many-core machine, e.g. --jobs 16).
+           token counts (~630 compiles: for a many-core machine, e.g. --jobs 16).
 
 Needs TRITON_INTERPRET unset (the script drops it before importing triton), a triton with the
 NVIDIA backend (3.6 to 3.9 tested) and nothing else: no CUDA driver, no device.
@@ -34,6 +35,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import itertools
 import json
 import os
 import re
@@ -129,36 +131,38 @@ def cfg_sample_specs(full):
     cs = importlib.import_module("fastbicot.kernels.cfg_sample")  # the package re-exports functions
 
     dtypes = [torch.bfloat16, torch.float32] + ([torch.float16] if full > 1 else [])
-    # --full: the flag sets of the production calls (CoT text: top-k 50; CFG image: guidance with
-    # the seed in device memory; greedy with guidance) and the one with every optional branch on.
-    # --all: every combination.
-    full_flags = [(False, False, 50, 1.0, False), (True, False, 0, 1.0, True), (True, True, 0, 1.0, False),
-                  (True, False, 50, 0.9, True)]
+    # --full: the flag sets of the production calls (the rollout keys every row's stream by its
+    # sample: CoT text: top-k 50; CFG image: guidance with the seed in device memory; greedy with
+    # guidance, which reads no stream), the same without keys (the public default), and the one
+    # with every optional branch on. --all: every combination.
+    # (has_u, greedy, top_k, top_p, rng_tensor, keyed)
+    full_flags = [(False, False, 50, 1.0, False, True), (True, False, 0, 1.0, True, True),
+                  (False, False, 50, 1.0, False, False), (True, False, 0, 1.0, True, False),
+                  (True, True, 0, 1.0, False, False), (True, False, 50, 0.9, True, True)]
     specs = []
     for V in (IMAGE_VOCAB, TEXT_VOCAB):
         for dtype in dtypes:
             for B in ([16, 512] if full > 1 else [16]):
                 c = _empty(B, V, dtype=dtype)
-                for has_u in (False, True):
-                    for greedy in (False, True):
-                        for top_k in (0, 50):
-                            for top_p in (1.0, 0.9):
-                                for rng_tensor in (False, True):
-                                    if full == 1 and (has_u, greedy, top_k, top_p, rng_tensor) not in full_flags:
-                                        continue
-                                    seed = torch.zeros((), dtype=torch.int64) if rng_tensor else 5
-                                    kern, _, args, kw, _ = cs._cfg_launch(
-                                        c, c if has_u else None, 5.0 if has_u else 1.0, 0.0 if greedy else 1.0,
-                                        top_k, top_p, seed, 0, on_gpu=True)
-                                    flags = ",".join(k for k in ("HAS_U", "GREEDY", "DO_TOPK", "DO_TOPP",
-                                                                 "RNG_IN_MEMORY") if kw[k]) or "plain"
-                                    # quick: the CoT text default (top-k 50) and the CFG image default
-                                    quick = dtype == torch.bfloat16 and not greedy and not rng_tensor and (
-                                        (V == TEXT_VOCAB and not has_u and top_k and top_p == 1.0)
-                                        or (V == IMAGE_VOCAB and has_u and not top_k and top_p == 1.0))
-                                    specs.append(Spec(f"cfg_sample.{kern.__name__}",
-                                                      f"V={V} {_dt(dtype)} rows={B} {flags}", kern, args, kw,
-                                                      quick=bool(quick)))
+                for has_u, greedy, top_k, top_p, rng_tensor, keyed in itertools.product(
+                        (False, True), (False, True), (0, 50), (1.0, 0.9), (False, True), (False, True)):
+                    if full == 1 and (has_u, greedy, top_k, top_p, rng_tensor, keyed) not in full_flags:
+                        continue
+                    seed = torch.zeros((), dtype=torch.int64) if rng_tensor else 5
+                    keys = _empty(B, dtype=torch.int64) if keyed else None
+                    kern, _, args, kw, _ = cs._cfg_launch(
+                        c, c if has_u else None, 5.0 if has_u else 1.0, 0.0 if greedy else 1.0,
+                        top_k, top_p, seed, 0, keys, on_gpu=True)
+                    flags = ",".join(k for k in ("HAS_U", "GREEDY", "DO_TOPK", "DO_TOPP", "RNG_IN_MEMORY",
+                                                 "HAS_KEYS") if kw[k]) or "plain"
+                    # quick: what the rollout launches for the CoT text default (top-k 50) and the
+                    # CFG image default, keyed
+                    quick = dtype == torch.bfloat16 and not greedy and not rng_tensor and keyed and (
+                        (V == TEXT_VOCAB and not has_u and top_k and top_p == 1.0)
+                        or (V == IMAGE_VOCAB and has_u and not top_k and top_p == 1.0))
+                    specs.append(Spec(f"cfg_sample.{kern.__name__}",
+                                      f"V={V} {_dt(dtype)} rows={B} {flags}", kern, args, kw,
+                                      quick=bool(quick)))
     return specs
 
 

@@ -15,6 +15,12 @@ Unconditional rows (CFG, guidance_scale > 1), ``uncond``:
   "keep_cot"  the prompt/template tokens -> pad, the CoT kept
 Every sequence is packed (no padding): position i of a sample's sequence is i, exactly what the
 trainer's teacher-forced forward uses. Settings: rollout.config.RolloutConfig.
+
+Random streams: generation g of the prompt with global index ``group_index[i]`` draws every token
+(CoT and image, CFG or not, before and after its row is compacted, eager or CUDA graph) from the
+stream key ``group_index[i] * G + g`` (rollout.sampling), so a sample's tokens depend only on
+(seed, its key, its prompt): a rank that generates its share of a global batch with the global
+indices draws what a single process generating the whole batch draws.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 from ..data import PromptRecord
 from .config import RolloutConfig, apply_overrides
 from .cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt, image_prompt
-from .generate import ImageDecoder, default_flatten, image_cache, prefill_rows, trunk_for
+from .generate import ImageDecoder, check_keys, default_flatten, image_cache, prefill_rows, trunk_for
 from .sampling import Sampler
 
 _CTX, _COT, _KEEP = 0, 1, 2  # token segments: prompt/template, CoT, always kept (BOS, final BOI)
@@ -69,14 +75,27 @@ class RolloutBatch:
     timing: dict = field(default_factory=dict)  # seconds: cot, image, decode, total
     num_generations: int = 1
     config: RolloutConfig | None = None  # the settings that produced it
+    group_index: list | None = None  # the global index of each prompt (generate's group_index)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     @property
     def group_ids(self) -> torch.Tensor:
-        """int64 [N]: the prompt (group) index of every sample."""
+        """int64 [N]: the prompt (group) index of every sample within this batch (0 .. P-1)."""
         return torch.tensor([s.prompt_index for s in self.samples], dtype=torch.long)
+
+    @property
+    def global_group_ids(self) -> torch.Tensor:
+        """int64 [N]: the global prompt index of every sample (``group_index[prompt_index]``)."""
+        gi = self.group_index if self.group_index is not None else range(max(self.group_ids.tolist(), default=-1) + 1)
+        return torch.tensor([gi[s.prompt_index] for s in self.samples], dtype=torch.long)
+
+    @property
+    def sample_keys(self) -> torch.Tensor:
+        """int64 [N]: the random-stream key of every sample, global prompt index * G + generation."""
+        G = self.num_generations
+        return self.global_group_ids * G + torch.arange(len(self.samples)) % G
 
     def reward_inputs(self) -> dict:
         """Keyword arguments of a Reward / RewardEnsemble call: images, prompts, metadata, cots."""
@@ -159,17 +178,26 @@ class RolloutEngine:
         return ids[-o.max_prompt_length:] if o.max_prompt_length is not None else ids
 
     @torch.no_grad()
-    def generate(self, prompts, num_generations=None, *, seed=0, **overrides) -> RolloutBatch:
+    def generate(self, prompts, num_generations=None, *, seed=0, group_index=None, **overrides) -> RolloutBatch:
         """Sample ``num_generations`` (default: the config's) CoT + image per prompt.
 
         ``prompts``: strings or PromptRecords (their metadata travels to the rewards). Samples are
         ordered prompt-major: sample s belongs to prompt s // G.
+        ``group_index``: the global index of each prompt in the step's batch (distinct non-negative
+        ints; default 0 .. len(prompts)-1). Generation g of prompt i draws from the random stream
+        ``group_index[i] * G + g``, so splitting a batch across calls (ranks) with the matching
+        indices gives the samples one call gives.
         """
         o = apply_overrides(self.config, overrides)
         records = self._records(prompts)
         G = o.num_generations if num_generations is None else num_generations
         if isinstance(G, bool) or not isinstance(G, int) or G < 1:
             raise ValueError(f"num_generations must be a positive integer, got {G!r}")
+        group_index = check_keys(group_index, len(records), "group_index", per="prompt")
+        if min(group_index) < 0 or max(group_index) >= 2**63 // G:
+            raise ValueError(f"group_index must hold non-negative ints below 2**63 / num_generations, got "
+                             f"{min(group_index)} .. {max(group_index)}")
+        sample_key = [group_index[s // G] * G + s % G for s in range(len(records) * G)]
         texts = [r.prompt for r in records]
         policy, dev = self.policy, self.policy.device
         P, R, N = len(records), len(records) * G, policy.num_image_tokens
@@ -203,7 +231,7 @@ class RolloutEngine:
             )
             if self.flat:
                 cache.flatten(0, R)
-            cot_ids, cot_lps = self._cot_loop(trunk, cache, sampler, last, slot_sample, o, cont, bar)
+            cot_ids, cot_lps = self._cot_loop(trunk, cache, sampler, last, slot_sample, o, cont, bar, sample_key)
         else:  # images straight from the prompt (an empty plan); every context is prefilled fresh below
             cot_ids, cot_lps = [[] for _ in range(R)], [[] for _ in range(R)]
             cont = False
@@ -263,6 +291,7 @@ class RolloutEngine:
             num_tokens=N,
             cuda_graph=o.cuda_graph,
             flat=self.flat,
+            keys=[sample_key[s] for s in slot_sample],  # the stream of the sample in each slot
         )
         tok_slots, lp_slots = dec.run(policy.embed_text(torch.tensor(first, device=dev)), progress=bar)
         order = torch.tensor([slot_sample.index(s) for s in range(R)], device=dev)
@@ -298,7 +327,7 @@ class RolloutEngine:
             for s in range(R)
         ]
         return RolloutBatch(samples=samples, image_tokens=tokens, images=images, timing=timing,
-                            num_generations=G, config=o)
+                            num_generations=G, config=o, group_index=group_index)
 
     def image_context(self, template, prompt, body, cot_text, o=None):
         """(context ids ending with BOI, segment of each id) for one sample's image step: ``template`` is
@@ -329,12 +358,13 @@ class RolloutEngine:
         pad = self.policy.pad_token_id
         return [pad if g in masked else t for t, g in zip(ids, seg)]
 
-    def _cot_loop(self, trunk, cache, sampler, last, slot_sample, o, cont, bar):
+    def _cot_loop(self, trunk, cache, sampler, last, slot_sample, o, cont, bar, sample_key):
         """Sample CoT tokens for every row until EOS / max_new_tokens; returns (ids, log-probs) per sample.
 
         In ``continue`` mode a row that hits the limit without EOS runs one extra step so that its
         last token's KV is written too (the image context continues right after it); that step's
-        draw is discarded.
+        draw is discarded. Step t of every row is its t-th draw, from its sample's stream key
+        (``sample_key``), which moves with the row when finished rows are compacted.
         """
         policy, dev = self.policy, cache.suffix_k.device
         eos, max_new = policy.eos_token_id, o.cot.max_new_tokens
@@ -342,6 +372,7 @@ class RolloutEngine:
         ids = [[] for _ in range(R)]
         lps = [[] for _ in range(R)]
         x = policy.embed_text(torch.tensor(last, device=dev))
+        keys = torch.tensor([sample_key[s] for s in slot_sample], dtype=torch.long, device=dev)
         n, step = R, 0
         while n > 0:
             h = trunk.decode(x[:n], cache, n, flat=self.flat)
@@ -351,6 +382,7 @@ class RolloutEngine:
                 top_k=o.cot.top_k,
                 top_p=o.cot.top_p,
                 offset=step,
+                keys=keys[:n],
             )
             tok_l, lp_l = tok.tolist(), lp.tolist()
             if not all(map(math.isfinite, lp_l)):  # already on the host: no extra sync
@@ -372,12 +404,13 @@ class RolloutEngine:
             step += 1
             if bar is not None:
                 bar.update(1)
-            n = self._compact(cache, x, slot_sample, n, done)
+            n = self._compact(cache, x, slot_sample, n, done, keys)
         return ids, lps
 
     @staticmethod
-    def _compact(cache, x, slot_sample, n, done):
-        """Move finished rows behind the active ones (swapping only the rows that must move)."""
+    def _compact(cache, x, slot_sample, n, done, keys):
+        """Move finished rows behind the active ones (swapping only the rows that must move), with their
+        inputs ``x`` and stream ``keys``."""
         n_new = n - sum(done)
         holes = [i for i in range(n_new) if done[i]]
         movers = [i for i in range(n_new, n) if not done[i]]
@@ -386,6 +419,7 @@ class RolloutEngine:
             b = torch.tensor(movers, device=x.device)
             cache.swap_rows(a, b)
             x[torch.cat([a, b])] = x[torch.cat([b, a])]
+            keys[torch.cat([a, b])] = keys[torch.cat([b, a])]
             for i, j in zip(holes, movers):
                 slot_sample[i], slot_sample[j] = slot_sample[j], slot_sample[i]
         return n_new

@@ -8,6 +8,7 @@ longest common prefix of the group's rows) and the row's own remainder.
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from .attention import attention_backend, uses_decode_kernel
 from .kv_cache import KVCache
-from .sampling import Sampler, check_sampling_args
+from .sampling import Sampler, check_sampling_args, stream_generator
 from .trunk import Trunk
 
 IMAGE_OFFSET = 1 << 24  # sampler offsets of image steps (CoT steps use 0, 1, ...): disjoint streams
@@ -79,8 +80,8 @@ def prefill_rows(trunk: Trunk, cache: KVCache, seqs, slots, groups) -> list:
         )
     # 1. shared prefix blocks, one right-padded causal batch
     gs = [g for g in prefix if prefix[g]]
-    for g in prefix:
-        cache.prefix_len[g] = len(prefix[g])
+    for g, pre in prefix.items():
+        cache.prefix_len[g] = len(pre)
     if gs:
         L = max(len(prefix[g]) for g in gs)
         ids = torch.full((len(gs), L), policy.pad_token_id, dtype=torch.long)
@@ -129,6 +130,10 @@ class ImageDecoder:
     K/V write index advanced once per step, not per layer), CFG as one lerp on the head's hidden,
     the temperature folded into the head's last Linear, and plain temperature sampling (no top-k /
     top-p) as Gumbel-max with the noise of many steps drawn at once (_plain_noise).
+
+    ``keys``: the stream key of each of the n samples (row i and, with CFG, row n + i), default
+    0 .. n-1: every draw of row i is a function of (sampler seed, step, keys[i]) only (DESIGN.md §4,
+    stream keys). On the device in a static buffer, read by the sampler (and the CUDA graph).
     """
 
     def __init__(
@@ -145,6 +150,7 @@ class ImageDecoder:
         num_tokens,
         cuda_graph=True,
         flat=False,
+        keys=None,
     ):
         policy = trunk.policy
         self.flat = flat
@@ -158,6 +164,10 @@ class ImageDecoder:
         self.tokens = torch.zeros(n, num_tokens, dtype=torch.long, device=dev)
         self.logprobs = torch.zeros(n, num_tokens, dtype=torch.float32, device=dev)
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
+        self.key_list = list(range(n)) if keys is None else [int(k) for k in keys]
+        if len(self.key_list) != n:
+            raise ValueError(f"keys must hold one stream key per sample ({n}), got {len(self.key_list)}")
+        self.sample_keys = torch.tensor(self.key_list, dtype=torch.long, device=dev)  # static: the graph reads it
         self.use_graph = cuda_graph and dev.type == "cuda"
         self.graph = None
         # The image-token embedding (generation embedding + aligner MLP) is a pure function of
@@ -175,16 +185,17 @@ class ImageDecoder:
 
     # ---- CPU: plain temperature sampling -------------------------------------------------------
     def _plain_noise(self, step):
-        """log E, E ~ Exp(1), for steps [step, step + chunk): argmax(log p - log E) draws from p.
+        """log E [n, chunk, V], E ~ Exp(1), for steps [step, step + chunk): argmax(log p - log E) draws from p.
 
-        Drawn a chunk of steps at a time (one op instead of one per step) from a generator keyed
-        by (seed, first step), so a rollout is a function of its seed.
+        Drawn a chunk of steps at a time (one op per row instead of one per step), row i's from its
+        own generator stream_generator(seed, IMAGE_OFFSET + step, keys[i]). The chunks depend on V
+        and the token count only, not on n, so a row's noise is a function of (seed, step, key).
         """
         V = self.table.shape[0]
-        chunk = max(1, min(self.num_tokens - step, (1 << 22) // (self.n * V)))
-        key = (self.sampler.seed * 0x9E3779B97F4A7C15 + IMAGE_OFFSET + step) % (1 << 63)
-        g = torch.Generator().manual_seed(key)
-        e = torch.empty(chunk, self.n, V, dtype=self.table.dtype).exponential_(generator=g)
+        chunk = max(1, min(self.num_tokens - step, (1 << 16) // V))
+        e = torch.empty(self.n, chunk, V, dtype=self.table.dtype)
+        for i, key in enumerate(self.key_list):
+            e[i].exponential_(generator=stream_generator(self.sampler.seed, IMAGE_OFFSET + step, key))
         return e.log_(), step
 
     def _draw_plain(self, s, t):
@@ -193,9 +204,9 @@ class ImageDecoder:
             torch.argmax(s, -1, out=self.tokens_t[t])  # greedy: log-prob 0 (buffer is zeros)
             return self.tokens_t[t]
         logp = torch.log_softmax(s, -1)
-        if t - self.noise[1] >= self.noise[0].shape[0]:
+        if t - self.noise[1] >= self.noise[0].shape[1]:
             self.noise = self._plain_noise(t)
-        tok = torch.argmax(logp - self.noise[0][t - self.noise[1]], -1, out=self.tokens_t[t])
+        tok = torch.argmax(logp - self.noise[0][:, t - self.noise[1]], -1, out=self.tokens_t[t])
         torch.gather(logp, 1, tok[:, None], out=self.logprobs_t[t][:, None])
         return tok
 
@@ -236,12 +247,17 @@ class ImageDecoder:
         self.native = self.lean and self.trunk.native_ok()
         self.tokens_t = torch.zeros(N, self.n, dtype=torch.long, device=dev)
         self.logprobs_t = torch.zeros(N, self.n, dtype=self.table.dtype, device=dev)
-        self.noise = (self.table.new_empty(0, self.n, 1), 0)
+        self.noise = (self.table.new_empty(self.n, 0, 1), 0)
 
     def _draw(self, s, t):
         """Any other sampling setting (top-k / top-p): the fused sampler, into the same buffers."""
         tok, lp = self.sampler(
-            s, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, offset=t + IMAGE_OFFSET
+            s,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            offset=t + IMAGE_OFFSET,
+            keys=self.sample_keys,
         )
         self.tokens_t[t] = tok
         self.logprobs_t[t] = lp
@@ -265,6 +281,7 @@ class ImageDecoder:
                 top_k=self.top_k,
                 top_p=self.top_p,
                 offset=self.step_idx[0] + IMAGE_OFFSET,
+                keys=self.sample_keys,
             )
             self.tokens.index_copy_(1, self.step_idx, tok[:, None])
             self.logprobs.index_copy_(1, self.step_idx, lp.float()[:, None])
@@ -327,6 +344,36 @@ class ImageDecoder:
         return tokens, logprobs
 
 
+def check_keys(keys, n, name="keys", per="row") -> list:
+    """None -> [0 .. n-1]; else a list of n distinct ints in int64 range (a list or a 1-D int tensor),
+    one per ``per``; ValueError naming ``name`` otherwise."""
+    if keys is None:
+        return list(range(n))
+    if isinstance(keys, torch.Tensor):
+        if keys.dim() != 1 or keys.dtype.is_floating_point or keys.dtype.is_complex or keys.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D integer tensor or a list of ints, got {keys.dtype} "
+                             f"{tuple(keys.shape)}")
+        keys = keys.tolist()
+    if isinstance(keys, (str, bytes)) or not hasattr(keys, "__len__"):
+        raise ValueError(f"{name} must be a list of ints, got {type(keys).__name__}")
+    out = []
+    for i, k in enumerate(keys):
+        try:
+            if isinstance(k, bool):
+                raise TypeError
+            k = operator.index(k)
+        except TypeError:
+            raise ValueError(f"{name}[{i}] must be an int, got {k!r}") from None
+        if not -(2**63) <= k < 2**63:
+            raise ValueError(f"{name}[{i}] = {k} is outside the int64 range")
+        out.append(k)
+    if len(out) != n:
+        raise ValueError(f"{name} must hold one entry per {per} ({n}), got {len(out)}")
+    if len(set(out)) != n:
+        raise ValueError(f"{name} must be distinct (equal keys draw identical random numbers), got {out[:16]}")
+    return out
+
+
 def check_finite_logprobs(logprobs: torch.Tensor, phase: str) -> None:
     """NaN/inf logits give NaN log-probs for the drawn tokens (and tokens that look normal): one check
     after the loop (a single host sync, CUDA-graph safe) names the phase, the first step and the rows.
@@ -381,6 +428,7 @@ def generate_images(
     cuda_graph=True,
     flatten=None,
     return_logprobs=False,
+    keys=None,
 ):
     """Image tokens for each row of ``input_ids`` (each ending with BOI) -> LongTensor [B, N].
 
@@ -389,9 +437,12 @@ def generate_images(
     ``BOS pad ... pad`` prefix is computed once for the whole batch. Rows of different lengths are
     packed, not padded: each row sees the positions it would see alone. ``flatten``: copy shared
     prefixes into the rows after prefill (default: when the grouped decode kernel is not in use).
+    ``keys``: the random-stream key of each row (ints, default 0 .. B-1): a row's tokens depend on
+    (seed, its key, its context) only, not on the other rows.
     """
     check_sampling_args(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
     seqs = as_token_lists(input_ids)
+    keys = check_keys(keys, len(seqs))
     if hasattr(policy, "check_token_ids"):  # before any embedding: an OOV id is a raw IndexError there
         policy.check_token_ids(seqs, "input_ids")
     bad = [i for i, s in enumerate(seqs) if s[-1] != policy.boi_token_id]
@@ -428,6 +479,7 @@ def generate_images(
         num_tokens=N,
         cuda_graph=cuda_graph,
         flat=flat,
+        keys=keys,
     )
     tokens, logprobs = dec.run(policy.embed_text(torch.tensor(last, device=policy.device)))
     return (tokens, logprobs) if return_logprobs else tokens

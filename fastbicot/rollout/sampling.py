@@ -3,6 +3,13 @@
 Calls the fused kernel ``fastbicot.kernels.cfg_sample`` (DESIGN.md §4) when it exists; otherwise an
 equivalent torch implementation (same filtering and log-prob semantics; its random stream comes
 from a torch.Generator seeded with ``seed`` instead of the kernel's counter-based RNG).
+
+Stream keys: given ``keys`` (int64 [B], one per row), row r's random numbers are a function of
+(seed, offset, keys[r]) alone, on every path (the kernel's Philox counter, its torch fallback's
+counter-based hash, the float64 Gumbel-max noise of ``keyed_exponential``, the per-row generators of
+``stream_generator``), never of the row's position or of the other rows. The rollout keys each
+sample by its global prompt index and generation index, so a sample draws the same tokens whichever
+rank generates it and however the batch is split or compacted.
 """
 
 from __future__ import annotations
@@ -11,8 +18,31 @@ import torch
 
 try:
     from fastbicot.kernels.cfg_sample import cfg_sample as _kernel_cfg_sample
+    from fastbicot.kernels.cfg_sample import keyed_exponential
 except ImportError:  # pragma: no cover - depends on what has landed
-    _kernel_cfg_sample = None
+    _kernel_cfg_sample = keyed_exponential = None
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit ints that scatters nearby inputs (Python ints)."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _M64
+    return x ^ (x >> 31)
+
+
+def stream_generator(seed: int, offset: int, key: int) -> torch.Generator:
+    """A CPU torch.Generator for the stream (seed, offset, key), a function of the three ints alone.
+
+    For CPU loops that draw many values per row at once (the image loop's plain sampling) and the
+    keyed float path when the kernel module is unavailable. torch's CPU generator keeps 32 seed
+    bits, so the three 64-bit words are hashed into them.
+    """
+    h = 0
+    for word in (seed, offset, key):
+        h = _splitmix64(h ^ (int(word) & _M64))
+    return torch.Generator().manual_seed((h ^ (h >> 32)) & 0xFFFFFFFF)
 
 
 def check_sampling_args(*, guidance_scale=1.0, temperature=1.0, top_k=0, top_p=1.0) -> None:
@@ -60,9 +90,23 @@ class Sampler:
         return _kernel_cfg_sample is not None and dtype in (torch.float32, torch.float16, torch.bfloat16)
 
     def __call__(
-        self, logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, offset=0
+        self,
+        logits,
+        uncond_logits=None,
+        *,
+        guidance_scale=1.0,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        offset=0,
+        keys=None,
     ):
-        """-> (tokens int64 [B], log-probs float32 [B] under the final sampling distribution)."""
+        """-> (tokens int64 [B], log-probs float32 [B] under the final sampling distribution).
+
+        ``keys``: None (row r's stream is (seed, offset, r), or the generator's next draws on the
+        torch path) or an int64 tensor [B] on the logits' device: row r's stream is
+        (seed, offset, keys[r]), whatever the other rows are.
+        """
         if self.uses_kernel(logits.dtype):
             # check_nan=False: the check synchronises with the device (not allowed in CUDA graphs)
             return _kernel_cfg_sample(
@@ -74,6 +118,7 @@ class Sampler:
                 top_p=top_p,
                 seed=self.seed,
                 offset=offset,
+                keys=keys,
                 return_logprobs=True,
                 check_nan=False,
             )
@@ -86,6 +131,18 @@ class Sampler:
             filtered_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), dim=-1
         )
         # Gumbel-max in its exponential form: argmax p / E with E ~ Exp(1) draws from p.
-        e = torch.empty_like(logp).exponential_(generator=self.generator)
+        if keys is None:
+            e = torch.empty_like(logp).exponential_(generator=self.generator)
+        elif keyed_exponential is not None:  # counter-based: no host sync, CUDA-graph safe
+            if keys.shape != logp.shape[:1] or keys.dtype != torch.int64:
+                raise ValueError(f"keys must be an int64 tensor of shape [{logp.shape[0]}], got {keys.dtype} "
+                                 f"{tuple(keys.shape)}")
+            e = keyed_exponential(self.seed, offset, keys, logp.shape[-1]).to(logp.dtype)
+        else:  # no kernel module (no triton): one CPU generator per row
+            e = torch.stack([
+                torch.empty(logp.shape[-1], dtype=logp.dtype).exponential_(
+                    generator=stream_generator(self.seed, int(offset), k))
+                for k in keys.tolist()
+            ]).to(logp.device)
         tokens = (logp - e.log()).argmax(-1)
         return tokens, logp.gather(-1, tokens[:, None])[:, 0]
