@@ -77,10 +77,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    # kernels/ lives at the repo root (each file copyable on its own) and installs as fastbicot.kernels.
-    packages=find_packages(include=["fastbicot", "fastbicot.*"], exclude=["fastbicot.kernels*"])
-    + ["fastbicot.kernels"],
-    package_dir={"fastbicot.kernels": "kernels"},
+    packages=find_packages(include=["fastbicot", "fastbicot.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -37,8 +37,8 @@ Rules:
 :class:`ArgumentError` subclasses both ``ValueError`` and ``TypeError``, so callers may catch either;
 its message always starts with the argument's name.
 
-This module imports only the standard library. The Triton kernels in ``kernels/`` must stay
-self-contained and carry their own inline copies of these checks.
+This module imports only the standard library. The Triton kernels in ``fastbicot/kernels/`` must
+stay self-contained and carry their own inline copies of these checks.
 """
 
 from __future__ import annotations

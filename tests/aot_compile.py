@@ -6,8 +6,8 @@ No GPU is needed: each kernel is compiled by Triton's own compiler and the ptxas
 triton for GPUTarget("cuda", 90, 32) (H100/H200) and GPUTarget("cuda", 80, 32) (A100). The
 specializations are the ones the launchers produce for the real shapes (Janus-Pro-1B/7B: head
 dim 128, 16/32 heads, hidden 2048/4096, image vocab 16384, text vocab 102400, 16-512 decode rows,
-bf16/fp16/fp32, every constexpr flag combination): for kernels/decode_attention.py and
-kernels/cfg_sample.py the launch plan comes from the launchers themselves (`_prefix_launch`,
+bf16/fp16/fp32, every constexpr flag combination): for fastbicot/kernels/decode_attention.py
+and fastbicot/kernels/cfg_sample.py the launch plan comes from the launchers themselves (`_prefix_launch`,
 `_suffix_merge_launch`, `_cfg_launch`, with on_gpu=True, from CPU tensors of the real shapes that
 are never touched); for token_logprobs and grpo_loss from their `_config` and the launchers'
 argument lists. Pointer/integer specializations (16-byte alignment, divisibility by 16, == 1) are

@@ -16,8 +16,8 @@ import random
 import torch
 
 # Triton decides interpreter-vs-compiled when a kernel is *decorated* (module import), so the switch
-# must be set before any test module imports kernels/. Without CUDA every Triton kernel is
-# interpreted; tests reach them with FASTBICOT_FORCE_TRITON=1 (see kernels/__init__.py).
+# must be set before any test module imports fastbicot.kernels. Without CUDA every Triton kernel is
+# interpreted; tests reach them with FASTBICOT_FORCE_TRITON=1 (see fastbicot/kernels/__init__.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
