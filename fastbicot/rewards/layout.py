@@ -111,17 +111,11 @@ class LayoutIoUReward(LayoutPlanReward):
                         batch_size: int = 8, **kwargs):
         """GroundingDINO (transformers' format, e.g. a copy of IDEA-Research/grounding-dino-tiny) as the
         grounder, each box labelled with its best-scoring object name."""
-        from transformers import AutoTokenizer, GroundingDinoForObjectDetection
+        from . import GroundingDinoReward
 
-        from . import GroundingDinoDetector
-        from .learned._common import load_model, read_image_config
-
-        name = kwargs.get("name") or cls.name
-        model = load_model(GroundingDinoForObjectDetection, local_dir, name, ("grounding-dino",), device, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(local_dir), local_files_only=True)
-        detector = GroundingDinoDetector(model, tokenizer, read_image_config(local_dir, name), mode="fastbicot",
-                                         box_threshold=box_threshold, batch_size=batch_size)
-        return cls(detector, device=device, **kwargs)
+        gdino = GroundingDinoReward.from_pretrained(local_dir, device=device, dtype=dtype, rules="fastbicot",
+                                                    box_threshold=box_threshold, batch_size=batch_size)
+        return cls(gdino.detector, device=device, **kwargs)
 
     def to(self, device):
         super().to(device)
@@ -260,16 +254,11 @@ def got_r1_rewards(judge_path: str | None = None, grounding_path: str | None = N
                                      fallback=fallback, **options)
     else:
         from . import VLMJudgeReward
-        from .learned._common import load_model
 
-        model = load_model(VLMJudgeReward.model_class(), judge_path, "got_r1_judge", VLMJudgeReward.model_types,
-                           device, dtype)
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(str(judge_path), local_files_only=True)
+        loaded = VLMJudgeReward.from_pretrained(judge_path, device=device, dtype=dtype, mode="prob")
 
         def judge(name, question):  # one model, three questions
-            return VLMJudgeReward(model, processor, mode="prob", question_template=question, name=name,
+            return VLMJudgeReward(loaded.model, loaded.processor, mode="prob", question_template=question, name=name,
                                   fallback=fallback, device=device, **options)
 
     sem = LayoutJudgeReward(judge("sem", sem_question), "sem", image="canvas", canvas_size=canvas_size)

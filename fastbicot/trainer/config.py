@@ -249,10 +249,24 @@ class SFTConfig(Settings):
     seed: int = 0
     cache_dir: str = "runs/sft_cache"
     trainable: list[str] | None = None  # fnmatch patterns for this stage; None: model.trainable
+    # ReasonGen-R1's SFT recipe (docs/recipes/reasongen_r1.md): its own CoT instruction (None: rollout.instruction),
+    # AdamW betas / weight decay (None: optim's), the loss divided by the token count instead of the weight sum,
+    # and a dropped example (cond_dropout) that trains only its image (dropout_text: false)
+    instruction: str | None = None
+    betas: list[float] | None = None
+    weight_decay: float | None = None
+    normalize: str = "weight_sum"
+    dropout_text: bool = True
 
     def check(self, path):
         check_range(self, path, "steps", low=0)
         check_range(self, path, "batch_size", low=1)
+        check_choice(self, path, "normalize", ("weight_sum", "token_count"))
+        if self.instruction is not None and "{prompt}" not in self.instruction:
+            self.fail(path, "instruction", f"needs the placeholder {{prompt}}, got {self.instruction[:80]!r}")
+        if self.betas is not None and (len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas)):
+            self.fail(path, "betas", f"must be two numbers in [0, 1), got {self.betas}")
+        check_range(self, path, "weight_decay", low=0.0)
         check_range(self, path, "lr", low=0.0)
         check_choice(self, path, "schedule", ("linear", "constant", "cosine"))
         check_range(self, path, "warmup_steps", low=0)

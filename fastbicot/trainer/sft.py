@@ -75,8 +75,9 @@ def load_sft_examples(path, num_image_tokens: int, image_vocab_size: int) -> lis
     return out
 
 
-def example_sample(engine: RolloutEngine, ex: dict, drop: bool) -> TrainSample:
-    """One example as the rollout would have laid it out (see the module docstring)."""
+def example_sample(engine: RolloutEngine, ex: dict, drop: bool, train_text: bool = True) -> TrainSample:
+    """One example as the rollout would have laid it out (see the module docstring). ``drop``: the image
+    row loses prompt and CoT; ``train_text=False`` (with ``drop``): the CoT is not a target either."""
     p, o = engine.policy, engine.config
     ctx = engine.cot_context(ex["prompt"])
     body = p.tokenizer.encode(ex["cot"], add_special_tokens=False)
@@ -90,6 +91,8 @@ def example_sample(engine: RolloutEngine, ex: dict, drop: bool) -> TrainSample:
     image_t = [(b - 1 + j, t, IMAGE) for j, t in enumerate(img)]
     c0 = len(ctx)
     text_t = [(c0 - 1 + j, t, TEXT) for j, t in enumerate(cot)]
+    if drop and not train_text:  # ReasonGen-R1: a dropped example trains its image only
+        return TrainSample(0, 0, 0.0, [Row(ictx + img[:-1], b, "image", image_t)], None, 0, len(img))
     if o.image_mode == "continue" and not drop:  # one row: the image follows the CoT
         rows = [Row(ictx + img[:-1], b, "image", text_t + image_t)]
     else:
@@ -114,9 +117,11 @@ class SFTTrainer:
         set_trainable(self.policy, s.trainable or config.model.trainable, config.model.frozen)
         if config.model.gradient_checkpointing:
             enable_checkpointing(self.policy.language_model)
-        self.engine = RolloutEngine(self.policy, config.rollout)
+        rollout = config.rollout if s.instruction is None else config.rollout.replace(instruction=s.instruction)
+        self.engine = RolloutEngine(self.policy, rollout)
         self.examples = load_sft_examples(s.data, self.policy.num_image_tokens, self.policy.image_vocab_size)
-        optim = config.optim.replace(lr=s.lr, warmup_steps=s.warmup_steps, schedule=s.schedule)
+        optim = config.optim.replace(lr=s.lr, warmup_steps=s.warmup_steps, schedule=s.schedule,
+                                     **{k: getattr(s, k) for k in ("betas", "weight_decay") if getattr(s, k) is not None})
         self.optim = MasterOptimizer(self.policy.parameters(), optim, s.steps)
         self.rng = random.Random(s.seed)
         self.order: list = []
@@ -135,11 +140,13 @@ class SFTTrainer:
         s = self.config.sft
         t0 = time.perf_counter()
         exs = self._next_examples()
-        samples = [example_sample(self.engine, ex, self.rng.random() < s.cond_dropout) for ex in exs]
+        samples = [example_sample(self.engine, ex, self.rng.random() < s.cond_dropout, s.dropout_text) for ex in exs]
         seq = torch.cat([torch.full((x.num_tokens,), k) for k, x in enumerate(samples)])
         seg = torch.cat([torch.tensor([TEXT] * x.num_text + [IMAGE] * x.num_image) for x in samples])
         w = aggregation_weights(seq, seg, seq, aggregation="token_mean", text_weight=s.text_weight,
                                 image_weight=s.image_weight)
+        if s.normalize == "token_count":  # ReasonGen-R1: sum(weight * nll) / number of target tokens
+            w = torch.where(seg == TEXT, float(s.text_weight), float(s.image_weight)).double() / max(seg.numel(), 1)
         self.policy.train()
         try:
             lp = sample_logprobs(self.policy, samples, loss=self.config.loss).logprobs
