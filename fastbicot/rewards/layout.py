@@ -228,12 +228,13 @@ def got_r1_rewards(judge_path: str | None = None, grounding_path: str | None = N
                    judge_model: str | None = None, device="cpu", dtype="auto", sem_question: str = SEM_QUESTION,
                    spa_question: str = SPA_QUESTION, pi_question: str = PI_QUESTION, canvas_size: int = 448,
                    box_threshold: float = 0.25, judge_options: dict | None = None, fallback: float | None = None,
-                   path: str | None = None) -> RewardEnsemble:
+                   path: str | None = None, judge_processor=None) -> RewardEnsemble:
     """GoT-R1's rewards: ``RewardEnsemble([pi, plan = SumReward(sem, spa), ri], mode="product")``.
 
     The three judges share one MLLM: local (``judge_path``: a Qwen2.5-VL checkpoint, ``VLMJudgeReward``
     in "prob" mode, P(yes)) or remote (``judge_url`` + ``judge_model``: ``RemoteJudgeReward`` in "yesno"
-    mode). R_RI grounds with GroundingDINO from ``grounding_path``. ``judge_options`` go to every judge.
+    mode). R_RI grounds with GroundingDINO from ``grounding_path``. ``judge_options`` go to every judge;
+    ``judge_processor`` replaces the processor saved with the local judge.
     Use from a config as ``name: fastbicot.rewards.layout:got_r1_rewards`` with ``rewards.mode: product``.
     """
     judge_path = judge_path or path
@@ -255,7 +256,8 @@ def got_r1_rewards(judge_path: str | None = None, grounding_path: str | None = N
     else:
         from . import VLMJudgeReward
 
-        loaded = VLMJudgeReward.from_pretrained(judge_path, device=device, dtype=dtype, mode="prob")
+        loaded = VLMJudgeReward.from_pretrained(judge_path, device=device, dtype=dtype, mode="prob",
+                                                processor=judge_processor)
 
         def judge(name, question):  # one model, three questions
             return VLMJudgeReward(loaded.model, loaded.processor, mode="prob", question_template=question, name=name,
