@@ -1,7 +1,7 @@
 """DAPO's dynamic sampling: groups whose rewards are all equal are dropped and the step's batch is refilled
 with freshly generated groups until it holds ``data.prompts_per_step`` groups with a reward spread.
 
-As ReasonGen-R1 (``verl/trainer/ppo/ray_trainer.py:928-1000``, ``algorithm.filter_groups``): after
+As ReasonGen-R1 (``verl/trainer/ppo/ray_trainer.py:931-1003``, ``algorithm.filter_groups``): after
 scoring, keep the groups with a spread (a group of one sample is kept); while fewer than P groups are
 kept, generate and score another batch and keep its spread groups; after ``max_gen_batches`` generation
 batches (the first included) without reaching P, stop with an error (<= 0: no limit); the step trains on
@@ -78,7 +78,7 @@ def concat(parts):
 
 
 def refill_size(missing: int, P: int, rule: str) -> int:
-    if rule == "pow2":  # ray_trainer.py:846-849 (one process: world size 1)
+    if rule == "pow2":  # ray_trainer.py:848-851 (one process: world size 1)
         return min(P, 1 << (missing.bit_length() + 1))
     return missing
 
