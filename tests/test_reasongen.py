@@ -301,3 +301,22 @@ def test_reasongen_recipe_trains_on_the_toy(tmp_path):
         assert 0.0 <= r["reward/judge/unparsable"] <= 1.0 and r["kl"] == 0.0
     coeffs = [(r["entropy_bonus/text_coeff"], r["entropy_bonus/image_coeff"]) for r in rows]
     assert coeffs[0] == (0.0, 0.0) and coeffs[1] != coeffs[0]  # alpha_0 = 0, then the controllers move
+
+
+def test_resume_restores_the_entropy_controllers(tmp_path):
+    toy = [ToyColorReward(), ToyCountReward(), ToySpatialReward()]
+    extra = {"loss": {"entropy_bonus": {"mode": "adaptive", "text": {"lr": 1e-3}, "image": {"lr": 1e-3}}},
+             "checkpoint": {"every": 1, "keep": 3}}
+    full = Trainer(_toy_config(tmp_path / "a", **extra).replace(steps=2), rewards=toy)
+    full.train()
+    first = Trainer(_toy_config(tmp_path / "b", **extra).replace(steps=2), rewards=toy)
+    first.step()
+    first.save_checkpoint()
+    again = Trainer(_toy_config(tmp_path / "b", **extra).replace(steps=2), rewards=toy)
+    from fastbicot.trainer.trainer import find_checkpoint
+
+    again.load_checkpoint(find_checkpoint(again.config.output_dir))
+    assert again.entropy_bonus.text.alpha == first.entropy_bonus.text.alpha != 0.0
+    again.step()
+    assert (again.entropy_bonus.text.alpha, again.entropy_bonus.image.alpha) == \
+        (full.entropy_bonus.text.alpha, full.entropy_bonus.image.alpha)

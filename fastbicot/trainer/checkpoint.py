@@ -118,11 +118,12 @@ def save(trainer, final: bool = False) -> str:
         torch.save(rng, os.path.join(tmp, "rng", f"rank-{world.rank:05d}.pt"))
         world.barrier()
         if world.is_main:
-            opt = trainer.optim.optimizer
+            opt, bonus = trainer.optim.optimizer, getattr(trainer, "entropy_bonus", None)
             torch.save({"format": FORMAT, "step": trainer.step_idx, "world_size": world.world_size,
                         "scheduler": trainer.optim.scheduler.state_dict(),
                         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
-                        "config": c.to_dict()}, os.path.join(tmp, STATE))
+                        "config": c.to_dict(), "entropy_bonus": bonus.state_dict() if bonus is not None else None},
+                       os.path.join(tmp, STATE))
             _publish(tmp, dst)
             if not final:
                 ckpts = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and not d.endswith(".old"))
@@ -209,6 +210,8 @@ def load(trainer, path: str) -> None:
             for p, m in zip(trainer.optim.params, trainer.optim.masters):
                 p.copy_(m)
     trainer.step_idx = int(state["step"])
+    if getattr(trainer, "entropy_bonus", None) is not None and state.get("entropy_bonus"):
+        trainer.entropy_bonus.load_state_dict(state["entropy_bonus"])  # the adaptive coefficients (trainer/entropy.py)
     rng_path = os.path.join(path, "rng", f"rank-{world.rank:05d}.pt")
     if os.path.isfile(rng_path):  # a rank the checkpoint did not have keeps its seeded state
         rng = torch.load(rng_path, map_location="cpu", weights_only=False)
