@@ -320,3 +320,41 @@ def test_resume_restores_the_entropy_controllers(tmp_path):
     again.step()
     assert (again.entropy_bonus.text.alpha, again.entropy_bonus.image.alpha) == \
         (full.entropy_bonus.text.alpha, full.entropy_bonus.image.alpha)
+
+
+def test_sft_examples_may_name_image_files(tmp_path, seed):
+    import numpy as np
+    from PIL import Image
+
+    from fastbicot.trainer.sft import SFTDataError, load_sft_examples, sft_cache_key
+    from fastbicot.vq_encode import image_pixels
+
+    gen = np.random.default_rng(seed)
+    wide = gen.integers(0, 256, (16, 20, 3), dtype=np.uint8)  # 20 wide: the centre crop keeps columns 2..17
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    (tmp_path / "imgs").mkdir()
+    square = gen.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(square).save(tmp_path / "imgs" / "sq.png")
+    data = tmp_path / "rg.jsonl"
+    data.write_text(json.dumps({"instruction": "a red square", "thinking": "red square at top left",
+                                "image": "wide.png"}) + "\n" +
+                    json.dumps({"instruction": "a blue square", "thinking": "", "image": "imgs/sq.png"}) + "\n")
+    cfg = TrainerConfig.from_dict({
+        "output_dir": str(tmp_path / "run"), "model": {"builder": "fastbicot.toy:build_policy", "seed": 1},
+        "rollout": {"guidance_scale": 1.0, **TOY}, "sft": {"data": str(data), "steps": 1, "batch_size": 2},
+        "log": {"progress": False}})
+    tr = SFTTrainer(cfg)
+    assert image_pixels(tr.policy) == 16
+    with torch.no_grad():  # independent: crop by hand, scale to [-1, 1], transformers' VQ encoder
+        px = torch.from_numpy(np.stack([wide[:, 2:18], square]).astype(np.float32) / 255 * 2 - 1).permute(0, 3, 1, 2)
+        want = tr.policy.vqmodel.encode(px).image_tokens.reshape(2, -1).tolist()
+    assert [ex["image_tokens"] for ex in tr.examples] == want
+    assert tr.examples[0]["metadata"] == {}
+    key = sft_cache_key(cfg)
+    Image.fromarray(255 - square).save(tmp_path / "imgs" / "sq.png")
+    assert sft_cache_key(cfg) != key  # the warm-start cache follows the image files too
+    with pytest.raises(SFTDataError, match="rg.jsonl:1: .*needs the policy's VQ encoder"):
+        load_sft_examples(data, 64, 71)
+    data.write_text(json.dumps({"prompt": "x", "cot": "", "image": "missing.png"}) + "\n")
+    with pytest.raises(SFTDataError, match="rg.jsonl:1: image file not found"):
+        load_sft_examples(data, 64, 71, encode=lambda p: [])

@@ -11,7 +11,8 @@ warm-started policy meets in RL the layout it was taught. Loss: the weighted tok
 
 Data: JSONL, one example per line: ``{"prompt": str, "cot": str, "image_tokens": [int, ...]}``
 (extra fields are kept as metadata). ReasonGen-R1's field names ``instruction`` / ``thinking``
-are accepted for ``prompt`` / ``cot``.
+are accepted for ``prompt`` / ``cot``, and ``"image": "path.png"`` (relative to the JSONL) for the
+tokens: the file is encoded by the policy's VQ encoder when the stage starts (``fastbicot.vq_encode``).
 """
 
 from __future__ import annotations
@@ -37,12 +38,33 @@ class SFTDataError(ValueError):
     """A malformed SFT file; the message names the file and the line."""
 
 
-def load_sft_examples(path, num_image_tokens: int, image_vocab_size: int) -> list:
-    """Read and validate an SFT JSONL file -> list of dicts {prompt, cot, image_tokens, metadata}."""
+def _image_path(jsonl: str, obj: dict) -> str | None:
+    """The image file an example names instead of its tokens (relative to the JSONL's folder), or None."""
+    if obj.get("image_tokens") is not None or not isinstance(obj.get("image"), str):
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(jsonl)), obj["image"])
+
+
+def _check_tokens(where, toks, num_image_tokens, image_vocab_size):
+    if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
+        raise SFTDataError(f"{where}: field 'image_tokens' must be a list of integers")
+    if len(toks) != num_image_tokens:
+        raise SFTDataError(f"{where}: {len(toks)} image tokens, the model makes {num_image_tokens}")
+    bad = [t for t in toks if not 0 <= t < image_vocab_size]
+    if bad:
+        raise SFTDataError(f"{where}: image token {bad[0]} outside the codebook [0, {image_vocab_size})")
+
+
+def load_sft_examples(path, num_image_tokens: int, image_vocab_size: int, encode=None) -> list:
+    """Read and validate an SFT JSONL file -> list of dicts {prompt, cot, image_tokens, metadata}.
+
+    An example may name an image file (``"image": "relative/path.png"``) instead of its ``image_tokens``;
+    ``encode(paths) -> token lists`` (the policy's VQ encoder, ``fastbicot.vq_encode.encode_image_files``)
+    turns those files into tokens."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SFT data file not found: {path!r}")
-    out = []
+    out, pending = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -61,17 +83,25 @@ def load_sft_examples(path, num_image_tokens: int, image_vocab_size: int) -> lis
             if not obj["prompt"].strip():
                 raise SFTDataError(f"{where}: field 'prompt' is empty")
             toks = obj.get("image_tokens")
-            if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
-                raise SFTDataError(f"{where}: field 'image_tokens' must be a list of integers")
-            if len(toks) != num_image_tokens:
-                raise SFTDataError(f"{where}: {len(toks)} image tokens, the model makes {num_image_tokens}")
-            bad = [t for t in toks if not 0 <= t < image_vocab_size]
-            if bad:
-                raise SFTDataError(f"{where}: image token {bad[0]} outside the codebook [0, {image_vocab_size})")
-            meta = {k: v for k, v in obj.items() if k not in ("prompt", "cot", "image_tokens")}
+            image = _image_path(path, obj)
+            if image is not None:
+                if not os.path.isfile(image):
+                    raise SFTDataError(f"{where}: image file not found: {image!r}")
+                pending.append((len(out), where, image))
+            else:
+                _check_tokens(where, toks, num_image_tokens, image_vocab_size)
+            meta = {k: v for k, v in obj.items() if k not in ("prompt", "cot", "image_tokens", "image")}
             out.append({"prompt": obj["prompt"], "cot": obj["cot"], "image_tokens": toks, "metadata": meta})
     if not out:
         raise SFTDataError(f"{path}: no examples")
+    if pending:
+        if encode is None:
+            raise SFTDataError(f"{pending[0][1]}: names an image file; encoding it needs the policy's VQ encoder "
+                               "(load through SFTTrainer)")
+        for (i, where, _), toks in zip(pending, encode([p for _, _, p in pending])):
+            toks = [int(t) for t in toks]
+            _check_tokens(where, toks, num_image_tokens, image_vocab_size)
+            out[i]["image_tokens"] = toks
     return out
 
 
@@ -119,7 +149,10 @@ class SFTTrainer:
             enable_checkpointing(self.policy.language_model)
         rollout = config.rollout if s.instruction is None else config.rollout.replace(instruction=s.instruction)
         self.engine = RolloutEngine(self.policy, rollout)
-        self.examples = load_sft_examples(s.data, self.policy.num_image_tokens, self.policy.image_vocab_size)
+        from ..vq_encode import encode_image_files
+
+        self.examples = load_sft_examples(s.data, self.policy.num_image_tokens, self.policy.image_vocab_size,
+                                          encode=lambda paths: encode_image_files(self.policy, paths))
         optim = config.optim.replace(lr=s.lr, warmup_steps=s.warmup_steps, schedule=s.schedule,
                                      **{k: getattr(s, k) for k in ("betas", "weight_decay") if getattr(s, k) is not None})
         self.optim = MasterOptimizer(self.policy.parameters(), optim, s.steps)
@@ -206,6 +239,15 @@ def sft_cache_key(config) -> str:
     with open(config.sft.data, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    with open(config.sft.data, encoding="utf-8") as f:  # the image files examples name instead of tokens
+        for line in f:
+            try:
+                image = _image_path(config.sft.data, json.loads(line)) if '"image"' in line else None
+            except (json.JSONDecodeError, AttributeError):
+                image = None
+            if image is not None and os.path.isfile(image):
+                with open(image, "rb") as g:
+                    h.update(g.read())
     return h.hexdigest()[:16]
 
 
