@@ -211,9 +211,10 @@ class Parallel:
             return torch.float32
         return requested if device.type == "cuda" else torch.float32
 
-    def shard(self, policy, *, compute_dtype: torch.dtype, trainable: bool, offload: bool = False) -> None:
-        """FSDP2 over ``policy`` (fp32 parameters): each decoder layer, then a LogprobModule root.
-        No-op in one process."""
+    def shard(self, policy, *, compute_dtype: torch.dtype, trainable: bool, device: torch.device,
+              offload: bool = False) -> None:
+        """FSDP2 over ``policy`` (fp32 parameters, in host memory or on ``device``): each decoder layer,
+        then a LogprobModule root; the shards end on ``device``. No-op in one process."""
         if not self.enabled:
             return
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -229,7 +230,7 @@ class Parallel:
                               getattr(hf.model, "vqmodel", None)) if m is not None]
         ignored = set()
         for m in unused:
-            m.to(dtype=compute_dtype)
+            m.to(device=device, dtype=compute_dtype)
             for p in m.parameters():
                 p.requires_grad_(False)
                 ignored.add(p)
@@ -244,6 +245,10 @@ class Parallel:
             in_layers = {id(p) for layer in policy.language_model.layers for p in layer.parameters()}
             root.anchors = [n for n, p in root.named_parameters() if p.requires_grad and id(p) not in in_layers]
         self._roots[id(policy)] = root
+        for mod in policy.modules():  # buffers (RoPE's inv_freq) compute on the device whatever the offload
+            for name, buf in list(mod.named_buffers(recurse=False)):
+                if buf is not None and buf.device != device:
+                    setattr(mod, name, buf.to(device))
 
     def sharded(self, policy) -> bool:
         return id(policy) in self._roots

@@ -29,8 +29,8 @@ from ..rollout import RolloutEngine
 from .advantage import group_advantages
 from .batch import IMAGE, TEXT, pack
 from .config import ConfigError, TrainerConfig
-from .entropy import EntropyBonus
 from .distributed import Parallel
+from .entropy import EntropyBonus
 from .optim import MasterOptimizer
 from .rewards import build_rewards, load_callable
 from .step import grpo_objective
@@ -140,7 +140,8 @@ class Trainer:
         if world.enabled:  # FSDP keeps fp32 parameters (the master weights) and computes in model.dtype
             device = world.device(c.model.device)
             self.compute_dtype = world.compute_dtype(resolve_dtype(c.model.dtype, device), device)
-            model = model.replace(dtype="float32", device=str(device))
+            # built in host memory; fully_shard moves each rank's shards (a layer at a time) to its device
+            model = model.replace(dtype="float32", device="cpu")
         self.policy = policy if policy is not None else build_policy(model)
         if policy is None and c.sft.steps > 0:  # the supervised warm start (cached), then GRPO from it
             from .sft import warm_start
@@ -166,10 +167,11 @@ class Trainer:
             for p in self.ref_policy.parameters():
                 p.requires_grad_(False)
         if world.enabled:
-            world.shard(self.policy, compute_dtype=self.compute_dtype, trainable=True)
+            world.shard(self.policy, compute_dtype=self.compute_dtype, trainable=True, device=device)
             if self.ref_policy is not None:
-                world.shard(self.ref_policy, compute_dtype=self.compute_dtype, trainable=False,
+                world.shard(self.ref_policy, compute_dtype=self.compute_dtype, trainable=False, device=device,
                             offload=c.distributed.reference == "cpu_offload")
+            self.device = self.policy.device  # the shards' device (the policy was built in host memory)
         self.entropy_bonus = None if c.loss.entropy_bonus.mode == "none" else EntropyBonus(c.loss.entropy_bonus)
         self.rewards = self._as_ensemble(rewards) if rewards is not None else build_rewards(c.rewards, self.device)
         self.prompts = load_prompts(c.data.prompts, c.data.format) if c.data.prompts else None
