@@ -770,6 +770,12 @@ def test_orm_seed_defaults(tmp_path, seed):
         assert all(s == 0 or abs(s - q) < 1e-5 for s, q in zip(sampled.tolist(), ratio.tolist()))
         again = ORMReward.from_pretrained(tmp_path, dtype="fp32", seed=seed)(images, PROMPTS)
         assert torch.equal(sampled, again)  # seeded draws
+        # keyed by the sample, not its place: reversed or one at a time (another rank's batch), same scores
+        rev = ORMReward.from_pretrained(tmp_path, dtype="fp32", seed=seed)(images.flip(0), PROMPTS[::-1])
+        assert torch.equal(rev.flip(0), sampled)
+        ones = torch.cat([ORMReward.from_pretrained(tmp_path, dtype="fp32", seed=seed)(images[i:i + 1], PROMPTS[i:i + 1])
+                          for i in range(len(PROMPTS))])
+        assert torch.equal(ones, sampled)
     # the gate, made certain: a first token that is almost surely "yes" keeps the ratio, "maybe" gives 0
     r = ORMReward.from_pretrained(tmp_path, dtype="fp32", seed=seed)
     logits = torch.zeros(2, len(tok))
@@ -784,6 +790,13 @@ def test_orm_seed_defaults(tmp_path, seed):
     hits = sum(int(r.scores_from_logits(torch.zeros(200, v)).gt(0).sum()) for _ in range(n // 200))
     p = 2 / v
     assert abs(hits - n * p) < 5 * math.sqrt(n * p * (1 - p)) + 1
+    # the keyed draw (inverse CDF of content_keys' uniforms) has the same law
+    u = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    hits = int(r.scores_from_logits(torch.zeros(n, v), u).gt(0).sum())
+    assert abs(hits - n * p) < 5 * math.sqrt(n * p * (1 - p)) + 1
+    first = torch.full((3, v), -30.0)
+    first[:, yes] = 0.0  # "yes" almost surely: every uniform passes the gate
+    assert bool(r.scores_from_logits(first, torch.tensor([1e-9, 0.5, 1 - 1e-9], dtype=torch.float64)).gt(0).all())
     r.gate = "expectation"
     assert r.scores_from_logits(torch.zeros(1, v)).item() == pytest.approx(0.5 * p)
     # the seed's question, with the system turn

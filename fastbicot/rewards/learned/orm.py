@@ -20,7 +20,10 @@ Seed recipe, reproduced by ``ORMReward`` by default:
 * score (reward_orm.py:85-118): the first answer token's distribution under sampling at temperature 0.3
   with the generation defaults (top-k 50), ``p_yes / (p_yes + p_no)`` (``yes``/``no`` token ids), and 0
   when the sampled first token is not "yes" or "no" (its text lower-cased and stripped, so "Yes" passes).
-  ``gate="sample"`` (default) draws that token from a ``torch.Generator`` seeded with ``seed``;
+  ``gate="sample"`` (default) draws that token with a uniform keyed by (``seed``, the prompt, the image's
+  pixels): a sample's score does not depend on which other samples share its batch or rank (the seed draws
+  from the process's stream; equal in law). ``scores_from_logits`` without keys draws from a
+  ``torch.Generator`` seeded with ``seed``;
   ``gate="expectation"`` returns the expectation over the draw, ``ratio * P(first token passes)``;
   ``gate="none"`` returns the ratio alone.
 
@@ -30,6 +33,7 @@ P(yes) over the vocabulary at temperature 1).
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -109,6 +113,7 @@ class ORMReward(Reward):
         self.question_template, self.system = question_template, system
         self.temperature, self.top_k, self.gate, self.batch_size = float(temperature), top_k, gate, batch_size
         self.image_newline = bool(image_newline)
+        self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(int(seed))
         vocab = tokenizer.get_vocab()
         for word in (yes, no):
@@ -187,8 +192,18 @@ class ORMReward(Reward):
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1)
         return out.logits[:, -1].float()
 
-    def scores_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """The seed's score from first-token logits [N, V] (float64 arithmetic; see the module docstring)."""
+    def content_keys(self, images, prompts) -> torch.Tensor:
+        """float64 [N] uniforms in (0, 1), one per sample, keyed by (seed, prompt, pixels)."""
+        out = []
+        for im, p in zip(images, prompts):
+            h = hashlib.blake2b(f"orm/{self.seed}/{p}".encode(), digest_size=8)
+            h.update(torch.as_tensor(im).contiguous().cpu().numpy().tobytes())
+            out.append(((int.from_bytes(h.digest(), "little") >> 11) + 0.5) / 2.0**53)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def scores_from_logits(self, logits: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """The seed's score from first-token logits [N, V] (float64 arithmetic; see the module docstring).
+        ``uniforms`` (float64 [N]): the gate's draw by inverse CDF (content_keys); None: the generator."""
         probs = torch.softmax(top_k_filter(logits.double().cpu() / self.temperature, self.top_k), dim=-1)
         # p_yes / (p_yes + p_no): NaN when both are filtered out; gated to 0 below (never drawn)
         ratio = yes_share(probs[:, self.yes_id].log(), probs[:, self.no_id].log())
@@ -197,7 +212,11 @@ class ORMReward(Reward):
             return ratio
         if self.gate == "expectation":
             return torch.where(passes > 0, ratio * passes, torch.zeros_like(ratio))
-        drawn = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        if uniforms is None:
+            drawn = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        else:
+            cum = probs.cumsum(-1)
+            drawn = torch.searchsorted(cum, (uniforms * cum[:, -1])[:, None]).clamp(max=probs.shape[1] - 1)[:, 0]
         ok = torch.isin(drawn, self.gate_ids)
         return torch.where(ok, ratio, torch.zeros_like(ratio))
 
@@ -206,7 +225,8 @@ class ORMReward(Reward):
             check_prompt(p, self.name)
         out = []
         for s in batch_slices(len(prompts), self.batch_size):
-            out.append(self.scores_from_logits(self.first_token_logits(images[s], prompts[s])))
+            u = self.content_keys(images[s], prompts[s]) if self.gate == "sample" else None
+            out.append(self.scores_from_logits(self.first_token_logits(images[s], prompts[s]), u))
         return torch.cat(out).float()
 
 
