@@ -327,7 +327,7 @@ class DistributedConfig(Settings):
     timeout_s: float = 1800.0  # a collective waiting longer (a dead or stuck rank) stops every rank
     mixed_precision: str = "auto"  # "auto": bf16 compute + fp32 gradient reduction on CUDA; "none": fp32
     reshard_after_forward: bool = True  # ZeRO-3 (True) or ZeRO-2-like (False) for the decoder layers
-    reference: str = "shard"  # "shard" | "cpu_offload": the frozen reference's parameters
+    reference: str = "shard"  # "shard" | "cpu_offload": the reference's shards in host memory (CUDA runs)
 
     def check(self, path):
         check_choice(self, path, "backend", ("auto", "nccl", "gloo"))

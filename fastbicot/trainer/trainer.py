@@ -170,7 +170,7 @@ class Trainer:
             world.shard(self.policy, compute_dtype=self.compute_dtype, trainable=True, device=device)
             if self.ref_policy is not None:
                 world.shard(self.ref_policy, compute_dtype=self.compute_dtype, trainable=False, device=device,
-                            offload=c.distributed.reference == "cpu_offload")
+                            offload=c.distributed.reference == "cpu_offload" and device.type != "cpu")
             self.device = self.policy.device  # the shards' device (the policy was built in host memory)
         self.entropy_bonus = None if c.loss.entropy_bonus.mode == "none" else EntropyBonus(c.loss.entropy_bonus)
         self.rewards = self._as_ensemble(rewards) if rewards is not None else build_rewards(c.rewards, self.device)
