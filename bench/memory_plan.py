@@ -7,7 +7,7 @@
 With ``--config`` it is ``fastbicot plan`` (``fastbicot.trainer.memory.cli``). Without, it plans the
 T2I-R1 recipe (TrainerConfig's defaults: G = 8, 16 prompts per step, one prompt group per micro-batch,
 bf16 compute with fp32 master weights and AdamW states, gradient checkpointing, beta = 0.01 with a
-replicated reference; rewards HPS + GIT + GroundingDINO + ORM on the policy's GPU) on Janus-Pro-7B and
+replicated or sharded reference; rewards HPS + GIT + GroundingDINO + ORM on the policy's GPU) on Janus-Pro-7B and
 -1B shapes (meta device: nothing is loaded), for the worst case (every CoT 1024 tokens) and a typical
 one (128-token CoTs), beside the seed's own recipe (DeepSpeed ZeRO-3 + HF eager generation).
 """
@@ -34,17 +34,16 @@ def tables(gpu_memory: float, markdown: bool) -> None:
     for preset in ("janus-pro-7b", "janus-pro-1b"):
         cfg = recipe(preset)
         s = model_shapes(cfg)
-        variants = [(1, "replicated", "current")] + [(8, ref, eng) for eng in ("current", "proposed")
-                                                     for ref in ("replicated", "sharded")]
+        variants = [(1, "replicated"), (8, "replicated"), (8, "sharded")]
         for cot in (None, 128):
-            for gpus, ref, eng in variants:
+            for gpus, ref in variants:
                 p = plan_memory(cfg, gpus=gpus, gpu_memory_gib=gpu_memory, shapes=s, rewards=REWARDS,
-                                cot_tokens=cot, reference=ref, engine=eng)
-                if preset == "janus-pro-7b" and gpus == 8 and cot is None and ref == "replicated" and eng == "current":
+                                cot_tokens=cot, reference=ref)
+                if preset == "janus-pro-7b" and gpus == 8 and cot is None and ref == "sharded":
                     full = p
                 pk = p.peaks
                 rows.append((preset, "1024 (max)" if cot is None else str(cot), gpus,
-                             f"fastbicot, {eng} engine, ref {ref}", pk["rollout"][0] / GiB, pk["reward"][0] / GiB,
+                             f"fastbicot, ref {ref}", pk["rollout"][0] / GiB, pk["reward"][0] / GiB,
                              pk["update"][0] / GiB, p.peak_phase, p.fits))
             sp = plan_seed_memory(cfg, gpus=8, gpu_memory_gib=gpu_memory, shapes=s, rewards=REWARDS, cot_tokens=cot)
             pk = sp.peaks

@@ -119,10 +119,7 @@ def test_trunk_native_step_matches_hf_rows_alone(seed):
         num_rows=len(lens), suffix_capacity=max(lens) + steps, dtype=torch.float64, device="cpu",
     )  # fmt: skip
     for b, (n, s) in enumerate(zip(lens, seqs)):
-        _, kvs = trunk.prefill(s[None, :n], torch.arange(n)[None])
-        for i, (k, v) in enumerate(kvs):
-            cache.suffix_k[i, b, :, :n] = k[0]
-            cache.suffix_v[i, b, :, :n] = v[0]
+        trunk.prefill(s[None, :n], torch.arange(n)[None], kv_out=(cache.suffix_kv, torch.tensor([b])))
     twin = cache.suffix_kv.clone()
     lens_t = torch.tensor(lens)
     for t in range(steps):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import random_policy
 
-from fastbicot.rollout.attention import grouped_decode_attention_torch
+from fastbicot.kernels.decode_attention import grouped_decode_attention_reference
 from fastbicot.rollout.kv_cache import KVCache
 from fastbicot.rollout.trunk import Trunk
 
@@ -23,27 +23,33 @@ def test_prefill_then_decode_matches_hf_trunk(seed, fused):
     x = torch.randn(B, L + steps, policy.hidden_size, dtype=torch.float64)
     # prefill at arbitrary absolute positions (a remainder after a prefix starts past 0)
     pos = torch.tensor([0, 5, 17])[:, None] + torch.arange(L)[None]
-    torch.testing.assert_close(trunk.prefill(x[:, :L], pos)[0], policy.trunk(x[:, :L], position_ids=pos)[0])
+    torch.testing.assert_close(trunk.prefill(x[:, :L], pos), policy.trunk(x[:, :L], position_ids=pos)[0])
     # then decode the remaining tokens one at a time from a cache holding the first L tokens
     pos = torch.arange(L + steps)[None].expand(B, -1)
     ref = policy.trunk(x, position_ids=pos)[0]
-    _, kvs = trunk.prefill(x[:, :L], pos[:, :L])
     cache = KVCache(
         policy.num_layers,
         policy.num_heads,
         policy.head_dim,
-        num_prefixes=B,
-        prefix_capacity=L,
+        num_prefixes=B + 2,
+        prefix_capacity=L + 3,
         num_rows=B,
         suffix_capacity=steps,
         dtype=torch.float64,
         device="cpu",
     )
-    for i, (k, v) in enumerate(kvs):
-        cache.prefix_k[i, :, :, :L] = k
-        cache.prefix_v[i, :, :, :L] = v
-    cache.prefix_len[:] = L
-    cache.group_ids[:] = torch.arange(B, dtype=torch.int32)
+    blocks = torch.tensor([4, 0, 2])  # prefill writes each layer's K/V at the given blocks, nowhere else
+    before = cache.prefix_kv.clone()
+    trunk.prefill(x[:, :L], pos[:, :L], kv_out=(cache.prefix_kv, blocks))
+    _, hf_cache = policy.trunk(x[:, :L], position_ids=pos[:, :L], use_cache=True)
+    for i, layer in enumerate(hf_cache.layers):  # transformers' own K (after RoPE) and V of every layer
+        torch.testing.assert_close(cache.prefix_kv[i, 0, blocks, :, :L], layer.keys)
+        torch.testing.assert_close(cache.prefix_kv[i, 1, blocks, :, :L], layer.values)
+    untouched = torch.ones_like(before, dtype=torch.bool)
+    untouched[:, :, blocks, :, :L] = False
+    assert torch.equal(cache.prefix_kv[untouched], before[untouched])
+    cache.prefix_len[blocks] = L
+    cache.group_ids[:] = blocks.int()
     for t in range(steps):
         torch.testing.assert_close(trunk.decode(x[:, L + t], cache, B), ref[:, L + t])
     assert cache.suffix_len.tolist() == [steps] * B
@@ -67,10 +73,7 @@ def test_decode_positions_follow_prefix_and_suffix(seed):
         device="cpu",
     )
     for b, (n, s) in enumerate(zip(lens, seqs)):
-        _, kvs = trunk.prefill(s[None, :n], torch.arange(n)[None])
-        for i, (k, v) in enumerate(kvs):
-            cache.prefix_k[i, b, :, :n] = k[0]
-            cache.prefix_v[i, b, :, :n] = v[0]
+        trunk.prefill(s[None, :n], torch.arange(n)[None], kv_out=(cache.prefix_kv, torch.tensor([b])))
         cache.prefix_len[b] = n
     cache.group_ids[:] = torch.arange(3, dtype=torch.int32)
     for t in range(3):
@@ -80,7 +83,9 @@ def test_decode_positions_follow_prefix_and_suffix(seed):
             torch.testing.assert_close(out[b], ref)
 
 
-def test_grouped_decode_attention_torch_matches_float64(seed):
+def test_grouped_decode_attention_reference_matches_float64(seed):
+    """The grouped decode attention's torch semantics (the kernel module's own reference) against a
+    float64 softmax over each row's [prefix | suffix] written here."""
     B, H, D, P = 7, 3, 12, 3
     q = torch.randn(B, H, D)
     pk, pv = torch.randn(P, H, 10, D), torch.randn(P, H, 10, D)
@@ -90,7 +95,7 @@ def test_grouped_decode_attention_torch_matches_float64(seed):
     slen = torch.randint(1, 7, (B,), dtype=torch.int32)
     slen[0] = 1
     gid[0] = 1  # a row that sees only its own token
-    out = grouped_decode_attention_torch(q, pk, pv, plen, gid, sk, sv, slen)
+    out = grouped_decode_attention_reference(q, pk, pv, plen, gid, sk, sv, slen)
     for b in range(B):
         g = int(gid[b])
         k = torch.cat([pk[g, :, : plen[g]], sk[b, :, : slen[b]]], 1).double()

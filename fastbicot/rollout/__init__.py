@@ -10,12 +10,12 @@ from .kv_cache import KVCache
 __all__ = [
     "KVCache",
     "RolloutBatch",
-    "RolloutEngine",
     "RolloutConfig",
+    "RolloutEngine",
     "RolloutSample",
     "SamplingParams",
     "cot_prompt",
-    "image_prompt",
     "decode_images",
     "generate_images",
+    "image_prompt",
 ]

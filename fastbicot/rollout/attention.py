@@ -1,13 +1,11 @@
 """Attention for the rollout: varlen prefill (SDPA / flash-attn) and grouped decode attention.
 
-Decode attention uses ``fastbicot.kernels.decode_attention.grouped_decode_attention`` when that
-module exists (Triton on CUDA); otherwise the torch equivalent below, which computes the same
+Decode attention uses ``fastbicot.kernels.decode_attention.grouped_decode_attention`` on CUDA when
+that module exists (Triton); otherwise DecodeAttention's torch path below, which computes the same
 thing: one softmax over [the row's group prefix | the row's own suffix].
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -32,29 +30,6 @@ def attention_backend(device: torch.device, flatten: bool = False) -> str:
     if uses_decode_kernel(device):
         return "triton-grouped"
     return "torch-matmul-flat" if flatten else "torch-grouped"
-
-
-def grouped_decode_attention_torch(
-    q, prefix_k, prefix_v, prefix_len, group_ids, suffix_k, suffix_v, suffix_len, *, scale=None
-):
-    """Reference semantics of the grouped decode kernel (DESIGN.md §4), in torch.
-
-    q [B,H,D]; prefix_k/v [P,H,Lp,D]; prefix_len [P]; group_ids [B]; suffix_k/v [B,H,Ls,D];
-    suffix_len [B] -> [B,H,D]. A row attends to prefix[group][:prefix_len] and suffix[:suffix_len].
-    """
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    gid = group_ids.long()
-    kp, vp = prefix_k.index_select(0, gid), prefix_v.index_select(0, gid)
-    lp, ls = kp.shape[2], suffix_k.shape[2]
-    ar_p = torch.arange(lp, device=q.device)
-    ar_s = torch.arange(ls, device=q.device)
-    valid = torch.cat([ar_p[None] < prefix_len[gid][:, None], ar_s[None] < suffix_len[:, None].long()], dim=1)
-    k = torch.cat([kp, suffix_k], dim=2)
-    v = torch.cat([vp, suffix_v], dim=2)
-    s = torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * scale
-    s = s.masked_fill(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with nothing valid returns zeros
-    return torch.einsum("bhl,bhld->bhd", p, v.float()).to(q.dtype)
 
 
 class DecodeAttention:

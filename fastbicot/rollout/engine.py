@@ -34,7 +34,15 @@ import torch
 from ..data import PromptRecord
 from .config import RolloutConfig, apply_overrides
 from .cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt, image_prompt
-from .generate import ImageDecoder, check_keys, default_flatten, image_cache, prefill_rows, trunk_for
+from .generate import (
+    ImageDecoder,
+    check_keys,
+    default_flatten,
+    image_cache,
+    prefill_rows,
+    rows_cache,
+    trunk_for,
+)
 from .sampling import Sampler
 
 _CTX, _COT, _KEEP = 0, 1, 2  # token segments: prompt/template, CoT, always kept (BOS, final BOI)
@@ -223,12 +231,12 @@ class RolloutEngine:
         t0 = time.perf_counter()
         slot_sample = list(range(R))  # sample index held by each cache slot
         if o.semantic_cot:
-            cache = image_cache(
-                policy, 2 * P if cont else P, longest, 2 * R if cont else R, longest + (N if cont else 0)
-            )
-            last = prefill_rows(
-                trunk, cache, [templates[s // G] for s in range(R)], range(R), [s // G for s in range(R)]
-            )
+            rows, groups = [templates[s // G] for s in range(R)], [s // G for s in range(R)]
+            if cont:  # the same rows go on with BOI and the image tokens; the CFG rows join them later
+                cache = image_cache(policy, 2 * P, longest, 2 * R, longest + N)
+            else:  # a row's suffix: its context's last token + max_new (G rows share their template)
+                cache, groups = rows_cache(policy, rows, groups, max_new, flat=self.flat)
+            last = prefill_rows(trunk, cache, rows, range(R), groups)
             if self.flat:
                 cache.flatten(0, R)
             cot_ids, cot_lps = self._cot_loop(trunk, cache, sampler, last, slot_sample, o, cont, bar, sample_key)
@@ -267,16 +275,14 @@ class RolloutEngine:
                     cache.flatten(R, 2 * R)
         else:
             slot_sample = list(range(R))
-            lens = [len(c) for c in ctx + (uctx or [])]
-            trunk.check_positions(max(lens) + N)
+            trunk.check_positions(max(len(c) for c in ctx + (uctx or [])) + N)
             cache = None  # free the CoT cache before the image cache exists (both at once: ~10 GiB at 7B)
-            cache = image_cache(policy, R + P, max(lens), 2 * R if cfg else R, max(lens) + 1 + N)
-            rows, slots, groups = list(ctx), list(range(R)), list(range(R))
+            rows, groups = list(ctx), list(range(R))  # a conditional row's whole context is its own block
             if cfg:
                 rows += uctx
-                slots += list(range(R, 2 * R))
                 groups += [R + (s // G if o.uncond == "cot" else 0) for s in range(R)]
-            first = prefill_rows(trunk, cache, rows, slots, groups)
+            cache, groups = rows_cache(policy, rows, groups, N, flat=self.flat)
+            first = prefill_rows(trunk, cache, rows, range(len(rows)), groups)
             if self.flat:
                 cache.flatten(0, len(rows))
         dec = ImageDecoder(
@@ -296,6 +302,7 @@ class RolloutEngine:
         tok_slots, lp_slots = dec.run(policy.embed_text(torch.tensor(first, device=dev)), progress=bar)
         order = torch.tensor([slot_sample.index(s) for s in range(R)], device=dev)
         tokens, img_lps = tok_slots[order], lp_slots[order]
+        cache = dec = tok_slots = lp_slots = None  # the image cache and the decoder's tables: not needed for pixels
         _sync(dev)
         timing["image"] = time.perf_counter() - t0
 

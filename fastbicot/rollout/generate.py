@@ -8,8 +8,10 @@ longest common prefix of the group's rows) and the row's own remainder.
 
 from __future__ import annotations
 
+import itertools
 import operator
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +27,14 @@ _TRUNKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def trunk_for(policy) -> Trunk:
-    """One Trunk (RoPE tables) per policy, built on first use; CPU weights re-fused per rollout."""
+    """One Trunk (RoPE tables) per policy, built on first use; its layers re-read (a LoRA wrapper
+    injected since) and, on CPU, its weights re-fused per rollout."""
     t = _TRUNKS.get(policy)
     if t is None or t.cos.device != policy.device or t.cos.dtype != policy.dtype:
-        t = Trunk(policy, int(policy.config.text_config.max_position_embeddings))
+        t = Trunk(policy, policy.max_positions)
         _TRUNKS[policy] = t
+    else:
+        t.refresh()
     if policy.device.type == "cpu":
         t.fuse_weights()
     return t
@@ -42,6 +47,125 @@ def _lcp_len(seqs) -> int:
         if any(s[i] != first[i] for s in seqs):
             return i
     return n
+
+
+@dataclass
+class RowLayout:
+    """Where the rows' contexts (``seq[:-1]``: a row's last token is its first decode input) sit in a
+    KVCache: row r reads prefix block ``groups[r]`` (``prefix_lens[g]`` tokens: the longest common
+    prefix of the block's rows) and keeps ``remainders[r]`` tokens of its own in its suffix."""
+
+    groups: list
+    prefix_lens: list
+    remainders: list
+
+    @property
+    def num_prefixes(self) -> int:
+        return len(self.prefix_lens)
+
+    @property
+    def prefix_capacity(self) -> int:
+        return max(self.prefix_lens)
+
+    @property
+    def max_remainder(self) -> int:
+        return max(self.remainders)
+
+    @property
+    def max_context(self) -> int:
+        return max(self.prefix_lens[g] + r for g, r in zip(self.groups, self.remainders))
+
+
+def _lcp2(a, b) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _greedy_runs(lens, lcps, limit):
+    """Cut rows (sorted by context; ``lcps[j]``: common prefix of rows j and j + 1) into the fewest
+    consecutive runs whose longest row exceeds the run's common prefix by at most ``limit`` tokens:
+    [(start, end, common prefix)]."""
+    out, start, lcp, top = [], 0, lens[0], lens[0]
+    for j in range(1, len(lens)):
+        l2, t2 = min(lcp, lcps[j - 1]), max(top, lens[j])
+        if t2 - l2 <= limit:
+            lcp, top = l2, t2
+        else:
+            out.append((start, j, lcp))
+            start, lcp, top = j, lens[j], lens[j]
+    out.append((start, len(lens), lcp))
+    return out
+
+
+def layout_rows(seqs, groups, *, split=False) -> RowLayout:
+    """The prefix block of every row: rows with the same ``groups`` entry may share one (their longest
+    common prefix, prefilled once); blocks are numbered 0 .. K-1 in the order of the entries' first rows.
+
+    ``split=False``: one block per ``groups`` entry. ``split=True`` (the grouped layout, where prefixes
+    stay in their blocks): an entry's rows are cut into several blocks when that makes the cache smaller.
+    A static cache holds K blocks x Lp (the longest context) + rows x (S + what decoding appends), S the
+    longest remainder: every row's suffix is sized by the one row that runs furthest past its block's
+    common prefix (an unconditional ``BOS pad ... pad`` row longer than the shortest one of its block).
+    For every candidate S the fewest blocks are found greedily over each entry's rows in lexicographic
+    order of their contexts (the minimum when rows differ only in length, as the unconditional rows of
+    ``uncond="all"`` do), and the S of least ``K * Lp + rows * S`` is kept (ties: fewer blocks).
+    """
+    ctx = [list(s[:-1]) for s in seqs]
+    lens = [len(c) for c in ctx]
+    members: dict = {}
+    for r, g in enumerate(groups):
+        members.setdefault(g, []).append(r)
+    parts = []  # per entry: its rows (sorted by context when splitting) and their adjacent common prefixes
+    for rows in members.values():
+        if split:
+            rows = sorted(rows, key=lambda r: ctx[r])
+        lcps = [_lcp2(ctx[a], ctx[b]) for a, b in itertools.pairwise(rows)] if split else None
+        parts.append((rows, lcps))
+    if not split:
+        cuts = [[(0, len(rows), _lcp_len([ctx[r] for r in rows]))] for rows, _ in parts]
+    else:
+        cands = {0}
+        for rows, lcps in parts:  # the remainder bound of every consecutive run
+            for u in range(len(rows)):
+                lcp = top = lens[rows[u]]
+                for v in range(u + 1, len(rows)):
+                    lcp, top = min(lcp, lcps[v - 1]), max(top, lens[rows[v]])
+                    cands.add(top - lcp)
+        Lp, n = max(lens), len(seqs)
+        part_lens = [[lens[r] for r in rows] for rows, _ in parts]
+        best = None
+        for limit in sorted(cands):
+            if best is not None and n * limit + len(parts) * Lp > best[0]:
+                break  # every later candidate costs more than the best already found
+            cuts_l = [_greedy_runs(pl, lcps, limit) if len(pl) > 1 else [(0, 1, pl[0])]
+                      for pl, (_, lcps) in zip(part_lens, parts)]
+            cost = sum(map(len, cuts_l)) * Lp + n * limit
+            if best is None or cost <= best[0]:
+                best = (cost, cuts_l)
+        cuts = best[1]
+    out_groups, prefix_lens, rem = [0] * len(seqs), [], [0] * len(seqs)
+    for (rows, _), runs in zip(parts, cuts):
+        for start, end, lcp in runs:
+            for r in rows[start:end]:
+                out_groups[r] = len(prefix_lens)
+                rem[r] = lens[r] - lcp
+            prefix_lens.append(lcp)
+    return RowLayout(out_groups, prefix_lens, rem)
+
+
+def rows_cache(policy, seqs, groups, decode_tokens, *, flat) -> tuple:
+    """(KVCache, groups) for the rows ``seqs`` that then decode ``decode_tokens`` tokens each: prefill
+    it with ``prefill_rows(trunk, cache, seqs, range(len(seqs)), groups)``. The blocks hold the rows'
+    shared prefixes; a row's suffix holds 1 + decode_tokens slots (the context's last token, then what
+    is drawn) after its remainder (grouped layout, ``layout_rows(split=True)``) or after its whole
+    context (``flat``: KVCache.flatten copies the prefix in front)."""
+    lay = layout_rows(seqs, groups, split=not flat)
+    need = lay.max_context if flat else lay.max_remainder
+    cache = image_cache(policy, lay.num_prefixes, lay.prefix_capacity, len(seqs), need + 1 + decode_tokens)
+    return cache, lay.groups
 
 
 def as_token_lists(input_ids, name="input_ids"):
@@ -60,12 +184,35 @@ def as_token_lists(input_ids, name="input_ids"):
     return seqs
 
 
+PREFILL_TOKENS = 8192  # padded tokens (+ the prefix keys they attend to) per prefill batch
+
+
+def _batches(sizes, budget=None):
+    """Batches of indices into ``sizes`` = [(tokens, prefix keys)], longest first, each of at most
+    ``budget`` (default PREFILL_TOKENS) padded query + key positions: rows x (longest tokens + longest
+    prefix). A row over the budget goes alone. Bounds the prefill's transient activations (one layer of
+    the batch) whatever the number of rows."""
+    budget = PREFILL_TOKENS if budget is None else budget
+    out, cur, top = [], [], (0, 0)
+    for i in sorted(range(len(sizes)), key=lambda i: -sum(sizes[i])):
+        t = (max(top[0], sizes[i][0]), max(top[1], sizes[i][1]))
+        if cur and (len(cur) + 1) * sum(t) > budget:
+            out.append(cur)
+            cur, t = [], sizes[i]
+        cur.append(i)
+        top = t
+    if cur:
+        out.append(cur)
+    return out
+
+
 def prefill_rows(trunk: Trunk, cache: KVCache, seqs, slots, groups) -> list:
     """Fill the cache for rows ``slots`` whose contexts are ``seqs`` (token lists).
 
     Rows with the same ``groups`` entry (a prefix-block index) share the longest common prefix of
-    their ``seq[:-1]``; the rest of each row goes to its suffix. Returns every row's last token,
-    the input of its first decode step.
+    their ``seq[:-1]``; the rest of each row goes to its suffix. Trunk.prefill writes each layer's
+    K/V straight into the cache; blocks and remainders run in batches of at most PREFILL_TOKENS padded
+    positions. Returns every row's last token, the input of its first decode step.
     """
     policy, dev = trunk.policy, cache.suffix_k.device
     by_group: dict = {}
@@ -78,21 +225,19 @@ def prefill_rows(trunk: Trunk, cache: KVCache, seqs, slots, groups) -> list:
             f"prompt prefix of {max(len(p) for p in prefix.values())} tokens exceeds the cache "
             f"capacity {cache.prefix_capacity}"
         )
-    # 1. shared prefix blocks, one right-padded causal batch
+    # 1. shared prefix blocks, right-padded causal batches
     gs = [g for g in prefix if prefix[g]]
     for g, pre in prefix.items():
         cache.prefix_len[g] = len(pre)
-    if gs:
-        L = max(len(prefix[g]) for g in gs)
-        ids = torch.full((len(gs), L), policy.pad_token_id, dtype=torch.long)
-        for i, g in enumerate(gs):
+    for batch in _batches([(len(prefix[g]), 0) for g in gs]):
+        bg = [gs[i] for i in batch]
+        L = max(len(prefix[g]) for g in bg)
+        ids = torch.full((len(bg), L), policy.pad_token_id, dtype=torch.long)
+        for i, g in enumerate(bg):
             ids[i, : len(prefix[g])] = torch.tensor(prefix[g])
         ids = ids.to(dev)
-        _, kvs = trunk.prefill(policy.embed_text(ids), torch.arange(L, device=dev).expand(len(gs), L))
-        gi = torch.tensor(gs, device=dev)
-        for layer, (k, v) in enumerate(kvs):
-            cache.prefix_k[layer, gi, :, :L] = k
-            cache.prefix_v[layer, gi, :, :L] = v
+        trunk.prefill(policy.embed_text(ids), torch.arange(L, device=dev).expand(len(bg), L),
+                      kv_out=(cache.prefix_kv, torch.tensor(bg, device=dev)))
     # 2. per-row remainders, attending to their group's prefix
     rem = [s[len(prefix[g]) : -1] for s, g in zip(seqs, groups)]
     slot_t = torch.tensor(list(slots), device=dev)
@@ -101,21 +246,19 @@ def prefill_rows(trunk: Trunk, cache: KVCache, seqs, slots, groups) -> list:
     if max(len(r) for r in rem) + 1 > cache.suffix_capacity:
         raise ValueError("row context exceeds the cache's suffix capacity")
     todo = [i for i, r in enumerate(rem) if r]
-    if todo:
-        L = max(len(rem[i]) for i in todo)
-        ids = torch.full((len(todo), L), policy.pad_token_id, dtype=torch.long)
-        for j, i in enumerate(todo):
+    for batch in _batches([(len(rem[i]), len(prefix[groups[i]])) for i in todo]):
+        bt = [todo[j] for j in batch]
+        L = max(len(rem[i]) for i in bt)
+        ids = torch.full((len(bt), L), policy.pad_token_id, dtype=torch.long)
+        for j, i in enumerate(bt):
             ids[j, : len(rem[i])] = torch.tensor(rem[i])
         ids = ids.to(dev)
-        gid = torch.tensor([groups[i] for i in todo], dtype=torch.int32, device=dev)
+        gid = torch.tensor([groups[i] for i in bt], dtype=torch.int32, device=dev)
         start = cache.prefix_len[gid.long()].long()
         positions = start[:, None] + torch.arange(L, device=dev)[None]
-        lp = max(int(cache.prefix_len.max()), 1)
-        _, kvs = trunk.prefill(policy.embed_text(ids), positions, prefix=(cache, gid, lp))
-        rows = slot_t[torch.tensor(todo, device=dev)]
-        for layer, (k, v) in enumerate(kvs):
-            cache.suffix_k[layer, rows, :, :L] = k
-            cache.suffix_v[layer, rows, :, :L] = v
+        lp = max(max(len(prefix[groups[i]]) for i in bt), 1)  # the longest prefix these rows read
+        rows = slot_t[torch.tensor(bt, device=dev)]
+        trunk.prefill(policy.embed_text(ids), positions, kv_out=(cache.suffix_kv, rows), prefix=(cache, gid, lp))
     return [s[-1] for s in seqs]
 
 
@@ -459,11 +602,8 @@ def generate_images(
         rows = seqs + uncond
         slots += list(range(B, 2 * B))
         groups += [B] * B
-    lens = [len(s) for s in seqs]
     flat = default_flatten(policy, flatten)
-    cache = image_cache(
-        policy, B + 1, max(lens) - 1, len(rows), (max(lens) if flat else max(lens) - min(lens)) + 1 + N
-    )
+    cache, groups = rows_cache(policy, rows, groups, N, flat=flat)
     last = prefill_rows(trunk, cache, rows, slots, groups)
     if flat:
         cache.flatten(0, len(rows))

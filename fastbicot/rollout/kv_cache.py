@@ -58,14 +58,6 @@ class KVCache:
         """Next position of rows [0, n): prefix length of the row's group + its suffix length."""
         return (self.prefix_len[self.group_ids[:n].long()] + self.suffix_len[:n]).long()
 
-    def nbytes_read(self, n: int) -> int:
-        """KV bytes one decode step over rows [0, n) reads (prefix blocks once per group)."""
-        per_token = 2 * self.prefix_k.shape[0] * self.prefix_k.shape[2] * self.prefix_k.shape[4]
-        per_token *= self.prefix_k.element_size()
-        groups = torch.unique(self.group_ids[:n].long())
-        tokens = int(self.prefix_len[groups].sum()) + int(self.suffix_len[:n].sum())
-        return tokens * per_token
-
     def swap_rows(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Exchange rows a[i] <-> b[i] (used to compact active rows to the front)."""
         if a.numel() == 0:

@@ -1,7 +1,8 @@
-"""Our own forward over the policy's LlamaModel layers, so that the rollout controls the KV cache.
+"""Our own forward over the policy's decoder layers, so that the rollout controls the KV cache.
 
 Same math as transformers' LlamaModel (RMSNorm, q/k/v/o projections, RoPE from the model's own
-rotary embedding, SiLU MLP); tests/test_rollout_trunk.py checks it against the HF trunk.
+rotary embedding, SiLU MLP), read through the policy's Protocol members by role
+(fastbicot/models/protocol.py); tests/test_rollout_trunk.py checks it against the HF trunk.
 """
 
 from __future__ import annotations
@@ -54,29 +55,29 @@ def effective_weight(linear):
 
 
 class Trunk:
-    def __init__(self, policy, max_positions: int):
-        lm = policy.language_model
+    """The decoder trunk read through the policy's Protocol members by role (``decoder_layers()``,
+    ``final_norm``, ``rope_tables``, ``attention_scale``, ``rms_norm_eps``, ``mlp_activation``,
+    ``max_positions``; fastbicot/models/protocol.py)."""
+
+    def __init__(self, policy, max_positions: int | None = None):
         self.policy = policy
-        self.layers = list(lm.layers)
-        self.norm = lm.norm
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            policy.num_heads,
-            policy.num_kv_heads,
-            policy.head_dim,
-        )
+        self.num_heads, self.num_kv_heads, self.head_dim = policy.num_heads, policy.num_kv_heads, policy.head_dim
         if self.num_kv_heads != self.num_heads:
             raise NotImplementedError("the rollout trunk supports multi-head attention (Janus-Pro); got GQA")
-        self.scale = self.layers[0].self_attn.scaling
-        self.eps = self.layers[0].input_layernorm.variance_epsilon
+        self.scale = policy.attention_scale
+        self.eps = policy.rms_norm_eps
         self.fused = self.native = self.out_w = None  # see fuse_weights
-        self.max_positions = max_positions
+        self.refresh()
+        self.max_positions = policy.max_positions if max_positions is None else int(max_positions)
         # RoPE tables for every position, computed once by the model's own rotary embedding.
-        dev, dt = policy.device, policy.dtype
-        with torch.no_grad():
-            pos = torch.arange(max_positions, device=dev)[None]
-            cos, sin = lm.rotary_emb(torch.empty(1, dtype=dt, device=dev), pos)
-        self.cos, self.sin = cos[0], sin[0]  # [max_positions, D]
+        self.cos, self.sin = policy.rope_tables(self.max_positions)  # [max_positions, D] each
         self.cos_sin = torch.cat([self.cos, self.sin], dim=-1)  # one gather per step for both
+
+    def refresh(self) -> None:
+        """Re-read the layers by role: a LoRA wrapper injected since (peft replaces the projection
+        modules) is what the next rollout must run."""
+        self.layers = self.policy.decoder_layers()
+        self.norm = self.policy.final_norm
 
     def fuse_weights(self) -> None:
         """CPU decode: one matmul for [q, k, rot(q), rot(k), v] and one for [gate, up].
@@ -97,16 +98,16 @@ class Trunk:
 
         self.fused, self.native, self.out_w = [], None, []
         for layer in self.layers:
-            a, m = layer.self_attn, layer.mlp
-            mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+            mods = (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj,
+                    layer.down_proj)
             ws = [effective_weight(mod) for mod in mods]
             if any(mod.bias is not None for mod in mods) or any(w is None for w in ws):
                 self.fused = self.out_w = None  # biased projections or an adapter variant: module path
                 return
             wq_, wk_, wv, wo, wg, wu, wd = ws
             wq, wk = wq_ * self.scale, wk_
-            w_in = torch.cat([wq, wk, rot(wq), rot(wk), wv]) * layer.input_layernorm.weight
-            w_gu = torch.cat([wg, wu]) * layer.post_attention_layernorm.weight
+            w_in = torch.cat([wq, wk, rot(wq), rot(wk), wv]) * layer.input_norm.weight
+            w_gu = torch.cat([wg, wu]) * layer.post_attention_norm.weight
             self.fused.append((w_in.detach(), w_gu.detach()))
             self.out_w.append((wo.detach(), wd.detach()))
         # the same weights as lists for fastbicot._C.decode_step_cpu (decode_flat_native)
@@ -122,7 +123,7 @@ class Trunk:
     def _norm(self, norm, x):
         """LlamaRMSNorm in one op where the dtype allows (HF normalises in fp32, then scales)."""
         if x.dtype == torch.float32:
-            return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+            return F.rms_norm(x, norm.weight.shape, norm.weight, self.eps)
         return norm(x)
 
     def _rms(self, x):
@@ -136,11 +137,7 @@ class Trunk:
         return x * cos + _rotate_half(x) * sin
 
     def _qkv(self, layer, h, shape):
-        a = layer.self_attn
-        q = a.q_proj(h).view(shape)
-        k = a.k_proj(h).view(shape)
-        v = a.v_proj(h).view(shape)
-        return q, k, v
+        return layer.q_proj(h).view(shape), layer.k_proj(h).view(shape), layer.v_proj(h).view(shape)
 
     def check_positions(self, max_pos: int) -> None:
         if max_pos > self.max_positions:
@@ -150,12 +147,16 @@ class Trunk:
 
     # ---- prefill --------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, x, positions, *, prefix=None):
-        """x [N, L, H] right-padded rows starting at ``positions`` [N, L].
+    def prefill(self, x, positions, *, kv_out=None, prefix=None):
+        """x [N, L, H] right-padded rows starting at ``positions`` [N, L] -> hidden [N, L, H] after the
+        final norm.
 
+        ``kv_out``: (kv, rows) -- every layer's K/V go straight into ``kv``, a cache tensor
+        [layers, 2, slots, heads, capacity, D] (a KVCache's ``prefix_kv`` or ``suffix_kv``), as each layer
+        computes them: K and V of input row j at ``kv[layer, :, rows[j], :, :L]`` (``rows``: a LongTensor
+        [N] or a slice). Only one layer's K/V exist outside the cache at a time. None: K/V are not kept.
         ``prefix``: optional (cache, group_ids [N], lp) -- each row first attends to its group's
-        prefix block (valid length prefix_len[group]), then causally to its own tokens.
-        Returns (hidden [N, L, H] after the final norm, [(k, v)] per layer, each [N, heads, L, D]).
+        prefix block (valid length prefix_len[group] <= lp), then causally to its own tokens.
         """
         N, L, _ = x.shape
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
@@ -169,21 +170,23 @@ class Trunk:
             ].expand(N, L, lp)
             causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()[None].expand(N, L, L)
             mask = torch.cat([see_prefix, causal], dim=2)[:, None]
-        kvs = []
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
+            h = layer.input_norm(x)
             q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, h, (N, L, self.num_heads, self.head_dim)))
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            kvs.append((k, v))
+            if kv_out is not None:
+                kv, rows = kv_out
+                kv[i, 0, rows, :, :L] = k
+                kv[i, 1, rows, :, :L] = v
             if prefix is not None:
-                kk = torch.cat([cache.prefix_k[i].index_select(0, g)[:, :, :lp], k], dim=2)
-                vv = torch.cat([cache.prefix_v[i].index_select(0, g)[:, :, :lp], v], dim=2)
+                kk = torch.cat([cache.prefix_k[i, :, :, :lp].index_select(0, g), k], dim=2)
+                vv = torch.cat([cache.prefix_v[i, :, :, :lp].index_select(0, g), v], dim=2)
                 o = prefill_attention(q, kk, vv, scale=self.scale, attn_mask=mask)
             else:
                 o = prefill_attention(q, k, v, scale=self.scale)
-            x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(N, L, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x), kvs
+            x = x + layer.o_proj(o.transpose(1, 2).reshape(N, L, -1))
+            x = x + layer.mlp(layer.post_attention_norm(x))
+        return self.norm(x)
 
     # ---- decode ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -203,14 +206,14 @@ class Trunk:
         if self.fused is not None:
             return self._decode_fused(x, cache, n, rows, wpos, cos[:, None], sin[:, None], attn)
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
+            h = layer.input_norm(x)
             q, k, v = self._qkv(layer, h, shape)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             cache.suffix_k[i, rows, :, wpos] = k
             cache.suffix_v[i, rows, :, wpos] = v
             o = attn(q, i, self.scale)
-            x = x + layer.self_attn.o_proj(o.reshape(n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + layer.o_proj(o.reshape(n, -1))
+            x = x + layer.mlp(layer.post_attention_norm(x))
         return self.norm(x)
 
     def _decode_fused(self, x, cache, n, rows, wpos, cos, sin, attn):
@@ -227,7 +230,7 @@ class Trunk:
             x = torch.addmm(x, o.reshape(n, hd), w_o.t())
             gu = F.linear(self._rms(x), w_gu)
             f = gu.shape[1] // 2
-            x = torch.addmm(x, layer.mlp.act_fn(gu[:, :f]) * gu[:, f:], w_down.t())
+            x = torch.addmm(x, layer.act(gu[:, :f]) * gu[:, f:], w_down.t())
         return self._norm(self.norm, x)
 
     def native_ok(self) -> bool:
@@ -241,7 +244,7 @@ class Trunk:
             and hasattr(_ext._C, "decode_step_cpu")  # an extension built before this op: fall back
             and self.cos.device.type == "cpu"
             and self.cos.dtype in (torch.float32, torch.float64)
-            and getattr(self.policy.config.text_config, "hidden_act", None) in ("silu", "swish")
+            and self.policy.mlp_activation in ("silu", "swish")
         )
 
     @torch.no_grad()
@@ -281,5 +284,5 @@ class Trunk:
             x = torch.addmm(x, o.view(n, hd), w_o.t())
             gu = F.linear(self._rms(x), w_gu)
             f = gu.shape[1] // 2
-            x = torch.addmm(x, layer.mlp.act_fn(gu[:, :f]).mul_(gu[:, f:]), w_down.t())
+            x = torch.addmm(x, layer.act(gu[:, :f]).mul_(gu[:, f:]), w_down.t())
         return self._norm(self.norm, x)

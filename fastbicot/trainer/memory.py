@@ -18,8 +18,8 @@ tests/test_memory_plan.py holds each formula to the measurement within a stated 
 Phases and the moments whose sum is each phase's peak (items resident in every phase -- weights,
 optimizer states, the reference, reward models -- are added to every moment):
 
-    rollout  CoT prefill + decode (CoT KV cache) | CoT -> image switch (both caches allocated) |
-             image prefill | image decode | VQ decode (the image cache is still referenced)
+    rollout  CoT prefill + decode (CoT KV cache) | image prefill | image decode (image KV cache; the
+             CoT cache is freed before it is allocated) | VQ decode (both caches freed)
     reward   the images and the reward models (their activations are not modelled)
     update   reference forward | policy forward+backward (saved activations, one recomputed layer,
              the backward working set, the fused log-prob kernel) | optimizer step
@@ -28,9 +28,11 @@ optimizer states, the reference, reward models -- are added to every moment):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import math
 import sys
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -171,11 +173,16 @@ class Lengths:
     cot_context  [BOS] + the rendered CoT prompt (left-truncated to rollout.max_prompt_length)
     cot          sampled CoT tokens (EOS included); the CoT cache is always sized by max_new_tokens
     image_context  the image step's context, BOS ... BOI
+    image_context_min  the shortest image context of the rows (None: the shortest there can be, a
+                   one-token prompt and an empty CoT). The grouped image cache's suffixes are sized by
+                   how far a row runs past its block's shared prefix, so the spread of the lengths
+                   counts, not only the longest.
     """
 
     cot_context: int
     cot: int
     image_context: int
+    image_context_min: int | None = None
 
 
 def default_lengths(config: TrainerConfig, *, prompt_tokens: int = 20, cot_tokens: int | None = None,
@@ -183,24 +190,56 @@ def default_lengths(config: TrainerConfig, *, prompt_tokens: int = 20, cot_token
     """The longest rows of a step, estimated from the config's templates: ``chars_per_token`` 5 is
     DeepSeek's BPE on the seed's English CoT prompt (774 chars, ~150 tokens); ``prompt_tokens`` the
     prompt (T2I-CompBench prompts are 10-25 tokens); ``cot_tokens`` the CoT (None: the worst case,
-    rollout.cot.max_new_tokens)."""
-    from ..rollout.cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt
-
+    rollout.cot.max_new_tokens). The shortest image context is left to the plan (the worst case)."""
     r = config.rollout
     cot = r.cot.max_new_tokens if cot_tokens is None else min(cot_tokens, r.cot.max_new_tokens)
-    tmpl = len(cot_prompt("", r.template, r.system, r.instruction))
-    ctx = 1 + math.ceil(tmpl / chars_per_token) + prompt_tokens
-    if r.max_prompt_length is not None:
-        ctx = min(ctx, r.max_prompt_length)
-    body = cot - 1  # the CoT without its EOS
+    ctx = _cot_context_tokens(config, prompt_tokens, chars_per_token)
+    return Lengths(ctx, cot, _image_context_tokens(config, ctx, prompt_tokens, cot, chars_per_token))
+
+
+def _cot_context_tokens(config, prompt_tokens, chars_per_token=5.0) -> int:
+    from ..rollout.cot import cot_prompt
+
+    r = config.rollout
+    ctx = 1 + math.ceil(len(cot_prompt("", r.template, r.system, r.instruction)) / chars_per_token) + prompt_tokens
+    return min(ctx, r.max_prompt_length) if r.max_prompt_length is not None else ctx
+
+
+def _image_context_tokens(config, cot_context, prompt_tokens, cot, chars_per_token=5.0) -> int:
+    """The image step's context of a row with a ``cot``-token CoT (EOS included; 0: none sampled)."""
+    from ..rollout.cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL
+
+    r = config.rollout
+    body = max(0, cot - 1)  # the CoT without its EOS
     if r.max_textcot_length is not None:
         body = min(body, r.max_textcot_length)
     if r.image_mode == "continue":
-        img = ctx + body + 1
-    else:
-        fixed = len(IMAGE_TEMPLATE_HEAD.format(prompt="")) + len(IMAGE_TEMPLATE_TAIL)
-        img = 1 + math.ceil(fixed / chars_per_token) + prompt_tokens + body + 1
-    return Lengths(ctx, cot, img)
+        return cot_context + body + 1
+    fixed = len(IMAGE_TEMPLATE_HEAD.format(prompt="")) + len(IMAGE_TEMPLATE_TAIL)
+    return 1 + math.ceil(fixed / chars_per_token) + prompt_tokens + body + 1
+
+
+def uncond_blocks(rows: int, uncond: int, span: int, block: int, mode: str = "all") -> tuple:
+    """(K, S): prefix blocks of the ``uncond`` unconditional rows and the longest remainder S past
+    their block's shared prefix that the grouped image cache holds, at most, for any lengths within
+    ``span`` tokens of each other -- an upper bound of what ``rollout.generate.layout_rows(split=True)``
+    picks (it minimises K * block + rows * S over its exact rows; ``rows``: all rows of the cache,
+    conditional ones included, whose suffixes are sized by S too; ``block``: the prefix capacity).
+
+    ``uncond="all"`` rows (``BOS pad ... pad BOI``) differ only in length: K equal-width length buckets
+    leave S <= ceil((span + 1) / K) - 1, and the engine's choice costs no more than the best K.
+    Other modes: every row in a block of its own (S = 0) is one of the engine's choices."""
+    if uncond == 0:
+        return 0, 0
+    if mode != "all":
+        return uncond, 0
+    best = None
+    for k in range(1, uncond + 1):
+        S = -(-(span + 1) // k) - 1
+        cost = k * block + rows * S
+        if best is None or cost < best[0]:
+            best = (cost, k, S)
+    return best[1], best[2]
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -352,37 +391,39 @@ def layer_forward_bytes(s: ModelShapes, b: int) -> int:
 
 
 def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.0, margin: float = 0.10,
-                reference: str = "replicated", device: str = "cuda", lengths: Lengths | None = None,
+                reference: str | None = None, device: str = "cuda", lengths: Lengths | None = None,
                 cot_tokens: int | None = None, prompt_tokens: int = 20, rewards: list | None = None, policy=None,
-                shapes: ModelShapes | None = None, engine: str = "current", advise: bool = True) -> MemoryPlan:
+                shapes: ModelShapes | None = None, flatten: bool | None = None, advise: bool = True) -> MemoryPlan:
     """The per-GPU memory of ``config`` trained on ``gpus`` GPUs of ``gpu_memory_gib`` each (FSDP2).
 
-    reference   "replicated" (what Trainer does: a deep copy of the whole policy on every GPU),
-                "sharded" (fully_shard like the policy: 1/N resident, a layer all-gathered at a time),
-                "cpu" (kept in host memory, streamed a layer at a time)
+    reference   "replicated" (a deep copy of the whole policy on every GPU), "sharded" (fully_shard like
+                the policy: 1/N resident, a layer all-gathered at a time), "cpu" (kept in host memory,
+                streamed a layer at a time); None: what Trainer does with ``config`` -- one process: the
+                deep copy (replicated); gpus > 1 (torchrun): FSDP2 shards it as ``distributed.reference``
+                says ("shard" -> sharded, "cpu_offload" -> cpu)
     device      "cuda" (the plan's target) or "cpu" (the CPU code paths: fp32, chunked log-prob
                 kernel, per-tensor AdamW, flattened KV, fused decode weights) -- for the CPU check
     lengths     the longest rows (default: ``default_lengths(config, prompt_tokens=, cot_tokens=)``,
-                the worst case cot = rollout.cot.max_new_tokens)
+                the worst case cot = rollout.cot.max_new_tokens) and the shortest image context
+                (default: the shortest there can be)
     rewards     reward names on the policy's GPU (default: config.rewards.functions whose device is
                 the policy's); sizes from REWARD_PARAMS
     policy / shapes   an already-built model (tests) or its shapes, instead of config.model
-    engine      "current" (the rollout engine as it is) or "proposed" (CUDA: the CoT cache freed
-                before the image cache is allocated, image-cache suffixes sized by the rows'
-                remainders + 1 + image tokens with R + 1 prefix blocks, prefill writing each
-                layer's K/V into the cache instead of staging every layer's) -- what the three
-                engine changes of the advice would give
+    flatten     the rollout's KV layout: False grouped (prefixes stay in shared blocks; the CUDA
+                default, where the grouped decode kernel runs), True flattened (prefixes copied into
+                the rows: the CPU default); None: the device's default
     """
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
     if not gpu_memory_gib > 0:
         raise ValueError(f"gpu_memory_gib must be > 0, got {gpu_memory_gib!r}")
+    if reference is None:
+        reference = "replicated" if gpus == 1 else {"shard": "sharded", "cpu_offload": "cpu"}[
+            config.distributed.reference]
     if reference not in ("replicated", "sharded", "cpu"):
         raise ValueError(f"reference must be replicated, sharded or cpu, got {reference!r}")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
-    if engine not in ("current", "proposed"):
-        raise ValueError(f"engine must be current or proposed, got {engine!r}")
     s = shapes or model_shapes(config, policy)
     L = lengths or default_lengths(config, prompt_tokens=prompt_tokens, cot_tokens=cot_tokens)
     c, r, lo, o = config, config.rollout, config.loss, config.optim
@@ -391,6 +432,7 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     mb = _dtype_bytes(o.master_dtype, device)
     masters = mb != b
     cpu = device == "cpu"
+    flat = cpu if flatten is None else bool(flatten)
     ckpt = c.model.gradient_checkpointing
     G = r.num_generations
     P = math.ceil(c.data.prompts_per_step / N)  # prompt groups this rank rolls out
@@ -435,27 +477,57 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     # ---- rollout ---------------------------------------------------------------------------------
     add("rollout.unsharded", "all-gathered trainable weights", s.trainable * b if N > 1 else 0,
         "FSDP2 unshard for the rollout")
-    cap = L.cot_context + r.cot.max_new_tokens + 2
-    if cont:
-        kv_cot = kv_tok * (2 * P * cap + 2 * R * (cap + Nimg))
-    else:
-        kv_cot = kv_tok * (P * cap + R * cap)
-    add("kv.cot", f"KV cache, CoT phase ({R} rows x {cap} + {P} prefixes)", kv_cot)
+    # The engine (rollout/engine.py, generate.py): the CoT cache, freed before the image cache is
+    # allocated; each cache laid out by layout_rows -- prefix blocks (a prompt's template; a conditional
+    # row's whole image context; the unconditional rows' BOS pad ... pad), and per row a suffix of its
+    # remainder past its block + 1 + the tokens it decodes (flattened: its whole context + 1 + ...);
+    # Trunk.prefill writes each layer's K/V into the cache as it computes them.
+    Lc, max_new, Li = L.cot_context, r.cot.max_new_tokens, L.image_context
+    Li_min = L.image_context_min
+    if Li_min is None:  # the shortest there can be: a one-token prompt, no CoT
+        Li_min = _image_context_tokens(c, _cot_context_tokens(c, 1), 1, 0)
+    Li_min = max(2, min(Li_min, Li))
     rows = 2 * R if cfg else R
-    Li = L.image_context
-    new = engine == "proposed" and not cpu
+    kv_l = kv_tok // s.layers  # one layer's K/V per token
+    per_tok = layer_forward_bytes(s, b) + kv_l  # a prefill token: one layer's activations and its K/V
+    if cont:  # the conditional rows keep their CoT KV; the CFG rows join them in the same cache
+        cap = Lc + max_new + 2
+        add("kv.cot", f"KV cache, CoT + image ({2 * R} rows x {cap + Nimg} + {2 * P} prefixes x {cap})",
+            kv_tok * (2 * P * cap + 2 * R * (cap + Nimg)))
+    else:
+        scap = (Lc if flat else 1) + max_new  # G rows share their template: nothing remains past it
+        add("kv.cot", f"KV cache, CoT phase ({R} rows x {scap} + {P} prefixes x {Lc - 1})",
+            kv_tok * (P * (Lc - 1) + R * scap))
+    K_u = S = 0
     if not cont:
-        npre, scap = (R + 1, 1 + Nimg) if new else (R + P, Li + 1 + Nimg)
-        add("kv.image", f"KV cache, image phase ({rows} rows x {scap} + {npre} prefixes x {Li})",
-            kv_tok * (npre * Li + rows * scap))
-    # prefill: every layer's K/V of the batch is staged in a list before the cache copy, + one layer
-    stage = kv_tok // s.layers if new else kv_tok
-    pre_c = P * (L.cot_context - 1)
-    add("prefill.cot", "CoT prefill (K/V staging + a layer)", pre_c * (stage + layer_forward_bytes(s, b)))
-    pre_i = (R + (1 if cfg else 0)) * (Li - 1) if not cont else (R if cfg else 0) * Li
-    add("prefill.image", "image prefill (K/V staging + a layer)", pre_i * (stage + layer_forward_bytes(s, b)))
-    if cpu:  # KVCache.flatten: the concatenated [prefix | suffix] and its gathered copy
-        add("flatten.cot", "CPU flatten of CoT prefixes", 2 * kv_tok * R * L.cot_context)
+        span = Li - Li_min  # how far the unconditional rows' lengths spread
+        if flat:  # the caller's blocks: R conditional, 1 unconditional (uncond="cot": one per prompt)
+            K_u = (P if r.uncond == "cot" else 1) if cfg else 0
+            S = span if cfg else 0
+            scap = Li + Nimg
+        else:
+            K_u, S = uncond_blocks(rows, R if cfg else 0, span, Li - 1, r.uncond)
+            scap = S + 1 + Nimg
+        npre = R + K_u
+        add("kv.image", f"KV cache, image phase ({rows} rows x {scap} + {npre} prefixes x {Li - 1})",
+            kv_tok * (npre * (Li - 1) + rows * scap))
+    # prefill (rollout.generate.prefill_rows): batches of at most PREFILL_TOKENS padded positions (a
+    # row over it alone); a batch holds one layer's activations and K/V at a time
+    from ..rollout.generate import PREFILL_TOKENS
+
+    def batch_rows(n, width):  # rows of the largest batch of n rows `width` positions wide
+        return min(n, max(1, PREFILL_TOKENS // max(width, 1)))
+
+    add("prefill.cot", "CoT prefill (a layer + its K/V)", batch_rows(P, Lc - 1) * (Lc - 1) * per_tok)
+    if cont:
+        pre_i = batch_rows(R if cfg else 0, Li) * Li * per_tok
+    else:  # the prefix blocks, then the rows with a remainder attending to their block
+        n_r = batch_rows(R if cfg and S > 0 else 0, Li - 1 + S)
+        gather = 2 * n_r * (Li - 1 + S) * kv_l + n_r * S * (Li - 1 + S) * (1 + b)  # their block's K/V, mask
+        pre_i = max(batch_rows(npre, Li - 1) * (Li - 1) * per_tok, n_r * S * per_tok + gather)
+    add("prefill.image", "image prefill (a layer + its K/V)", pre_i)
+    if flat:  # KVCache.flatten: the concatenated [prefix | suffix] and its gathered copy
+        add("flatten.cot", "CPU flatten of CoT prefixes", 2 * kv_tok * R * Lc)
         add("flatten.image", "CPU flatten of image prefixes", 2 * kv_tok * rows * Li if not cont else 0)
     # decode: CoT logits + sampler; image: the embedding table, the head copy, logits, sampler
     add("decode.cot", "CoT decode step (logits, sampler)", R * s.text_vocab * 4 * 4 + R * (8 * H + 3 * Iw) * b)
@@ -472,27 +544,26 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     add("vq", f"VQ decode of {R} images", R * (4 * full * b + pix * (b + 4)))
     add("images", "uint8 images", R * pix)
     ro = resident + ["rollout.unsharded"]
-    cot_m = ro + ["kv.cot", "prefill.cot", "decode.cot"] + (["flatten.cot"] if cpu else [])
+    cot_m = ro + ["kv.cot", "prefill.cot", "decode.cot"] + (["flatten.cot"] if flat else [])
     moments = {"rollout": {"CoT decode": cot_m}}
     if cont:
         moments["rollout"]["image prefill"] = ro + ["kv.cot", "prefill.image"]
         moments["rollout"]["image decode"] = ro + ["kv.cot", "decode.image_tables", "decode.image"]
-        moments["rollout"]["VQ decode"] = ro + ["kv.cot", "decode.image_tables", "vq", "images"]
-    else:
-        if not new:
-            moments["rollout"]["CoT -> image cache switch"] = ro + ["kv.cot", "kv.image"]
-        moments["rollout"]["image prefill"] = ro + ["kv.image", "prefill.image"] + (["flatten.image"] if cpu else [])
+    else:  # no moment holds both caches: the CoT cache is freed before the image cache is allocated
+        moments["rollout"]["image prefill"] = ro + ["kv.image", "prefill.image"] + (["flatten.image"] if flat else [])
         moments["rollout"]["image decode"] = ro + ["kv.image", "decode.image_setup", "decode.image_tables",
                                                    "decode.image"]
-        moments["rollout"]["VQ decode"] = ro + ["kv.image", "decode.image_tables", "vq", "images"]
+    moments["rollout"]["VQ decode"] = ro + ["vq", "images"]  # the cache and the decoder are freed first
     moments["reward"] = {"rewards": resident + ["images"]}
 
     # ---- update ------------------------------------------------------------------------------------
     M = o.micro_batch_prompts * G  # rows of each kind in a micro-batch
-    kinds = []  # (name, rows, padded length)
+    kinds = []  # (name, rows, padded length): one trunk forward each
     if cont:
         kinds.append(("image", M, Li + Nimg - 1))
-    else:
+    elif N > 1:  # FSDP (trainer/distributed.py): one forward per row set, CoT and image rows padded together
+        kinds.append(("cot+image", 2 * M, max(L.cot_context + L.cot - 1, Li + Nimg - 1)))
+    else:  # one process: length buckets (logprobs.length_buckets) keep kinds of unlike lengths apart
         kinds.append(("cot", M, L.cot_context + L.cot - 1))
         kinds.append(("image", M, Li + Nimg - 1))
     if lo.cfg_logprobs != "none":
@@ -550,12 +621,13 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
               f"beta={lo.beta:g}, reference {reference}",
         gpus=N, gpu_memory_gib=float(gpu_memory_gib), margin=margin, items=items, moments=moments,
         assumptions={"prompts/gpu": P, "rows": R, "cot_context": L.cot_context, "cot": L.cot,
-                     "cot_cache": cap, "image_context": Li, "image_tokens": Nimg, "params": s.total,
+                     "image_context": Li, "image_context_min": Li_min, "uncond_blocks": K_u, "remainder": S,
+                     "layout": "flattened" if flat else "grouped", "image_tokens": Nimg, "params": s.total,
                      "trainable": s.trainable, "dtype_bytes": b},
     )
     if advise:
         plan.advice = _advice(plan, config, s, L, gpus=N, gpu_memory_gib=gpu_memory_gib, margin=margin,
-                              reference=reference, device=device, rewards=rewards, engine=engine)
+                              reference=reference, device=device, rewards=rewards, flatten=flatten)
     return plan
 
 
@@ -563,11 +635,11 @@ def R_of(plan) -> int:
     return int(plan.assumptions["rows"])
 
 
-def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, device, rewards, engine) -> list:
+def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, device, rewards, flatten) -> list:
     """What to change: each candidate re-planned, with its peak."""
     out = []
     kw = dict(gpus=gpus, gpu_memory_gib=gpu_memory_gib, margin=margin, reference=reference, device=device,
-              lengths=L, shapes=s, advise=False, rewards=rewards, engine=engine)
+              lengths=L, shapes=s, advise=False, rewards=rewards, flatten=flatten)
 
     def tryit(desc, cfg=None, **over):
         p = plan_memory(cfg or config, **{**kw, **over})
@@ -599,33 +671,15 @@ def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, devi
         tryit("roll out one prompt group at a time per GPU (an engine option to add; proxy: data.prompts_per_step"
               f"={gpus})", config.replace(data=config.data.replace(prompts_per_step=gpus),
                                           optim=o.replace(micro_batch_prompts=1)))
-    if plan.peaks["rollout"][0] >= plan.peak * 0.9 or not plan.fits:
-        if r.cot.max_new_tokens > 256:
-            L2 = Lengths(L.cot_context, min(L.cot, 256), L.image_context - max(0, L.cot - 256))
-            tryit("rollout.cot.max_new_tokens=256 (the CoT cache and the longest rows)",
-                  config.replace(rollout=r.replace(cot=r.cot.replace(max_new_tokens=256))), lengths=L2)
-        if "kv.image" in plan.items and engine == "current":
-            if device == "cuda":
-                tryit("the three engine changes below together (plan_memory(engine='proposed'))", engine="proposed")
-            out.append(f"engine: free the CoT cache before allocating the image cache (both live at the switch: "
-                       f"{(plan.bytes('kv.cot')) / GiB:.2f} GiB) -- rollout/engine.py `del cache` first")
-            if device == "cuda":
-                kv_tok = 2 * s.layers * s.kv_heads * s.head_dim * int(plan.assumptions["dtype_bytes"])
-                rows = 2 * R_of(plan) if config.rollout.guidance_scale > 1 else R_of(plan)
-                waste = kv_tok * rows * (L.image_context - 1)
-                out.append(f"engine (CUDA, prefixes not flattened): size the image cache's suffixes by the rows' "
-                           f"remainders + 1 + image tokens, not by the whole context that already sits in the prefix "
-                           f"blocks: up to {waste / GiB:.2f} GiB")
-        pre = plan.bytes("prefill.image")
-        if pre > 0.5 * GiB and engine == "current":
-            out.append(f"trunk.prefill: write each layer's K/V into the cache as it is computed instead of "
-                       f"returning all layers' K/V: the image prefill's staging is {pre / GiB:.2f} GiB")
+    if (plan.peaks["rollout"][0] >= plan.peak * 0.9 or not plan.fits) and r.cot.max_new_tokens > 256:
+        L2 = Lengths(L.cot_context, min(L.cot, 256), L.image_context - max(0, L.cot - 256), L.image_context_min)
+        tryit("rollout.cot.max_new_tokens=256 (the CoT cache and the longest rows)",
+              config.replace(rollout=r.replace(cot=r.cot.replace(max_new_tokens=256))), lengths=L2)
     if not plan.fits and device == "cuda":  # the smallest combination of the above that fits
-        combo = [("engine", "proposed", "the three engine changes"), ("reference", "sharded", "a sharded reference"),
-                 ("rewards", [], "reward models off this GPU")]
+        combo = [("reference", "sharded", "a sharded reference"), ("rewards", [], "reward models off this GPU")]
         over, names = {}, []
         for k, v, name in combo:
-            if k == "engine" and engine == "proposed" or k == "reference" and reference != "replicated":
+            if k == "reference" and reference != "replicated":
                 continue
             over[k] = v
             names.append(name)
@@ -772,13 +826,26 @@ class MemoryTracker(TorchDispatchMode):
         self._sweep()
         self.peak = self.current
 
+    @contextlib.contextmanager
+    def window(self):
+        """The high-water mark of one stretch of code, above the live bytes when it starts:
+        ``with m.window() as w: ...; w.peak``. The tracker's own ``peak`` keeps counting the whole block."""
+        self._sweep()
+        w = types.SimpleNamespace(base=self.current, peak=0)
+        outer, self.peak = self.peak, self.current
+        try:
+            yield w
+        finally:
+            w.peak = self.peak - w.base
+            self.peak = max(outer, self.peak)
+
 
 # ------------------------------------------------------------------------------------------- CLI
 
 
 def cli(argv=None) -> int:
     """``fastbicot plan --config X.yaml --gpus N [--gpu-memory 80] [--reference replicated|sharded|cpu]
-    [--engine current|proposed] [--cot-tokens K] [--prompt-tokens K] [--margin 0.1] [--seed-recipe]
+    [--cot-tokens K] [--prompt-tokens K] [--margin 0.1] [--seed-recipe]
     [--json] [--section.key=value ...]``: print the plan; exit 0 when it fits, 1 when it does not, 2
     on a bad config or argument."""
     p = argparse.ArgumentParser(prog="fastbicot plan", description="per-GPU memory plan of a training recipe")
@@ -786,9 +853,8 @@ def cli(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     p.add_argument("--margin", type=float, default=0.10, help="fraction kept free (default 0.10)")
-    p.add_argument("--reference", default="replicated", choices=["replicated", "sharded", "cpu"])
-    p.add_argument("--engine", default="current", choices=["current", "proposed"],
-                   help="the rollout engine as it is, or with the advice's three memory changes")
+    p.add_argument("--reference", default=None, choices=["replicated", "sharded", "cpu"],
+                   help="default: what the trainer does (1 GPU: replicated; torchrun: distributed.reference)")
     p.add_argument("--cot-tokens", type=int, default=None, help="assumed CoT length (default: max_new_tokens)")
     p.add_argument("--prompt-tokens", type=int, default=20)
     p.add_argument("--seed-recipe", action="store_true", help="also print the seed's (ZeRO-3 + HF) estimate")
@@ -815,8 +881,7 @@ def cli(argv=None) -> int:
     try:
         config = TrainerConfig.from_yaml(args.config, overrides)
         plan = plan_memory(config, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, margin=args.margin,
-                           reference=args.reference, cot_tokens=args.cot_tokens, prompt_tokens=args.prompt_tokens,
-                           engine=args.engine)
+                           reference=args.reference, cot_tokens=args.cot_tokens, prompt_tokens=args.prompt_tokens)
     except (ConfigError, ValueError) as e:
         print(f"fastbicot plan: {e}", file=sys.stderr)
         return 2
@@ -839,4 +904,4 @@ def cli(argv=None) -> int:
 
 
 __all__ = ["Item", "Lengths", "MemoryPlan", "MemoryTracker", "ModelShapes", "cli", "default_lengths",
-           "layer_saved_bytes", "model_shapes", "plan_memory", "plan_seed_memory"]
+           "layer_saved_bytes", "model_shapes", "plan_memory", "plan_seed_memory", "uncond_blocks"]
