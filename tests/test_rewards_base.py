@@ -343,7 +343,8 @@ def test_bad_ensemble_options_are_named(kwargs, match):
         RewardEnsemble([Const("c", [0.0])], **kwargs)
 
 
-@pytest.mark.parametrize("rewards", [Const("c", [0.0]), [lambda *a: 0], [None], "c"], ids=repr)
+@pytest.mark.parametrize("rewards", [Const("c", [0.0]), [lambda *a: 0], [None], "c"],
+                         ids=["reward-not-list", "lambda", "none", "string"])  # stable ids: xdist compares them
 def test_ensemble_needs_reward_objects(rewards):
     with pytest.raises(ValueError, match="rewards"):
         RewardEnsemble(rewards)
