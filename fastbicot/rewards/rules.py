@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
+from ..layout import iou  # one IoU for detections and layout plans
 from .base import Reward, RewardError, _short, require_field
 from .spatial import _check_box, normalize_relation, spatial_score
 
@@ -191,15 +192,6 @@ def check_unit(value, name: str, *, low: float = 0.0, high: float = 1.0) -> floa
     if not low <= v <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
     return v
-
-
-def iou(a, b) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes (0 for two empty boxes)."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def nms(detections, iou_threshold: float = 0.5, threshold: float = 0.0) -> list[Detection]:
