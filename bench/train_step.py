@@ -1,6 +1,7 @@
 """One full BiCoT-GRPO step: fastbicot's Trainer vs a seed-style step, side by side in one run.
 
     python bench/train_step.py --preset tiny --device cpu --prompts 2 --generations 8 --json out.json
+    python bench/train_step.py ... --micro-batch-tokens 0,512   # fastbicot once per setting
 
 The same work for both: ``--prompts`` prompts x ``--generations`` samples, a CoT of up to
 ``--cot-tokens`` tokens (T=1, top-k 50), the image tokens with CFG (w=5), VQ decode, a programmatic
@@ -12,8 +13,12 @@ over a left-padded batch with a DynamicCache (what HF generate does), the image 
 fastbicot/rollout/seed_loop.py (eager, DynamicCache, CFG by row doubling, softmax + multinomial),
 transformers' VQ decoder, and an update through materialised [B, L, V] logits + log_softmax +
 gather for policy and reference, one micro-batch per prompt group.
-fastbicot: ``Trainer.step()`` (static KV cache, shared prefixes, fused sampler and decode step,
-fused log-probs that never build [N, V], the fused GRPO loss).
+fastbicot: ``Trainer.step()`` (static KV cache, shared prefixes, fused sampler and decode step; an
+update whose forwards pack each micro-batch's rows with shared prefixes stored once, fused log-probs
+that never build [N, V], the fused GRPO loss), one prompt group per micro-batch like the seed, and
+with ``--micro-batch-tokens N`` (> 0) each group further cut into micro-batches of at most N packed
+tokens (``optim.micro_batch_tokens``: the same loss and gradient, a bounded activation peak). Each
+fastbicot row of the output names its setting.
 
 Reported per implementation: images/s over the whole step, seconds of rollout (CoT + image), decode,
 reward and update (median of --repeats steps after one warm-up step), and the update's peak memory:
@@ -61,7 +66,7 @@ def red_reward(images, prompts, metadata, cots):
     return images[..., 0].float().mean((1, 2)) / 255
 
 
-def make_config(args, out_dir):
+def make_config(args, out_dir, micro_batch_tokens=0):
     from fastbicot.trainer import TrainerConfig
 
     return TrainerConfig.from_dict({
@@ -71,7 +76,7 @@ def make_config(args, out_dir):
         "rollout": {"num_generations": args.generations, "cot": {"max_new_tokens": args.cot_tokens},
                     "guidance_scale": 5.0, **TEMPLATE},
         "loss": {"beta": 0.01},
-        "optim": {"lr": 1e-6, "micro_batch_prompts": 1},
+        "optim": {"lr": 1e-6, "micro_batch_prompts": 1, "micro_batch_tokens": micro_batch_tokens},
         "log": {"progress": False, "entropy": False},
     })
 
@@ -228,11 +233,12 @@ class SeedStyleStep:
 
 # ---------------------------------------------------------------------------- fastbicot
 class FastStep:
-    def __init__(self, policy, args, out_dir):
+    def __init__(self, policy, args, out_dir, micro_batch_tokens=0):
         from fastbicot.rewards import FunctionReward
         from fastbicot.trainer import Trainer
 
-        self.trainer = Trainer(make_config(args, out_dir), policy=policy, rewards=[FunctionReward("red", red_reward)])
+        self.trainer = Trainer(make_config(args, out_dir, micro_batch_tokens), policy=policy,
+                               rewards=[FunctionReward("red", red_reward)])
 
     def step(self, texts):
         from fastbicot.data import PromptRecord
@@ -260,6 +266,17 @@ class FastStep:
         return out
 
 
+def int_list(text):
+    """argparse type: comma-separated integers >= 0, none repeated."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or any(x < 0 for x in out) or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected distinct integers >= 0, got {text!r}")
+    return out
+
+
 def rss_kib(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -268,7 +285,19 @@ def rss_kib(field):
     return None
 
 
-def run_impl(impl, args):
+def row_name(impl, mbt):
+    return impl if impl == "seed_style" or not mbt else f"fastbicot_mbt{mbt}"
+
+
+def make_runner(impl, policy, args, mbt):
+    import tempfile
+
+    if impl == "seed_style":
+        return SeedStyleStep(policy, args)
+    return FastStep(policy, args, tempfile.mkdtemp(), mbt)
+
+
+def run_impl(impl, args, mbt=0):
     """Warm-up step, then --repeats timed steps; on CPU the update's peak RSS growth of one step."""
     from fastbicot.models import JanusPolicy
 
@@ -277,9 +306,7 @@ def run_impl(impl, args):
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if dev.type == "cuda"
                                                                      else torch.float32)
     policy = JanusPolicy.from_preset(preset_name(args), seed=args.seed, device=dev, dtype=dtype)
-    import tempfile
-
-    runner = SeedStyleStep(policy, args) if impl == "seed_style" else FastStep(policy, args, tempfile.mkdtemp())
+    runner = make_runner(impl, policy, args, mbt)
     texts = prompts(args.prompts)
     runner.step(texts)  # warm-up
     steps = []
@@ -301,9 +328,10 @@ def run_impl(impl, args):
     return med
 
 
-def update_peak_subprocess(impl, args):
+def update_peak_subprocess(impl, args, mbt=0):
     """CPU: the update's peak memory of ``impl`` in a fresh process (RSS growth during the update only)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-update-peak", impl, "--preset", args.preset,
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-update-peak", impl, "--micro-batch-tokens", str(mbt),
+           "--preset", args.preset,
            "--device", args.device, "--dtype", args.dtype, "--prompts", str(args.prompts), "--generations",
            str(args.generations), "--cot-tokens", str(args.cot_tokens), "--seed", str(args.seed), "--threads",
            str(args.threads), "--heads", args.heads]
@@ -322,9 +350,7 @@ def child_update_peak(impl, args):
     from fastbicot.models import JanusPolicy
 
     policy = JanusPolicy.from_preset(preset_name(args), seed=args.seed, dtype=torch.float32)
-    import tempfile
-
-    runner = SeedStyleStep(policy, args) if impl == "seed_style" else FastStep(policy, args, tempfile.mkdtemp())
+    runner = make_runner(impl, policy, args, args.micro_batch_tokens[0])
     texts = prompts(args.prompts)
     runner.step(texts)  # warm-up: allocator pools and lazy state exist before measuring
     target = runner if impl == "seed_style" else runner.trainer
@@ -359,6 +385,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=arg_type(check_int, low=1), default=1)
     ap.add_argument("--seed", type=arg_type(check_int, low=0), default=0)
     ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--micro-batch-tokens", type=int_list, default=[0],
+                    help="fastbicot's optim.micro_batch_tokens, comma-separated: one fastbicot row per value "
+                         "(0: off, micro-batches of one prompt group like the seed)")
     ap.add_argument("--json")
     ap.add_argument("--child-update-peak", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -387,36 +416,43 @@ def main(argv=None):
                 json.dump(payload, f, indent=1)
             os.replace(tmp, args.json)
 
-    for impl in impls:
+    rows = [(impl, mbt) for impl in impls for mbt in (args.micro_batch_tokens if impl == "fastbicot" else [0])]
+    for impl, mbt in rows:
+        name = row_name(impl, mbt)
         try:
-            res = run_impl(impl, args)
+            res = run_impl(impl, args, mbt)
             if args.device == "cpu":
-                res["update_peak_mib"] = update_peak_subprocess(impl, args)
-            results[impl] = res
+                res["update_peak_mib"] = update_peak_subprocess(impl, args, mbt)
+            res["micro_batch_tokens"] = mbt
+            results[name] = res
         except Exception as e:  # noqa: BLE001 - keep measuring the others; reported, exit status 1
-            results[impl] = {"error": f"{type(e).__name__}: {e}"}
-            failed.append(impl)
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            failed.append(name)
         write(False)
-    if "seed_style" in results and "fastbicot" in results and not failed:
-        a, b = results["seed_style"], results["fastbicot"]
-        results["ratios"] = {"images_per_s": b["images_per_s"] / a["images_per_s"],
-                             "update_time": a["update"] / b["update"],
-                             "update_peak_memory": b["update_peak_mib"] / a["update_peak_mib"]}
+    a = results.get("seed_style")
+    if a is not None and "error" not in a:
+        results["ratios"] = {}
+        for impl, mbt in rows:
+            b = results[row_name(impl, mbt)]
+            if impl == "fastbicot" and "error" not in b:
+                results["ratios"][row_name(impl, mbt)] = {
+                    "images_per_s": b["images_per_s"] / a["images_per_s"], "update_time": a["update"] / b["update"],
+                    "update_peak_memory": b["update_peak_mib"] / a["update_peak_mib"]}
     write(True)
     print(f"{preset_name(args)} on {args.device}: {args.prompts} prompts x {args.generations} samples, CoT <= "
           f"{args.cot_tokens} tokens, {args.threads} thread(s)")
-    print(f"{'impl':11} {'img/s':>7} {'rollout s':>9} {'decode s':>8} {'reward s':>8} {'update s':>8} "
+    print(f"{'impl':19} {'img/s':>7} {'rollout s':>9} {'decode s':>8} {'reward s':>8} {'update s':>8} "
           f"{'upd peak MiB':>12}")
-    for impl in impls:
-        r = results[impl]
+    for impl, mbt in rows:
+        name = row_name(impl, mbt)
+        r = results[name]
         if "error" in r:
-            print(f"{impl:11} FAILED: {r['error']}")
+            print(f"{name:19} FAILED: {r['error']}")
             continue
-        print(f"{impl:11} {r['images_per_s']:7.2f} {r['rollout']:9.3f} {r['decode']:8.3f} {r['reward']:8.4f} "
+        print(f"{name:19} {r['images_per_s']:7.2f} {r['rollout']:9.3f} {r['decode']:8.3f} {r['reward']:8.4f} "
               f"{r['update']:8.3f} {r['update_peak_mib']:12.1f}")
-    if "ratios" in results:
-        q = results["ratios"]
-        print(f"fastbicot / seed-style: {q['images_per_s']:.2f}x images/s, update {q['update_time']:.2f}x faster, "
+    for name, q in results.get("ratios", {}).items():
+        print(f"{name} / seed-style: {q['images_per_s']:.2f}x images/s, update {q['update_time']:.2f}x faster, "
               f"update peak memory {q['update_peak_memory']:.2f}x")
     return 1 if failed else 0
 

@@ -11,11 +11,16 @@ the positions the rollout saw:
 
 Token order inside a sample: its text targets, then its image targets; samples in batch order.
 The aggregation (LossConfig.aggregation) becomes one weight per token, normalised over the whole
-step, so that the step's loss is ``sum(w * l)`` however the tokens are split into micro-batches.
+step, so that the step's loss is ``sum(w * l)`` however the tokens are split into micro-batches:
+by whole prompt groups (``optim.micro_batch_prompts``), and within them by a token budget
+(``optim.micro_batch_tokens``, ``TrainBatch.split``) that may put a sample's CoT row and its image
+row into different micro-batches.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +79,148 @@ class TrainBatch:
     def token_slice(self, sample_positions: list) -> torch.Tensor:
         """Indices of the tokens of these samples, in the order the forward returns them."""
         return torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in sample_positions])
+
+    def part(self, sample_positions: list) -> MicroBatch:
+        """The micro-batch of these whole samples."""
+        return MicroBatch(list(sample_positions), [self.samples[i] for i in sample_positions],
+                          self.token_slice(sample_positions))
+
+    def split(self, groups_per_micro: int, max_tokens: int = 0, whole_samples: bool = False) -> list:
+        """MicroBatches: ``groups_per_micro`` whole prompt groups each (``micro_batches``); with
+        ``max_tokens`` > 0 each of those is cut further so that one forward packs at most
+        ``max_tokens`` tokens (``packed_size``: shared prefixes once, the unconditional rows of CFG
+        log-probs included). The unit is a row -- a sample's CoT row and its image row may land in
+        different micro-batches -- or a whole sample with ``whole_samples`` (GSPO's sequence ratio
+        needs all of a sample's tokens at once); the CoT rows of a group come first, so its shared
+        CoT prompt is packed once. A unit larger than the budget runs alone. Exact: every token's
+        loss term and weight are the same whichever micro-batch holds it."""
+        chunks = self.micro_batches(groups_per_micro)
+        if not max_tokens:
+            return [self.part(c) for c in chunks]
+        out = []
+        for chunk in chunks:
+            if whole_samples:
+                units = [(i, list(self.samples[i].rows)) for i in chunk]
+            else:
+                units = [(i, [r]) for first in (True, False) for i in chunk for r in self.samples[i].rows
+                         if (r.kind == "cot") == first]
+            cur, packer = [], _PackedCount()
+            for i, rows in units:
+                s = self.samples[i]
+                keys = [row_key(r) for r in rows]
+                if s.uncond is not None and any(h == IMAGE for r in rows for _, _, h in r.targets):
+                    keys.append(row_key(s.uncond))
+                if cur and packer.size_with(keys) > max_tokens:
+                    out.append(self._part_of_rows(cur))
+                    cur, packer = [], _PackedCount()
+                cur.append((i, rows))
+                packer.add(keys)
+            if cur:
+                out.append(self._part_of_rows(cur))
+        return out
+
+    def _part_of_rows(self, units) -> MicroBatch:
+        order, rows_of = [], {}
+        for i, rows in units:
+            if i not in rows_of:
+                order.append(i)
+                rows_of[i] = []
+            rows_of[i] += rows
+        views, tokens = [], []
+        for i in order:
+            s, rows = self.samples[i], rows_of[i]
+            heads = {h for r in rows for _, _, h in r.targets}
+            nt = s.num_text if TEXT in heads else 0
+            ni = s.num_image if IMAGE in heads else 0
+            views.append(TrainSample(s.index, s.group, s.advantage, rows, s.uncond if ni else None, nt, ni))
+            o = self.offsets[i]
+            if nt:
+                tokens.append(torch.arange(o, o + nt))
+            if ni:
+                tokens.append(torch.arange(o + s.num_text, o + s.num_text + ni))
+        return MicroBatch(order, views, torch.cat(tokens))
+
+
+@dataclass
+class MicroBatch:
+    """Some samples, or some rows of them, run by one forward/backward."""
+
+    positions: list  # position in TrainBatch.samples of each part
+    samples: list  # TrainSample per part: the whole sample or a view holding some of its rows
+    tokens: torch.Tensor  # int64: indices into the step's per-token tensors, in the forward's order
+
+    @property
+    def seq_ids(self) -> torch.Tensor:
+        """int64 [len(tokens)]: the part (0 .. len(samples) - 1) of each token."""
+        return torch.repeat_interleave(torch.arange(len(self.samples)),
+                                       torch.tensor([s.num_tokens for s in self.samples]))
+
+
+# ---- packed sizes (trainer/logprobs.py lays rows out as a prefix tree) ---------------------------
+
+def row_key(row) -> tuple:
+    """A row's tokens as comparable ints: text ids as they are, image ids as -(id + 1) (a text and an
+    image token with the same id are different inputs)."""
+    return tuple(row.ids[: row.n_text]) + tuple(-1 - t for t in row.ids[row.n_text:])
+
+
+def common_prefix(a, b) -> int:
+    """Length of the common prefix of two sequences."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]: bisect with slice compares (C speed)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _shared(a, b) -> int:
+    """Tokens rows a and b share in the packed layout: their common prefix, each keeping >= 1 token."""
+    return min(common_prefix(a, b), len(a) - 1, len(b) - 1)
+
+
+def packed_size(keys) -> int:
+    """Tokens of the packed layout of rows with these ``row_key``s: every token once, except that
+    rows adjacent in sorted order share their common prefix (the prefix tree's size)."""
+    keys = sorted(keys)
+    return sum(len(k) for k in keys) - sum(_shared(a, b) for a, b in itertools.pairwise(keys))
+
+
+class _PackedCount:
+    """``packed_size`` of a growing set of rows, updated per insertion in O(log n + row length)."""
+
+    def __init__(self):
+        self.keys, self.total = [], 0
+
+    def _delta(self, key, keys) -> int:
+        j = bisect.bisect_left(keys, key)
+        a = keys[j - 1] if j > 0 else None
+        b = keys[j] if j < len(keys) else None
+        d = len(key)
+        if a is not None:
+            d -= _shared(a, key)
+        if b is not None:
+            d -= _shared(key, b)
+        if a is not None and b is not None:
+            d += _shared(a, b)
+        return d
+
+    def size_with(self, new_keys) -> int:
+        keys, total = list(self.keys), self.total
+        for k in new_keys:
+            total += self._delta(k, keys)
+            bisect.insort(keys, k)
+        return total
+
+    def add(self, new_keys) -> None:
+        for k in new_keys:
+            self.total += self._delta(k, self.keys)
+            bisect.insort(self.keys, k)
 
 
 def _sample_rows(s, image_mode: str, cfg_rows: bool):

@@ -203,7 +203,11 @@ class OptimConfig(Settings):
     over the run, no warmup, gradient clipping at 1.0: the seed's HF Trainer + ZeRO-3 setup.
     ``micro_batch_prompts``: prompt groups per forward/backward (gradient accumulation over the
     step's groups; the seed runs one prompt x 8 images per GPU). Any value works: the loss is a sum of
-    per-token weights normalised over the whole step, so uneven micro-batches give the same gradient."""
+    per-token weights normalised over the whole step, so uneven micro-batches give the same gradient.
+    ``micro_batch_tokens``: 0 (off) or a cap on the tokens one forward packs (shared prefixes counted
+    once, trainer/batch.py ``TrainBatch.split``): the groups of a micro-batch are cut into row-sized
+    pieces, which bounds the update's activation memory whatever the CoT and image lengths; the loss
+    and gradient are the same (a row longer than the cap runs alone)."""
 
     lr: float = 1e-6
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -214,6 +218,7 @@ class OptimConfig(Settings):
     max_grad_norm: float = 1.0  # 0 disables clipping
     master_dtype: str = "float32"
     micro_batch_prompts: int = 1
+    micro_batch_tokens: int = 0
 
     def check(self, path):
         check_range(self, path, "lr", low=0.0)
@@ -226,6 +231,7 @@ class OptimConfig(Settings):
         check_range(self, path, "max_grad_norm", low=0.0)
         check_choice(self, path, "master_dtype", ("float32", "float64"))
         check_range(self, path, "micro_batch_prompts", low=1)
+        check_range(self, path, "micro_batch_tokens", low=0)
 
 
 @dataclass

@@ -177,12 +177,15 @@ class Lengths:
                    one-token prompt and an empty CoT). The grouped image cache's suffixes are sized by
                    how far a row runs past its block's shared prefix, so the spread of the lengths
                    counts, not only the longest.
+    image_shared   the head the image contexts of a prompt group share (BOS, the template's head,
+                   the prompt): the packed update stores it once per group (0: assume nothing shared)
     """
 
     cot_context: int
     cot: int
     image_context: int
     image_context_min: int | None = None
+    image_shared: int = 0
 
 
 def default_lengths(config: TrainerConfig, *, prompt_tokens: int = 20, cot_tokens: int | None = None,
@@ -194,7 +197,14 @@ def default_lengths(config: TrainerConfig, *, prompt_tokens: int = 20, cot_token
     r = config.rollout
     cot = r.cot.max_new_tokens if cot_tokens is None else min(cot_tokens, r.cot.max_new_tokens)
     ctx = _cot_context_tokens(config, prompt_tokens, chars_per_token)
-    return Lengths(ctx, cot, _image_context_tokens(config, ctx, prompt_tokens, cot, chars_per_token))
+    img = _image_context_tokens(config, ctx, prompt_tokens, cot, chars_per_token)
+    if r.image_mode == "continue":
+        shared = ctx
+    else:  # BOS + the head of the image template + the prompt (rounded down: a lower bound)
+        from ..rollout.cot import IMAGE_TEMPLATE_HEAD
+
+        shared = 1 + int(len(IMAGE_TEMPLATE_HEAD.format(prompt="")) / chars_per_token) + prompt_tokens
+    return Lengths(ctx, cot, img, image_shared=min(shared, img - 1))
 
 
 def _cot_context_tokens(config, prompt_tokens, chars_per_token=5.0) -> int:
@@ -557,27 +567,41 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     moments["reward"] = {"rewards": resident + ["images"]}
 
     # ---- update ------------------------------------------------------------------------------------
-    M = o.micro_batch_prompts * G  # rows of each kind in a micro-batch
-    kinds = []  # (name, rows, padded length): one trunk forward each
+    # One packed forward per micro-batch, in one process and under FSDP alike (trainer/logprobs.py):
+    # rows end to end without padding, a prompt group's shared prefixes once -- its CoT prompt, the
+    # image contexts' common head (Lengths.image_shared), the unconditional rows' pad context.
+    # (rows, row length, shared prefix) per kind of row of a prompt group:
+    Lrow = Li + Nimg - 1
     if cont:
-        kinds.append(("image", M, Li + Nimg - 1))
-    elif N > 1:  # FSDP (trainer/distributed.py): one forward per row set, CoT and image rows padded together
-        kinds.append(("cot+image", 2 * M, max(L.cot_context + L.cot - 1, Li + Nimg - 1)))
-    else:  # one process: length buckets (logprobs.length_buckets) keep kinds of unlike lengths apart
-        kinds.append(("cot", M, L.cot_context + L.cot - 1))
-        kinds.append(("image", M, Li + Nimg - 1))
+        kinds = [(G, Lrow, L.cot_context)]
+    else:
+        kinds = [(G, L.cot_context + L.cot - 1, L.cot_context), (G, Lrow, min(L.image_shared, Li - 1))]
     if lo.cfg_logprobs != "none":
-        kinds.append(("uncond", M, Li + Nimg - 1))
-    nT, nI = M * L.cot, M * Nimg * (1 if lo.cfg_logprobs == "none" else 2)
-    per_layer = (b * H) if ckpt else layer_saved_bytes(s, b)
-    tokens = sum(n * Lk for _, n, Lk in kinds)
-    tmax = max(n * Lk for _, n, Lk in kinds)
+        kinds.append((G, Lrow, Li - 1))
+    M = o.micro_batch_prompts
+    group_tokens = sum(sh + n * (Lk - sh) for n, Lk, sh in kinds)
+    tokens = M * group_tokens
+    if o.micro_batch_tokens:  # cut into pieces of <= micro_batch_tokens packed tokens (a longer row: alone)
+        unit = max(Lk for _, Lk, _ in kinds) * (2 if lo.cfg_logprobs != "none" else 1)  # + its uncond row
+        tokens = min(tokens, max(o.micro_batch_tokens, unit))
+    frac = tokens / (M * group_tokens)  # of a micro-batch of whole groups
+    nT = M * G * L.cot * frac
+    nI = M * G * Nimg * (1 if lo.cfg_logprobs == "none" else 2) * frac
+    # attention (per layer): keys and values are gathered per row, a shared prefix once for each row
+    # that reads it (kv_rows positions instead of the packed tokens: the extra is ``attn``); one causal
+    # mask [own, prefix + own] per batch of rows (CPU; none on CUDA), built once for all layers
+    kv_rows = M * frac * sum(n * Lk for n, Lk, _ in kinds)
+    masks = M * sum((Lk - sh) * Lk for _, Lk, sh in kinds) * b if cpu else 0
+    attn = 2 * max(0.0, kv_rows - tokens) * H * b
+    per_layer = (b * H) if ckpt else layer_saved_bytes(s, b) + attn / max(tokens, 1)
     saved = tokens * (s.layers * per_layer + 4 * H + b * H)  # + the final norm (fp32 input, normed input)
-    saved += sum(n * Lk * Lk for _, n, Lk in kinds)  # bool attention masks [n, 1, L, L]
+    saved += masks
     saved += nT * H * b + nI * (H + 2 * s.image_embed) * b  # gathered hidden, image head activations
+    tmax = tokens  # one forward
     add("act.saved", "activations saved for backward" + (" (checkpointed)" if ckpt else ""), saved,
-        f"micro-batch {o.micro_batch_prompts} x {G}, {tokens} tokens")
-    add("act.recompute", "one recomputed layer (checkpointing)", tmax * layer_saved_bytes(s, b) if ckpt else 0)
+        f"micro-batch {o.micro_batch_prompts} x {G}" + (f", <= {o.micro_batch_tokens} tokens" if o.micro_batch_tokens
+                                                          else "") + f", {int(tokens)} packed tokens")
+    add("act.recompute", "one recomputed layer (checkpointing)", tmax * layer_saved_bytes(s, b) + attn if ckpt else 0)
     add("act.work", "backward working set of a layer", tmax * layer_work_bytes(s, b))
     # the fused log-prob kernel's backward: fp32 grad of its input, the grad_logits chunk, dW
     if cpu:
@@ -595,9 +619,9 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
         add("update.unsharded", "all-gathered weights (root + 2 layers)", unsh, "embeddings, lm_head, norm stay "
                                                                             "gathered")
         add("update.grads_unsharded", "unsharded grads (root + 1 layer)", (s.root_trainable + s.layer_trainable_max) * b)
-    ref_t = max(n * Lk for _, n, Lk in kinds)
     if lo.beta > 0:
-        ref_act = ref_t * layer_forward_bytes(s, b) + tokens * b * H * 2 + nT * H * b + nI * (H + 2 * s.image_embed) * b
+        ref_act = (tokens * layer_forward_bytes(s, b) + attn + masks + tokens * b * H * 2 + nT * H * b
+                   + nI * (H + 2 * s.image_embed) * b)
         if reference != "replicated":  # a layer gathered (sharded) or streamed from the host
             ref_act += 2 * s.layer_trainable_max * b + (s.root_trainable * b if reference == "sharded" else 0)
         add("act.reference", "reference forward (no grad)", ref_act)
@@ -622,7 +646,8 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
         gpus=N, gpu_memory_gib=float(gpu_memory_gib), margin=margin, items=items, moments=moments,
         assumptions={"prompts/gpu": P, "rows": R, "cot_context": L.cot_context, "cot": L.cot,
                      "image_context": Li, "image_context_min": Li_min, "uncond_blocks": K_u, "remainder": S,
-                     "layout": "flattened" if flat else "grouped", "image_tokens": Nimg, "params": s.total,
+                     "layout": "flattened" if flat else "grouped", "image_tokens": Nimg,
+                     "image_shared": L.image_shared, "update_tokens": int(tokens), "params": s.total,
                      "trainable": s.trainable, "dtype_bytes": b},
     )
     if advise:
@@ -672,7 +697,8 @@ def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, devi
               f"={gpus})", config.replace(data=config.data.replace(prompts_per_step=gpus),
                                           optim=o.replace(micro_batch_prompts=1)))
     if (plan.peaks["rollout"][0] >= plan.peak * 0.9 or not plan.fits) and r.cot.max_new_tokens > 256:
-        L2 = Lengths(L.cot_context, min(L.cot, 256), L.image_context - max(0, L.cot - 256), L.image_context_min)
+        L2 = Lengths(L.cot_context, min(L.cot, 256), L.image_context - max(0, L.cot - 256), L.image_context_min,
+                     image_shared=L.image_shared)
         tryit("rollout.cot.max_new_tokens=256 (the CoT cache and the longest rows)",
               config.replace(rollout=r.replace(cot=r.cot.replace(max_new_tokens=256))), lengths=L2)
     if not plan.fits and device == "cuda":  # the smallest combination of the above that fits

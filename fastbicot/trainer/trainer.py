@@ -27,7 +27,7 @@ from ..data import load_prompts
 from ..rewards import Reward, RewardEnsemble, RewardError
 from ..rollout import RolloutEngine
 from .advantage import group_advantages
-from .batch import IMAGE, TEXT, pack
+from .batch import IMAGE, TEXT, MicroBatch, pack
 from .config import ConfigError, TrainerConfig
 from .distributed import Parallel
 from .entropy import EntropyBonus
@@ -249,29 +249,29 @@ class Trainer:
 
     # ---- the update --------------------------------------------------------------------------------
     def _ref_logprobs(self, train, idx):
+        samples = _as_micro(train, idx).samples
         if self.lora is not None and self.config.loss.beta > 0:
             from .lora import reference_logprobs
 
-            return reference_logprobs(self.lora, self.policy, [train.samples[i] for i in idx],
-                                      self.config.loss, self.config.rollout.guidance_scale)
+            return reference_logprobs(self.lora, self.policy, samples, self.config.loss,
+                                      self.config.rollout.guidance_scale)
         if self.ref_policy is None:
             return None
-        samples = [train.samples[i] for i in idx]
         emb = self.policy if self.config.loss.ref_text_embeddings == "policy" else None
         with torch.no_grad(), self.world.root_unsharded(emb):
             return self.world.logprobs(self.ref_policy, samples, loss=self.config.loss,
                                        guidance_scale=self.config.rollout.guidance_scale, embeds_from=emb).logprobs
 
     def _micro(self, train, idx, *, ref, old, entropy):
+        """Forward + objective of one micro-batch (a MicroBatch, or a list of whole-sample positions)."""
         L = self.config.loss
-        samples = [train.samples[i] for i in idx]
-        tok = train.token_slice(idx)
+        mb = _as_micro(train, idx)
+        tok = mb.tokens
         bonus = self.entropy_bonus
-        fwd = self.world.logprobs(self.policy, samples, loss=L, guidance_scale=self.config.rollout.guidance_scale,
+        fwd = self.world.logprobs(self.policy, mb.samples, loss=L, guidance_scale=self.config.rollout.guidance_scale,
                                   entropy="grad" if bonus is not None else entropy)
-        local = {k: j for j, k in enumerate(idx)}
-        seq = torch.tensor([local[int(s)] for s in train.seq_ids[tok]], dtype=torch.long)
-        loss, sums = grpo_objective(fwd.logprobs, train.advantages[idx], seq, train.weights[tok], old=old, ref=ref,
+        loss, sums = grpo_objective(fwd.logprobs, train.advantages[mb.positions], mb.seq_ids, train.weights[tok],
+                                    old=old, ref=ref,
                                     beta=L.beta, eps_low=L.eps_low, eps_high=L.eps_high,
                                     importance_sampling=L.importance_sampling,
                                     kl_bias_correction=L.kl_bias_correction)
@@ -293,7 +293,8 @@ class Trainer:
             self.optim.zero_grad()
             return {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 1.0, "grad_norm": 0.0,
                     "lr": self.optim.lr, "update/skipped": 1.0}
-        micros = train.micro_batches(c.optim.micro_batch_prompts)
+        micros = train.split(c.optim.micro_batch_prompts, c.optim.micro_batch_tokens,
+                             whole_samples=L.importance_sampling == "sequence")
         refs = [self._ref_logprobs(train, m) for m in micros]
         olds = [None] * len(micros)
         self.policy.train()
@@ -308,7 +309,7 @@ class Trainer:
                                                   entropy=it == 0 and c.log.entropy)
                     bad = ~torch.isfinite(fwd.logprobs.detach())
                     if bool(bad.any()):  # at mu = 1 the loss value does not depend on them: check here
-                        k = int(train.seq_ids[train.token_slice(idx)][bad.cpu()][0])
+                        k = int(train.seq_ids[idx.tokens][bad.cpu()][0])
                         raise TrainingError(
                             f"step {step}: {int(bad.sum())} log-probs are not finite (first in the sample of "
                             f"prompt {batch.samples[train.samples[k].index].prompt!r}); the policy's weights or "
@@ -452,6 +453,10 @@ class Trainer:
         """Names of the optimizer's parameters (its checkpoint keys), in its order."""
         ids = {id(p): n for n, p in self.policy.named_parameters()}
         return [ids[id(p)] for p in self.optim.params]
+
+
+def _as_micro(train, idx):
+    return idx if isinstance(idx, MicroBatch) else train.part(idx)
 
 
 def find_checkpoint(output_dir: str, which: str = "latest") -> str:
