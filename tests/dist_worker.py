@@ -1,19 +1,29 @@
 """A training run that records what it generated, for tests/test_distributed.py.
 
-    [torchrun --nproc_per_node N] python tests/dist_worker.py OUT.json [--resume DIR] [--hang-rank R] [--key=value ...]
+    [torchrun --nproc_per_node N] python tests/dist_worker.py OUT.json [--resume DIR] [--hang-rank R]
+        [--gated-reward] [--key=value ...]
 
 Builds a Trainer from configs/toy.yaml plus the overrides, runs ``steps`` steps (saving checkpoints as
 configured) and writes, from rank 0: per step the metrics and every sample of the global batch
 (global prompt index, generation, CoT ids, image tokens, reward), and the trained parameters.
+--gated-reward replaces the toy rewards by ``gated_reward`` (most groups without a reward spread).
 """
 
 import json
 import os
 import sys
+import zlib
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gated_reward(images, prompts, metadata, cots):
+    """The mean red level for prompts whose CRC-32 is 0 mod 3, 0 for every sample of the others: those
+    groups have no reward spread, so DAPO's filter drops them and the refill has to generate more."""
+    gate = torch.tensor([zlib.crc32(p.encode()) % 3 == 0 for p in prompts], dtype=torch.float64)
+    return images[..., 0].double().mean((1, 2)) / 255 * gate
 
 
 def main(argv):
@@ -26,8 +36,13 @@ def main(argv):
         resume, rest = rest[1], rest[2:]
     if rest[:1] == ["--hang-rank"]:  # that rank stops answering before the first step (a stuck GPU)
         hang, rest = int(rest[1]), rest[2:]
+    rewards = None
+    if rest[:1] == ["--gated-reward"]:
+        from fastbicot.rewards import FunctionReward
+
+        rewards, rest = [FunctionReward("gated", gated_reward)], rest[1:]
     cfg = TrainerConfig.from_yaml(os.path.join(ROOT, "configs", "toy.yaml"), cli_overrides(rest))
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, rewards=rewards)
     if resume:
         trainer.load_checkpoint(resume)
     world = trainer.world

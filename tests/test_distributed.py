@@ -4,6 +4,7 @@
   rewards, equal losses and equal updated weights (float tolerance: gradients are summed in another
   order) for 2 steps; a checkpoint written by 2 ranks resumes in 1 process (DCP resharding) and
   continues as the uninterrupted run.
+* DAPO's dynamic sampling (``advantage.refill``) under 2 ranks refills to the batch one process trains on.
 * SIGKILL between checkpoints and SIGKILL while a checkpoint is being written: ``--resume`` gives a
   metrics.jsonl equal line for line (timings aside) to an uninterrupted run and bit-identical final
   weights; the last good checkpoint is never damaged.
@@ -103,6 +104,30 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(runs):
     ckpt = runs["dir"] / "r2" / "checkpoint-000002"
     assert sorted(os.listdir(ckpt / "rng")) == ["rank-00000.pt", "rank-00001.pt"]
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "optim" / ".metadata").is_file()
+
+
+def test_dynamic_sampling_refills_the_same_batch_on_two_ranks_as_on_one(tmp_path):
+    """Most groups score no reward spread (tests/dist_worker.py ``gated_reward``): the refill generates
+    batches of uneven size (odd ones split unevenly over the ranks, one group leaves a rank without work)
+    until 4 groups are kept. 2 ranks must train on the very batch 1 process does: every sample, the
+    refill counts, the losses and the updated weights."""
+    args = [*SMALL, "--steps=2", "--advantage.filter_zero_std=true", "--advantage.refill=new_prompts",
+            "--advantage.max_gen_batches=0"]
+    _ok(_run(_torchrun(2, WORKER, str(tmp_path / "w2.json"), "--gated-reward", *args,
+                       f"--output_dir={tmp_path / 'r2'}")))
+    _ok(_run([sys.executable, WORKER, str(tmp_path / "w1.json"), "--gated-reward", *args,
+              f"--output_dir={tmp_path / 'r1'}"]))
+    w1, w2 = (json.loads((tmp_path / f"w{n}.json").read_text()) for n in (1, 2))
+    rounds = [s["metrics"]["groups/gen_batches"] for s in w1["steps"]]
+    assert max(rounds) >= 2, rounds  # the refill ran
+    for s1, s2 in zip(w1["steps"], w2["steps"], strict=True):
+        assert len(s1["samples"]) == 16 and s1["samples"] == s2["samples"]
+        assert all(any(x[4] != 0 for x in s1["samples"] if x[0] == g) for g in range(4))  # all kept have a spread
+        for k in ("groups/gen_batches", "groups/refilled", "groups/first_batch_kept"):
+            assert s1["metrics"][k] == s2["metrics"][k], k
+        _close_metrics(s1["metrics"], s2["metrics"], rtol=1e-5)
+    for name, v1 in w1["params"].items():
+        assert v1 == pytest.approx(w2["params"][name], abs=2e-6), name
 
 
 def test_the_world_size_must_divide_the_prompt_groups():

@@ -12,6 +12,13 @@ filtered prompts again, with fresh samples). Refill prompts are drawn per (data.
 the whole prompt set -- the original consumes the next batches of its data loader instead -- so the data
 position stays a function of the step (exact resume). ``advantage.refill_size``: "missing" (generate as
 many groups as are missing) or "pow2" (the original: ``min(P, 2 ** (bit_length(missing) + 1))``).
+
+Under torchrun the counts are global: every rank agrees on the groups kept so far (a sum over ranks), on
+the size and prompts of each refill batch, and so on the number of rounds (each round one unshard of the
+policy on every rank). Each rank generates a contiguous share of a refill batch, keyed by its position in
+the batch (``generate(group_index=)``), so the samples are the ones one process draws. At the end the kept
+groups are gathered in the one-process order (round by round, ranks in order) and each rank takes its
+``local_slice`` of the first P: N ranks train on exactly the batch one process would.
 """
 
 from __future__ import annotations
@@ -52,6 +59,15 @@ def select_groups(batch, scores, groups: list[int]):
             RewardOutput(scores.total[idx], {k: v[idx] for k, v in scores.components.items()}))
 
 
+def _timing(parts) -> dict:
+    """The summed timings (seconds per phase) of several rollouts."""
+    out = {}
+    for b, _ in parts:
+        for k, v in b.timing.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def concat(parts):
     """One (batch, scores) from several, prompt indices renumbered in order."""
     if len(parts) == 1:
@@ -61,11 +77,7 @@ def concat(parts):
         samples += [dataclasses.replace(s, prompt_index=s.prompt_index + offset) for s in b.samples]
         offset += len({s.prompt_index for s in b.samples})
     first = parts[0][0]
-    timing = {}
-    for b, _ in parts:
-        for k, v in b.timing.items():
-            timing[k] = timing.get(k, 0.0) + v
-    changes = {"samples": samples, "timing": timing,
+    changes = {"samples": samples, "timing": _timing(parts),
                "image_tokens": torch.cat([b.image_tokens.to(first.image_tokens.device) for b, _ in parts]),
                "images": None if first.images is None else torch.cat([b.images.to(first.images.device)
                                                                       for b, _ in parts])}
@@ -83,21 +95,66 @@ def refill_size(missing: int, P: int, rule: str) -> int:
     return missing
 
 
+def _share(n: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous share of ``n`` refill groups (shares differ by at most one; some may be empty)."""
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def _all(world, local: list) -> list:
+    """The concatenation over ranks (rank order) of each rank's list."""
+    return [x for part in world.gather_objects(local) for x in part]
+
+
+def _moved(part, device_of):
+    """(batch, scores) with every tensor moved by ``device_of(name, tensor)`` (to the CPU to cross ranks:
+    a pickled CUDA tensor would come back on the sender's device index)."""
+    batch, scores = part
+
+    def mv(name, t):
+        return t.to(device_of(name, t)) if torch.is_tensor(t) else t
+
+    samples = [dataclasses.replace(s, **{f.name: mv(f.name, getattr(s, f.name)) for f in dataclasses.fields(s)
+                                         if torch.is_tensor(getattr(s, f.name))}) for s in batch.samples]
+    batch = dataclasses.replace(batch, samples=samples, image_tokens=mv("image_tokens", batch.image_tokens),
+                                images=mv("images", batch.images))
+    return batch, RewardOutput(mv("total", scores.total), {k: mv("total", v) for k, v in scores.components.items()})
+
+
+def _redistribute(world, parts, own: range, like):
+    """Every rank's kept groups in the one-process order (round-major, then rank order), cut to this rank's
+    ``own`` share of the first ``len(own) * world_size``. ``like``: a (batch, scores) of this rank whose
+    tensors' devices the result takes."""
+    devices = {f.name: getattr(like[0].samples[0], f.name).device for f in dataclasses.fields(like[0].samples[0])
+               if torch.is_tensor(getattr(like[0].samples[0], f.name))}
+    devices.update(image_tokens=like[0].image_tokens.device, total=like[1].total.device)
+    if like[0].images is not None:
+        devices["images"] = like[0].images.device
+    cpu = [_moved(p, lambda name, t: "cpu") for p in parts]
+    everyone = world.gather_objects(cpu)  # [rank][round]
+    ordered = [everyone[r][k] for k in range(len(parts)) for r in range(world.world_size)]
+    batch, scores = concat(ordered)
+    batch, scores = select_groups(batch, scores, list(own))
+    batch = dataclasses.replace(batch, timing=_timing(parts))  # this rank's own generation time
+    return _moved((batch, scores), lambda name, t: devices.get(name, t.device))
+
+
 def refill(trainer, batch, scores, records):
     """DAPO dynamic sampling for one step (see the module docstring): -> (batch, scores, stats) with exactly
-    ``len(records)`` spread groups. ``records``: the step's prompt records (``batch``'s, in order)."""
+    ``len(records)`` spread groups over all ranks. ``records``: the step's prompt records (all ranks');
+    ``batch``/``scores``: this rank's share of them (``local_slice``)."""
     from .trainer import TrainingError
 
-    c = trainer.config
+    c, W = trainer.config, trainer.world
     a = c.advantage
     P, step = len(records), trainer.step_idx
-    if trainer.world.enabled:
-        raise TrainingError("advantage.refill is not supported under torchrun yet (each rank would refill "
-                            "a different number of groups); use advantage.filter_zero_std alone")
+    own = W.local_slice(P, "the step's prompt count")
+    first = (batch, scores)
     kept_groups = spread_groups(batch, scores.total)
     parts = [select_groups(batch, scores, kept_groups)]
-    n_kept, gen_batches, refilled = len(kept_groups), 1, 0
-    flat = [records[g] for g in sorted(set(range(P)) - set(kept_groups))]
+    kept_all = set(_all(W, [own[g] for g in kept_groups]))  # global prompt positions
+    n_kept, gen_batches, refilled = len(kept_all), 1, 0
+    first_kept = n_kept
+    flat = [records[g] for g in range(P) if g not in kept_all]
     while n_kept < P:
         if a.max_gen_batches > 0 and gen_batches >= a.max_gen_batches:
             raise TrainingError(f"step {step + 1}: {n_kept} of {P} prompt groups have a reward spread after "
@@ -111,20 +168,31 @@ def refill(trainer, batch, scores, records):
             g = torch.Generator().manual_seed(_seed(c.data.seed, step, gen_batches))
             pool = trainer.prompts if trainer.prompts is not None else records
             todo = [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:size]]
+        mine = _share(len(todo), W.rank, W.world_size)
         trainer.policy.eval()
-        more = trainer.engine.generate(todo, seed=_seed(c.seed, step, gen_batches))
-        more_scores = trainer.score(more)
+        with W.unsharded(trainer.policy):  # every rank, even one with an empty share: it is a collective
+            more = (trainer.engine.generate([todo[i] for i in mine], seed=_seed(c.seed, step, gen_batches),
+                                            group_index=list(mine)) if len(mine) else None)
+        good = []
+        if more is not None:
+            more_scores = trainer.score(more)
+            good = spread_groups(more, more_scores.total)
+            parts.append(select_groups(more, more_scores, good))
+        else:
+            parts.append(select_groups(first[0], first[1], []))  # an empty part keeps the rounds aligned
+        good_all = set(_all(W, [mine[i] for i in good]))
         gen_batches += 1
         refilled += len(todo)
-        good = spread_groups(more, more_scores.total)
-        parts.append(select_groups(more, more_scores, good))
-        n_kept += len(good)
-        flat = [todo[i] for i in sorted(set(range(len(todo))) - set(good))]
-    batch, scores = concat(parts)
-    if n_kept > P:  # the first P kept groups, as the original's truncation to train_batch_size * n
-        batch, scores = select_groups(batch, scores, list(range(P)))
+        n_kept += len(good_all)
+        flat = [todo[i] for i in range(len(todo)) if i not in good_all]
+    if W.enabled:
+        batch, scores = _redistribute(W, parts, own, first)
+    else:
+        batch, scores = concat(parts)
+        if n_kept > P:  # the first P kept groups, as the original's truncation to train_batch_size * n
+            batch, scores = select_groups(batch, scores, list(range(P)))
     return batch, scores, {"groups/gen_batches": float(gen_batches), "groups/refilled": float(refilled),
-                           "groups/first_batch_kept": float(len(kept_groups))}
+                           "groups/first_batch_kept": float(first_kept)}
 
 
 __all__ = ["concat", "refill", "refill_size", "select_groups", "spread_groups"]
