@@ -5,6 +5,7 @@
   order) for 2 steps; a checkpoint written by 2 ranks resumes in 1 process (DCP resharding) and
   continues as the uninterrupted run.
 * DAPO's dynamic sampling (``advantage.refill``) under 2 ranks refills to the batch one process trains on.
+* LoRA under FSDP2: 2 ranks train the adapters as 1 process does; their checkpoint resumes in 1 process.
 * SIGKILL between checkpoints and SIGKILL while a checkpoint is being written: ``--resume`` gives a
   metrics.jsonl equal line for line (timings aside) to an uninterrupted run and bit-identical final
   weights; the last good checkpoint is never damaged.
@@ -128,6 +129,40 @@ def test_dynamic_sampling_refills_the_same_batch_on_two_ranks_as_on_one(tmp_path
         _close_metrics(s1["metrics"], s2["metrics"], rtol=1e-5)
     for name, v1 in w1["params"].items():
         assert v1 == pytest.approx(w2["params"][name], abs=2e-6), name
+
+
+def test_lora_on_two_ranks_equals_one_process_and_resumes_in_one(tmp_path):
+    """LoRA adapters inside FSDP2 units (frozen base weights and trainable adapters sharded together; the
+    KL reference is the policy with its adapters disabled, through the FSDP root): 2 ranks give the
+    rollouts, losses and adapter weights of 1 process, and the 2-rank checkpoint (adapter gathered into
+    peft's format, masters by DCP) continues in 1 process as the uninterrupted run."""
+    pytest.importorskip("peft")
+    args = [*SMALL, "--steps=2", "--lora.enabled=true", "--lora.r=4", "--lora.alpha=8"]
+    _ok(_run(_torchrun(2, WORKER, str(tmp_path / "w2.json"), *args, f"--output_dir={tmp_path / 'r2'}",
+                       "--checkpoint.every=1")))
+    _ok(_run([sys.executable, WORKER, str(tmp_path / "w1.json"), *args, f"--output_dir={tmp_path / 'r1'}"]))
+    ckpt = tmp_path / "r2" / "checkpoint-000001"
+    _ok(_run([sys.executable, WORKER, str(tmp_path / "wr.json"), "--resume", str(ckpt), *args,
+              f"--output_dir={tmp_path / 'r2'}"]))
+    w1, w2, wr = (json.loads((tmp_path / f"w{n}.json").read_text()) for n in ("1", "2", "r"))
+    assert w1["params"] and all(".lora_" in n for n in w1["params"])  # only the adapters train
+    for s1, s2 in zip(w1["steps"], w2["steps"], strict=True):
+        assert s1["samples"] == s2["samples"]
+        _close_metrics(s1["metrics"], s2["metrics"], rtol=1e-5)
+    assert w1["steps"][1]["metrics"]["kl"] > 0  # the adapters moved the policy away from the reference
+    assert wr["steps"][0]["samples"] == w1["steps"][1]["samples"]
+    _close_metrics(wr["steps"][0]["metrics"], w1["steps"][1]["metrics"], rtol=1e-5)
+    for name, v1 in w1["params"].items():
+        assert w2["norms"][name] > 0, name
+        assert v1 == pytest.approx(w2["params"][name], abs=2e-6), name
+        assert v1 == pytest.approx(wr["params"][name], abs=2e-6), name
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ckpt / "adapter_model.safetensors"))  # gathered, not one rank's shard
+    assert len(saved) == len(w1["params"]) and all(".lora_" in k for k in saved)
+    for k, v in saved.items():
+        assert (v.shape[0] if "lora_A" in k else v.shape[1]) == 4, (k, v.shape)
+        assert (v.shape[1] if "lora_A" in k else v.shape[0]) >= 64, (k, v.shape)  # full width, not a half
 
 
 def test_the_world_size_must_divide_the_prompt_groups():

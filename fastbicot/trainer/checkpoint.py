@@ -103,7 +103,7 @@ def save(trainer, final: bool = False) -> str:
             if getattr(trainer, "lora", None) is not None:  # the adapter (peft format); `fastbicot merge` -> full model
                 from .lora import save_adapter
 
-                save_adapter(trainer.lora, tmp)
+                save_adapter(trainer.lora, tmp, full)
             else:
                 from .trainer import save_policy
 
@@ -171,7 +171,7 @@ def load(trainer, path: str) -> None:
 
     lora = getattr(trainer, "lora", None)
     if lora is not None or is_adapter_dir(path):  # a LoRA / full-weight mismatch either way: ConfigError
-        load_adapter(lora, path, c.lora)
+        load_adapter(lora, path, c.lora, weights=not world.sharded(trainer.policy))
     check_resumable(state["config"], c.to_dict())
     if lora is None:  # every parameter from the exported model, then the trainable ones exactly from the masters
         from .trainer import load_policy_weights

@@ -99,14 +99,13 @@ def setup(trainer, ref_policy=None, built: bool = True):
     return handle, adapter_names(trainer.policy)
 
 
-def reference_logprobs(handle, policy, samples, loss, guidance_scale):
+def reference_logprobs(handle, logprobs, policy, samples, loss, guidance_scale):
     """The KL reference's per-token log-probs: the policy with its adapters disabled, i.e. the base
     weights (no grad). Only decoder projections carry adapters, so the text embeddings are the
-    base's either way (loss.ref_text_embeddings changes nothing)."""
-    from .logprobs import sample_logprobs
-
+    base's either way (loss.ref_text_embeddings changes nothing). ``logprobs``: the Trainer's
+    ``world.logprobs`` (``sample_logprobs``, through the FSDP root when sharded)."""
     with torch.no_grad(), handle.disable_adapter():
-        return sample_logprobs(policy, samples, loss=loss, guidance_scale=guidance_scale).logprobs
+        return logprobs(policy, samples, loss=loss, guidance_scale=guidance_scale).logprobs
 
 
 def adapter_names(policy) -> list:
@@ -114,11 +113,16 @@ def adapter_names(policy) -> list:
     return [n for n, p in policy.hf_model.named_parameters() if p.requires_grad and ".lora_" in n]
 
 
-def save_adapter(handle, path: str) -> None:
+def save_adapter(handle, path: str, full_state_dict: dict | None = None) -> None:
     """peft's format: ``adapter_model.safetensors`` + ``adapter_config.json`` (loads with
-    ``peft.PeftModel.from_pretrained(JanusForConditionalGeneration.from_pretrained(BASE), path)``)."""
+    ``peft.PeftModel.from_pretrained(JanusForConditionalGeneration.from_pretrained(BASE), path)``).
+    ``full_state_dict``: the policy's gathered state dict (names relative to ``hf_model``) when its
+    parameters are FSDP shards, whose own state dict would hold each rank's piece only."""
     os.makedirs(path, exist_ok=True)
-    handle.save_pretrained(path)
+    state = None
+    if full_state_dict is not None:  # peft's names: the PeftModel wraps hf_model as base_model.model
+        state = {f"base_model.model.{k}": v for k, v in full_state_dict.items() if ".lora_" in k}
+    handle.save_pretrained(path, state_dict=state)
     readme = os.path.join(path, "README.md")  # peft's empty model card template: nothing of ours
     if os.path.isfile(readme):
         os.remove(readme)
@@ -136,10 +140,12 @@ def read_adapter_config(path: str) -> dict:
         raise ValueError(f"{path!r}: cannot read {ADAPTER_CONFIG} ({e})") from None
 
 
-def load_adapter(handle, path: str, lora) -> None:
+def load_adapter(handle, path: str, lora, weights: bool = True) -> None:
     """Load a checkpoint's adapter into the adapted policy of ``handle``. ``handle`` None (a run
     without LoRA) or a checkpoint without an adapter, or an adapter of other settings
-    (r, alpha, target modules): a ConfigError naming the lora key."""
+    (r, alpha, target modules): a ConfigError naming the lora key. ``weights=False``: the checks
+    only (under FSDP the adapter parameters are the fp32 masters, which the checkpoint's optim/
+    restores exactly)."""
     if handle is None:
         if is_adapter_dir(path):
             raise ConfigError(f"lora.enabled: {path!r} holds a LoRA adapter ({ADAPTER_CONFIG}) but lora.enabled is "
@@ -155,6 +161,8 @@ def load_adapter(handle, path: str, lora) -> None:
         if ours != theirs:
             raise ConfigError(f"lora.{key}: the checkpoint {path!r} was trained with {theirs!r}, the config says "
                               f"{ours!r}; resume with the run's lora settings")
+    if not weights:
+        return
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 

@@ -133,9 +133,6 @@ class Trainer:
         # torchrun: join the process group; one process: every collective is the identity
         self.world = world = Parallel.from_env(c.distributed)
         world.local_slice(c.data.prompts_per_step)  # a world size that does not divide the groups: stop now
-        if world.enabled and c.lora.enabled:
-            raise ConfigError("lora.enabled: LoRA runs in one process for now (FSDP2 + peft adapters is not "
-                              "supported yet); launch without torchrun or set lora.enabled=false")
         model = c.model
         if world.enabled:  # FSDP keeps fp32 parameters (the master weights) and computes in model.dtype
             device = world.device(c.model.device)
@@ -253,7 +250,7 @@ class Trainer:
         if self.lora is not None and self.config.loss.beta > 0:
             from .lora import reference_logprobs
 
-            return reference_logprobs(self.lora, self.policy, samples, self.config.loss,
+            return reference_logprobs(self.lora, self.world.logprobs, self.policy, samples, self.config.loss,
                                       self.config.rollout.guidance_scale)
         if self.ref_policy is None:
             return None
