@@ -56,13 +56,13 @@ def small_preset(monkeypatch):
     monkeypatch.setitem(janus_mod.PRESETS, "small", SMALL)
 
 
-def make(seed, tmp_path, size="tiny", ckpt=True, beta=0.01, micro=2):
+def make(seed, tmp_path, size="tiny", ckpt=True, beta=0.01, micro=2, lora=None):
     cfg = TrainerConfig.from_dict(dict(
         output_dir=str(tmp_path / "run"), steps=2, seed=seed,
         model=dict(preset=size, dtype="float32", gradient_checkpointing=ckpt),
         data=dict(prompts_per_step=2), optim=dict(micro_batch_prompts=micro), loss=dict(beta=beta),
         rollout=dict(num_generations=4, cot=dict(max_new_tokens=12), **SHORT),
-        log=dict(progress=False, entropy=False),
+        log=dict(progress=False, entropy=False), **({"lora": lora} if lora else {}),
     ))
     policy = JanusPolicy.from_preset(size, seed=seed % 1000, dtype=torch.float32)
     reward = FunctionReward("red", lambda im, p, m, c: im[..., 0].double().mean((1, 2)))
@@ -258,6 +258,40 @@ def test_whole_update_and_optimizer_states(seed, tmp_path):
                  if isinstance(t, torch.Tensor) and t.dim() > 0)
     ratio(states, plan.bytes("adam"), EXACT, "AdamW states")
     assert plan.bytes("master") == 0  # fp32 model: the optimizer steps the parameters directly
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["*_proj"]])
+def test_lora_adapters_optimizer_and_update(seed, tmp_path, targets):
+    """LoRA (lora.enabled): the plan counts the adapters exactly, from the config alone (a meta model) and
+    from the adapted policy; the AdamW states and gradients are the adapters' (exact); no reference copy;
+    the whole update's measured peak within the peak factor."""
+    pytest.importorskip("peft")
+    lora = dict(enabled=True, r=4, alpha=8.0, target_modules=targets)
+    cfg, tr = make(seed, tmp_path, "small", lora=lora)
+    adapters = sum(p.numel() for n, p in tr.policy.hf_model.named_parameters() if ".lora_" in n)
+    assert adapters > 0
+    shapes = model_shapes(cfg)  # from the config: the preset built on the meta device
+    assert shapes.lora and shapes.trainable == adapters
+    assert model_shapes(cfg, tr.policy).trainable == adapters
+    assert shapes.total == sum(p.numel() for p in tr.policy.hf_model.parameters())
+    batch = tr.engine.generate(PROMPTS, seed=seed)
+    plan = plan_for(cfg, tr, batch)
+    assert "reference" not in plan.items and plan.bytes("master") == 0 and "LoRA r=4" in plan.title
+    assert plan.bytes("params.trainable") == 4 * adapters  # peft keeps adapters in fp32
+    adv, _, _ = tr.advantages(batch, tr.score(batch))
+    with MemoryTracker() as m:
+        tr.update(batch, adv)
+    existing = sum(plan.bytes(k) for k in ("params.trainable", "params.frozen", "rope", "fused"))
+    ratio(m.peak, plan.peaks["update"][0] - existing, PEAK, "LoRA update peak")
+    states = sum(t.nbytes for st in tr.optim.optimizer.state.values() for t in st.values()
+                 if isinstance(t, torch.Tensor) and t.dim() > 0)
+    ratio(states, plan.bytes("adam"), EXACT, "AdamW states of the adapters")
+    assert plan.bytes("grads") == 4 * adapters  # fp32 gradients of the adapters only
+    # 8 GPUs: the base inside the FSDP2 units is sharded with the adapters; the rollout gathers it all
+    p8 = plan_memory(cfg, gpus=8, device="cpu", lengths=lengths(batch), shapes=shapes, rewards=[], advise=False)
+    assert p8.bytes("params.trainable") == pytest.approx(4 * adapters / 8)
+    assert p8.bytes("params.frozen") == pytest.approx(4 * shapes.unit_frozen / 8 + 4 * (shapes.frozen - shapes.unit_frozen))
+    assert p8.bytes("rollout.unsharded") == 4 * (shapes.unit_frozen + adapters)
 
 
 @pytest.mark.parametrize("size", ["tiny", "small"])

@@ -49,6 +49,12 @@ def resolve_targets(policy, patterns) -> list:
     matches nothing is a ConfigError naming ``lora.target_modules``."""
     cands = [n for n, m in policy.hf_model.named_modules()
              if n.startswith(LM_PREFIX) and type(m) is torch.nn.Linear]
+    return match_targets(cands, patterns)
+
+
+def match_targets(cands: list, patterns) -> list:
+    """The names in ``cands`` (the language model's Linear modules) that ``patterns`` select, in order
+    (see ``resolve_targets``; the memory plan applies the same rule to a model on the meta device)."""
     if not cands:
         raise ConfigError("lora.target_modules: the policy's language model (model.language_model) has no "
                           "plain Linear module to adapt (adapters already injected?)")
@@ -231,6 +237,7 @@ __all__ = [
     "add_adapters",
     "is_adapter_dir",
     "load_adapter",
+    "match_targets",
     "merge_adapter",
     "reference_logprobs",
     "require_peft",

@@ -86,6 +86,17 @@ class ModelShapes:
     largest_param: int
     text_head_trainable: bool
     image_head_bias: bool
+    # LoRA (lora.enabled): the trainable parameters are the adapters (fp32, no master copy); every base
+    # parameter is frozen, and those inside FSDP2 units (all but the vision encoder, aligner and VQ)
+    # are sharded with the adapters. Without LoRA the frozen modules count as replicated.
+    lora: bool = False
+    unit_frozen: int = 0  # frozen parameters inside FSDP2 units (LoRA: the base language model, heads)
+    layer_gather: int = 0  # parameters of the largest decoder layer unit gathered at a time
+    root_gather: int = 0  # parameters of the root unit gathered with it
+
+    def __post_init__(self):
+        self.layer_gather = self.layer_gather or self.layer_trainable_max
+        self.root_gather = self.root_gather or self.root_trainable
 
     @property
     def total(self) -> int:
@@ -115,22 +126,48 @@ def _hf_model(config: TrainerConfig, policy=None):
     raise ValueError("model: give model.path, model.preset or model.builder to plan its memory")
 
 
+def _lora_adapters(hf, lora) -> dict:
+    """LoRA: decoder layer (its index as a string, or "" outside the layers) -> adapter parameters
+    r * (in + out) of each Linear that ``lora.target_modules`` selects (trainer/lora.py's rule)."""
+    from .lora import LM_PREFIX, match_targets
+
+    mods = {n: m for n, m in hf.named_modules() if n.startswith(LM_PREFIX) and type(m) is torch.nn.Linear}
+    out: dict = {}
+    for name in match_targets(list(mods), lora.target_modules):
+        m = mods[name]
+        parts = name.split(".")
+        key = parts[3] if name.startswith(LM_PREFIX + "layers.") else ""
+        out[key] = out.get(key, 0) + lora.r * (m.in_features + m.out_features)
+    return out
+
+
 def model_shapes(config: TrainerConfig, policy=None) -> ModelShapes:
     """Dimensions and parameter counts (by trainable / frozen / FSDP2 unit) of the config's model."""
     hf = _hf_model(config, policy)
     cfg = hf.config
     text = cfg.text_config
+    lora = config.lora.enabled
     trainable_pats, frozen_pats = config.model.trainable, config.model.frozen
-    trainable = frozen = root = ref_unused = largest = 0
+    trainable = frozen = root = ref_unused = largest = unit_frozen = 0
     per_layer: dict = {}
+    layer_total: dict = {}
     text_head_trainable = False
+    injected: dict = {}  # an already adapted policy (peft): its adapters by layer
     for name, p in hf.named_parameters():
         n = p.numel()
+        if ".lora_" in name:
+            key = name.split(".")[3] if name.startswith("model.language_model.layers.") else ""
+            injected[key] = injected.get(key, 0) + n
+            continue
         largest = max(largest, n)
-        on = any(fnmatch.fnmatchcase(name, t) for t in trainable_pats) and not any(
+        on = not lora and any(fnmatch.fnmatchcase(name, t) for t in trainable_pats) and not any(
             fnmatch.fnmatchcase(name, f) for f in frozen_pats)
         if name.startswith(("model.vision_model.", "model.aligner.", "model.vqmodel.")):
             ref_unused += n
+        elif not on:
+            unit_frozen += n
+        if name.startswith("model.language_model.layers."):
+            layer_total[name.split(".")[3]] = layer_total.get(name.split(".")[3], 0) + n
         if on:
             trainable += n
             parts = name.split(".")
@@ -142,6 +179,15 @@ def model_shapes(config: TrainerConfig, policy=None) -> ModelShapes:
                 text_head_trainable = True
         else:
             frozen += n
+    root_total = trainable + frozen - ref_unused - sum(layer_total.values())
+    extra = {}
+    if lora:  # only the adapters train; the units gather base + adapters
+        adapters = injected or _lora_adapters(hf, config.lora)
+        per_layer = {k: v for k, v in adapters.items() if k}
+        trainable, root = sum(adapters.values()), adapters.get("", 0)
+        extra = dict(lora=True, unit_frozen=unit_frozen,
+                     layer_gather=max((layer_total[k] + per_layer.get(k, 0) for k in layer_total), default=0),
+                     root_gather=root_total + root)
     gh = hf.model.generation_head
     vq = cfg.vq_config
     mult = list(vq.channel_multiplier)
@@ -162,7 +208,7 @@ def model_shapes(config: TrainerConfig, policy=None) -> ModelShapes:
         vq_levels=levels, max_positions=int(text.max_position_embeddings),
         trainable=trainable, frozen=frozen, layer_trainable_max=max(per_layer.values(), default=0),
         root_trainable=root, ref_unused=ref_unused, largest_param=largest,
-        text_head_trainable=text_head_trainable, image_head_bias=gh.vision_head.bias is not None,
+        text_head_trainable=text_head_trainable, image_head_bias=gh.vision_head.bias is not None, **extra,
     )
 
 
@@ -440,7 +486,8 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     N = gpus
     b = _dtype_bytes(c.model.dtype, device)
     mb = _dtype_bytes(o.master_dtype, device)
-    masters = mb != b
+    masters = mb != b and not s.lora  # peft keeps the adapters in fp32: they are their own masters
+    tb = mb if s.lora else b  # bytes of a trainable parameter and of its gradient
     cpu = device == "cpu"
     flat = cpu if flatten is None else bool(flatten)
     ckpt = c.model.gradient_checkpointing
@@ -459,11 +506,16 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
 
     shard = 1 if N == 1 else N
     # ---- resident: weights, optimizer, reference, reward models --------------------------------
-    add("params.trainable", "policy trainable weights" + (" (shard)" if N > 1 else ""), s.trainable * b / shard)
-    add("params.frozen", "policy frozen modules (replicated)", s.frozen * b)
+    add("params.trainable", ("LoRA adapters" if s.lora else "policy trainable weights") + (" (shard)" if N > 1 else ""),
+        s.trainable * tb / shard)
+    if s.lora and N > 1:  # the base inside the FSDP2 units is sharded; the vision encoder, aligner, VQ are not
+        add("params.frozen", "policy frozen base (shard) + vision/aligner/VQ (replicated)",
+            s.unit_frozen * b / shard + (s.frozen - s.unit_frozen) * b)
+    else:
+        add("params.frozen", "policy frozen modules" + ("" if s.lora else " (replicated)"), s.frozen * b)
     add("master", "fp32 master weights" + (" (shard)" if N > 1 else ""), s.trainable * mb / shard if masters else 0)
     add("adam", "AdamW exp_avg + exp_avg_sq" + (" (shard)" if N > 1 else ""), 2 * s.trainable * mb / shard)
-    if lo.beta > 0:
+    if lo.beta > 0 and not s.lora:  # LoRA: the reference is the policy with its adapters disabled
         ref_b = s.total * b
         if reference == "sharded":
             ref_b = s.total * b / shard
@@ -485,8 +537,8 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
                             "fused") if k in items]
 
     # ---- rollout ---------------------------------------------------------------------------------
-    add("rollout.unsharded", "all-gathered trainable weights", s.trainable * b if N > 1 else 0,
-        "FSDP2 unshard for the rollout")
+    add("rollout.unsharded", "all-gathered weights of the FSDP2 units",
+        ((s.unit_frozen + s.trainable) if s.lora else s.trainable) * b if N > 1 else 0, "FSDP2 unshard for the rollout")
     # The engine (rollout/engine.py, generate.py): the CoT cache, freed before the image cache is
     # allocated; each cache laid out by layout_rows -- prefix blocks (a prompt's template; a conditional
     # row's whole image context; the unconditional rows' BOS pad ... pad), and per row a suffix of its
@@ -612,18 +664,18 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
             16 << 20, nT * s.text_vocab * b)
         i_k = nI * s.image_embed * (4 + b) + min(16 << 20, nI * s.image_vocab * b)
     add("logprob", "fused log-prob backward (text / image head)", max(t_k if nT else 0, i_k))
-    grads_b = s.trainable * b / shard
+    grads_b = s.trainable * tb / shard
     add("grads", "gradients" + (" (shard)" if N > 1 else ""), grads_b)
     if N > 1:
-        unsh = s.root_trainable * b + 2 * s.layer_trainable_max * b
+        unsh = s.root_gather * b + 2 * s.layer_gather * b
         add("update.unsharded", "all-gathered weights (root + 2 layers)", unsh, "embeddings, lm_head, norm stay "
                                                                             "gathered")
-        add("update.grads_unsharded", "unsharded grads (root + 1 layer)", (s.root_trainable + s.layer_trainable_max) * b)
+        add("update.grads_unsharded", "unsharded grads (root + 1 layer)", (s.root_trainable + s.layer_trainable_max) * tb)
     if lo.beta > 0:
         ref_act = (tokens * layer_forward_bytes(s, b) + attn + masks + tokens * b * H * 2 + nT * H * b
                    + nI * (H + 2 * s.image_embed) * b)
-        if reference != "replicated":  # a layer gathered (sharded) or streamed from the host
-            ref_act += 2 * s.layer_trainable_max * b + (s.root_trainable * b if reference == "sharded" else 0)
+        if reference != "replicated" and not s.lora:  # a layer gathered (sharded) or streamed from the host
+            ref_act += 2 * s.layer_gather * b + (s.root_gather * b if reference == "sharded" else 0)
         add("act.reference", "reference forward (no grad)", ref_act)
     if masters:
         add("opt.master_grads", "fp32 gradients of the masters (step)", s.trainable * mb / shard)
@@ -642,7 +694,8 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
         title=f"fastbicot memory plan: {s.name}, {c.data.prompts_per_step} prompts x G={G}, "
               f"micro-batch {o.micro_batch_prompts} prompt(s), {'bf16' if b == 2 else f'{8 * b}-bit'} compute, "
               f"{'fp32 masters, ' if masters else ''}{'checkpointing' if ckpt else 'no checkpointing'}, "
-              f"beta={lo.beta:g}, reference {reference}",
+              + (f"beta={lo.beta:g}, reference = adapters disabled, LoRA r={c.lora.r}" if s.lora
+                 else f"beta={lo.beta:g}, reference {reference}"),
         gpus=N, gpu_memory_gib=float(gpu_memory_gib), margin=margin, items=items, moments=moments,
         assumptions={"prompts/gpu": P, "rows": R, "cot_context": L.cot_context, "cot": L.cot,
                      "image_context": Li, "image_context_min": Li_min, "uncond_blocks": K_u, "remainder": S,
@@ -705,7 +758,7 @@ def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, devi
         combo = [("reference", "sharded", "a sharded reference"), ("rewards", [], "reward models off this GPU")]
         over, names = {}, []
         for k, v, name in combo:
-            if k == "reference" and reference != "replicated":
+            if k == "reference" and (reference != "replicated" or s.lora):  # LoRA: no reference copy
                 continue
             over[k] = v
             names.append(name)
