@@ -96,6 +96,28 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
+def seed_logps(model, emb_model, s):
+    """Per-token log-probs of one sample, seed-style (CaraJ7/T2I-R1 ``_get_per_token_logps``): full
+    logits, log_softmax, gather; the text embedded by ``emb_model`` (the seed feeds the reference the
+    policy's input embeddings)."""
+    hf, emb_hf = model.hf_model, emb_model.hf_model
+    lm = hf.model.language_model
+
+    def run(ids, img=None):
+        e = emb_hf.model.language_model.embed_tokens(torch.tensor([ids]))
+        if img is not None:
+            e = torch.cat([e, emb_hf.prepare_embeddings_for_image_generation(img[None])], 1)
+        return lm(inputs_embeds=e).last_hidden_state[0]
+
+    c = len(s.cot_context_ids)
+    h = run(s.cot_context_ids + s.cot_ids)[c - 1 : c - 1 + len(s.cot_ids)]
+    cot = torch.log_softmax(hf.lm_head(h), -1).gather(-1, torch.tensor(s.cot_ids)[:, None])[:, 0]
+    b, n = len(s.image_context_ids), len(s.image_tokens)
+    h = run(s.image_context_ids, s.image_tokens[:-1])[b - 1 : b - 1 + n]
+    img = torch.log_softmax(hf.model.generation_head(h), -1).gather(-1, s.image_tokens[:, None])[:, 0]
+    return torch.cat([cot, img])
+
+
 def make_trainer(seed, tmp_path, dtype="float64", policy=None, **sections):
     from fastbicot.trainer import Trainer, TrainerConfig  # here: the rollout tests import this module too
 

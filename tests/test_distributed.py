@@ -165,6 +165,22 @@ def test_lora_on_two_ranks_equals_one_process_and_resumes_in_one(tmp_path):
         assert (v.shape[1] if "lora_A" in k else v.shape[0]) >= 64, (k, v.shape)  # full width, not a half
 
 
+def test_mini_batches_and_token_budget_on_two_ranks_equal_one_process(tmp_path):
+    """optim.mini_batches=2 (two optimizer steps per rollout, the second off-policy) with a token budget
+    that cuts each rank's groups into a different number of micro-batches (the ranks with fewer repeat
+    their last one with weight 0, so every rank runs the same forwards; with this seeded toy run, rank 1
+    cuts one mini-batch into 4 pieces where rank 0 has 5): 2 ranks = 1 process."""
+    args = [*SMALL, "--steps=2", "--optim.mini_batches=2", "--optim.micro_batch_tokens=130"]
+    _ok(_run(_torchrun(2, WORKER, str(tmp_path / "w2.json"), *args, f"--output_dir={tmp_path / 'r2'}")))
+    _ok(_run([sys.executable, WORKER, str(tmp_path / "w1.json"), *args, f"--output_dir={tmp_path / 'r1'}"]))
+    w1, w2 = (json.loads((tmp_path / f"w{n}.json").read_text()) for n in (1, 2))
+    for s1, s2 in zip(w1["steps"], w2["steps"], strict=True):
+        assert s1["samples"] == s2["samples"]
+        _close_metrics(s1["metrics"], s2["metrics"], rtol=1e-5)
+    for name, v1 in w1["params"].items():
+        assert v1 == pytest.approx(w2["params"][name], abs=2e-6), name
+
+
 def test_the_world_size_must_divide_the_prompt_groups():
     from fastbicot.trainer.distributed import Parallel
 

@@ -16,6 +16,8 @@ import torch
 
 pytest.importorskip("peft")  # the optional extra: pip install 'fastbicot[lora]' (in [dev])
 
+from helpers import seed_logps
+
 from fastbicot.models import JanusPolicy
 from fastbicot.rewards import FunctionReward
 from fastbicot.trainer import ConfigError, Trainer, TrainerConfig, pack
@@ -77,22 +79,7 @@ def randomize_adapters(policy, std=0.3):
 def hf_logps(policy, s):
     """Per-token log-probs of one sample through transformers' own modules (materialised logits,
     log_softmax, gather; float64), independent of fastbicot's kernels."""
-    hf = policy.hf_model
-    lm = hf.model.language_model
-
-    def run(ids, img=None):
-        e = lm.embed_tokens(torch.tensor([ids]))
-        if img is not None:
-            e = torch.cat([e, hf.prepare_embeddings_for_image_generation(img[None])], 1)
-        return lm(inputs_embeds=e).last_hidden_state[0]
-
-    c = len(s.cot_context_ids)
-    h = run(s.cot_context_ids + s.cot_ids)[c - 1: c - 1 + len(s.cot_ids)]
-    cot = torch.log_softmax(hf.lm_head(h), -1).gather(-1, torch.tensor(s.cot_ids)[:, None])[:, 0]
-    b, n = len(s.image_context_ids), len(s.image_tokens)
-    h = run(s.image_context_ids, s.image_tokens[:-1])[b - 1: b - 1 + n]
-    img = torch.log_softmax(hf.model.generation_head(h), -1).gather(-1, s.image_tokens[:, None])[:, 0]
-    return torch.cat([cot, img])
+    return seed_logps(policy, policy, s)
 
 
 # ---- (a) zero adapters: the full-weight loss, and dL/dB = dL/dW A^T * alpha / r --------------------------

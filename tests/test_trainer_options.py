@@ -1,10 +1,12 @@
 """Trainer options against independent float64 formulas: aggregations and segment weights, GSPO,
-TRL's bias-corrected KL, mu > 1 with old log-probs from the training forward, CFG-scaled log-probs,
-the DAPO zero-variance filter, advantages."""
+TRL's bias-corrected KL, mu > 1 with old log-probs from the training forward, mini-batches (several
+optimizer steps per rollout), CFG-scaled log-probs, the DAPO zero-variance filter, advantages."""
+
+import copy
 
 import pytest
 import torch
-from helpers import make_trainer
+from helpers import make_trainer, seed_logps
 
 from fastbicot.trainer import aggregation_weights, group_advantages, pack
 from fastbicot.trainer import trainer as trainer_mod
@@ -156,6 +158,67 @@ def test_mu_gt_1_old_logprobs_come_from_the_training_forward(seed, tmp_path, mon
     rollout_lp = torch.cat([torch.cat([s.cot_logprobs, s.image_logprobs]) for s in batch.samples[:3]])
     assert not torch.allclose(calls[0][0].float(), rollout_lp, atol=1e-3)  # top-k / CFG: not the same
     assert 0 <= out["clip_fraction"] <= 1 and out["loss"] == out["loss"]
+
+
+def test_mini_batches_are_sequential_clipped_updates(seed, tmp_path, monkeypatch):
+    """optim.mini_batches=2: groups 0, 2 then 1, 3, one optimizer step each; each mini-batch's gradient is
+    the seed-style objective over its own groups (the mean of each group's token mean), the second with
+    clipped ratios against the policy that generated the rollout and the reference log-probs taken before
+    the first step. Checked against materialised logits in float64, at the weights each step saw."""
+    eps = 0.05
+    tr = make_trainer(seed, tmp_path, data={"prompts_per_step": 4}, optim={"mini_batches": 2, "lr": 3e-2},
+                      loss={"beta": 0.01, "eps_low": eps, "eps_high": eps})
+    batch = tr.rollout()
+    scores = tr.score(batch)
+    adv, _, _ = tr.advantages(batch, scores)
+    names = [n for n, p in tr.policy.hf_model.named_parameters() if p.requires_grad]
+    before = copy.deepcopy(tr.policy)  # the policy that generated the rollout
+    seen = []  # (gradients, weights) at each optimizer step
+    real = tr.optim.step
+
+    def spy(gn):
+        params = dict(tr.policy.hf_model.named_parameters())
+        seen.append(({n: params[n].grad.detach().clone() for n in names},
+                     {n: params[n].detach().clone() for n in names}))
+        return real(gn)
+
+    monkeypatch.setattr(tr.optim, "step", spy)
+    out = tr.update(batch, adv)
+    assert len(seen) == 2 and tr.optim.scheduler.last_epoch == 2
+    G, hand = batch.num_generations, copy.deepcopy(before)
+    hp = dict(hand.hf_model.named_parameters())
+    clipped = 0
+    for j, (grads, weights) in enumerate(seen):
+        with torch.no_grad():
+            for n in names:
+                hp[n].copy_(weights[n])
+        for p in hp.values():
+            p.grad = None
+        per_group = []
+        for g in (g for g in range(4) if g % 2 == j):
+            toks = []
+            for i in range(g * G, (g + 1) * G):
+                s = batch.samples[i]
+                lp = seed_logps(hand, hand, s)
+                with torch.no_grad():
+                    old = seed_logps(before, before, s)
+                    ref = seed_logps(tr.ref_policy, before, s)
+                r = torch.exp(lp - old)
+                a = adv[i].double()
+                clipped += int(((r - 1).abs() > eps).sum())
+                kl = torch.exp(ref - lp) - (ref - lp) - 1
+                toks.append(-(torch.minimum(r * a, r.clamp(1 - eps, 1 + eps) * a) - 0.01 * kl))
+            tok = torch.cat(toks)
+            per_group.append(tok.sum() / tok.numel())
+        torch.stack(per_group).mean().backward()
+        scale = max(float(hp[n].grad.abs().max()) for n in names if hp[n].grad is not None)
+        for n in names:
+            want = hp[n].grad if hp[n].grad is not None else torch.zeros_like(grads[n])
+            torch.testing.assert_close(grads[n].double(), want, rtol=1e-4, atol=1e-6 * scale, msg=f"{j}: {n}")
+    assert any(not torch.equal(seen[0][1][n], seen[1][1][n]) for n in names)  # the first step moved the weights
+    assert clipped > 0 and out["clip_fraction"] > 0  # the second mini-batch is off-policy and clipped
+    with pytest.raises(Exception, match="optim.mini_batches"):
+        make_trainer(seed, tmp_path / "bad", data={"prompts_per_step": 3}, optim={"mini_batches": 2})
 
 
 def test_cfg_scaled_logprobs_divide_the_guided_logits_by_w(seed, tmp_path):

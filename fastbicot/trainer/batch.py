@@ -333,3 +333,37 @@ def pack(batch, advantages: torch.Tensor, loss, keep: torch.Tensor | None = None
                             live=torch.tensor(live, dtype=torch.bool) if not drop and keep is not None else None)
     adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
     return TrainBatch(samples, seq_t, seg_t, w, adv, offsets)
+
+
+def subset_groups(batch, groups: list):
+    """``batch`` (a RolloutBatch) restricted to the samples of ``groups`` (prompt indices, in that order),
+    renumbered 0..len-1 -> (batch, int64 index of the kept samples in ``batch``)."""
+    import dataclasses
+
+    new_index = {g: i for i, g in enumerate(groups)}
+    rows = sorted((new_index[s.prompt_index], k) for k, s in enumerate(batch.samples) if s.prompt_index in new_index)
+    rows = [k for _, k in rows]
+    samples = [dataclasses.replace(batch.samples[k], prompt_index=new_index[batch.samples[k].prompt_index])
+               for k in rows]
+    idx = torch.tensor(rows, dtype=torch.long)
+    changes = {"samples": samples, "image_tokens": batch.image_tokens[idx.to(batch.image_tokens.device)],
+               "images": None if batch.images is None else batch.images[idx.to(batch.images.device)]}
+    if getattr(batch, "group_index", None) is not None:
+        changes["group_index"] = [batch.group_index[g] for g in groups]
+    return dataclasses.replace(batch, **changes), idx
+
+
+def mini_batches(batch, advantages: torch.Tensor, keep: torch.Tensor | None, k: int) -> list:
+    """``optim.mini_batches``: the rollout's prompt groups dealt into ``k`` mini-batches, group g to
+    mini-batch g mod k -> [(batch, advantages, keep)]. Dealt rather than cut in halves so that, with
+    each rank owning a contiguous share of groups divisible by k, mini-batch j holds the same global
+    groups on N ranks as in one process."""
+    if k == 1:
+        return [(batch, advantages, keep)]
+    groups = sorted({s.prompt_index for s in batch.samples})
+    out = []
+    for j in range(k):
+        part, idx = subset_groups(batch, [g for g in groups if g % k == j])
+        out.append((part, advantages[idx.to(advantages.device)],
+                    None if keep is None else keep[idx.to(keep.device)]))
+    return out

@@ -207,7 +207,11 @@ class OptimConfig(Settings):
     ``micro_batch_tokens``: 0 (off) or a cap on the tokens one forward packs (shared prefixes counted
     once, trainer/batch.py ``TrainBatch.split``): the groups of a micro-batch are cut into row-sized
     pieces, which bounds the update's activation memory whatever the CoT and image lengths; the loss
-    and gradient are the same (a row longer than the cap runs alone)."""
+    and gradient are the same (a row longer than the cap runs alone).
+    ``mini_batches``: optimizer steps per rollout (verl's ``ppo_mini_batch_size`` = prompts / this):
+    the step's prompt groups are dealt into this many mini-batches (group g to mini-batch g mod k), each
+    normalised on its own and followed by its own optimizer step; the mini-batches after the first are
+    off-policy, their ratios taken against the policy that generated the rollout."""
 
     lr: float = 1e-6
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -219,6 +223,7 @@ class OptimConfig(Settings):
     master_dtype: str = "float32"
     micro_batch_prompts: int = 1
     micro_batch_tokens: int = 0
+    mini_batches: int = 1
 
     def check(self, path):
         check_range(self, path, "lr", low=0.0)
@@ -232,6 +237,7 @@ class OptimConfig(Settings):
         check_choice(self, path, "master_dtype", ("float32", "float64"))
         check_range(self, path, "micro_batch_prompts", low=1)
         check_range(self, path, "micro_batch_tokens", low=0)
+        check_range(self, path, "mini_batches", low=1)
 
 
 @dataclass
@@ -385,6 +391,9 @@ class TrainerConfig(Settings):
         check_range(self, path, "threads", low=0)
         if not self.output_dir:
             self.fail(path, "output_dir", "is empty")
+        if self.data.prompts_per_step % self.optim.mini_batches:
+            self.fail(path, "optim.mini_batches", f"={self.optim.mini_batches} does not divide "
+                      f"data.prompts_per_step={self.data.prompts_per_step} (each mini-batch holds whole groups)")
 
     @classmethod
     def from_yaml(cls, path, overrides=()) -> TrainerConfig:

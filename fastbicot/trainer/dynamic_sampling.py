@@ -29,6 +29,7 @@ import hashlib
 import torch
 
 from ..rewards import RewardOutput
+from .batch import subset_groups
 
 
 def _seed(seed: int, step: int, round_: int) -> int:
@@ -46,17 +47,8 @@ def spread_groups(batch, total: torch.Tensor) -> list[int]:
 
 def select_groups(batch, scores, groups: list[int]):
     """(batch, scores) restricted to the samples of ``groups`` (prompt indices), renumbered 0..len-1."""
-    new_index = {g: i for i, g in enumerate(groups)}
-    rows = [k for k, s in enumerate(batch.samples) if s.prompt_index in new_index]
-    samples = [dataclasses.replace(batch.samples[k], prompt_index=new_index[batch.samples[k].prompt_index])
-               for k in rows]
-    idx = torch.tensor(rows, dtype=torch.long)
-    changes = {"samples": samples, "image_tokens": batch.image_tokens[idx.to(batch.image_tokens.device)],
-               "images": None if batch.images is None else batch.images[idx.to(batch.images.device)]}
-    if getattr(batch, "group_index", None) is not None:
-        changes["group_index"] = [batch.group_index[g] for g in groups]
-    return (dataclasses.replace(batch, **changes),
-            RewardOutput(scores.total[idx], {k: v[idx] for k, v in scores.components.items()}))
+    batch, idx = subset_groups(batch, groups)
+    return batch, RewardOutput(scores.total[idx], {k: v[idx] for k, v in scores.components.items()})
 
 
 def _timing(parts) -> dict:

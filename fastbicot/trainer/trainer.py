@@ -27,7 +27,7 @@ from ..data import load_prompts
 from ..rewards import Reward, RewardEnsemble, RewardError
 from ..rollout import RolloutEngine
 from .advantage import group_advantages
-from .batch import IMAGE, TEXT, MicroBatch, pack
+from .batch import IMAGE, TEXT, MicroBatch, mini_batches, pack
 from .config import ConfigError, TrainerConfig
 from .distributed import Parallel
 from .entropy import EntropyBonus
@@ -132,7 +132,11 @@ class Trainer:
         torch.manual_seed(c.seed)
         # torchrun: join the process group; one process: every collective is the identity
         self.world = world = Parallel.from_env(c.distributed)
-        world.local_slice(c.data.prompts_per_step)  # a world size that does not divide the groups: stop now
+        own = world.local_slice(c.data.prompts_per_step)  # a world size that does not divide the groups: stop now
+        if len(own) % c.optim.mini_batches:
+            raise ConfigError(f"optim.mini_batches={c.optim.mini_batches} does not divide the {len(own)} prompt groups "
+                              f"of each of the {world.world_size} ranks (data.prompts_per_step="
+                              f"{c.data.prompts_per_step}): every rank deals its groups into the mini-batches")
         model = c.model
         if world.enabled:  # FSDP keeps fp32 parameters (the master weights) and computes in model.dtype
             device = world.device(c.model.device)
@@ -173,7 +177,8 @@ class Trainer:
         self.rewards = self._as_ensemble(rewards) if rewards is not None else build_rewards(c.rewards, self.device)
         self.prompts = load_prompts(c.data.prompts, c.data.format) if c.data.prompts else None
         self.engine = RolloutEngine(self.policy, c.rollout, progress=False)
-        self.optim = MasterOptimizer(self.policy.parameters(), c.optim, c.steps * c.loss.num_iterations)
+        self.optim = MasterOptimizer(self.policy.parameters(), c.optim,
+                                     c.steps * c.optim.mini_batches * c.loss.num_iterations)
         if world.enabled:
             self.optim.grad_norm = lambda: world.grad_norm(self.optim.params)
         self.step_idx = 0  # completed steps
@@ -280,67 +285,95 @@ class Trainer:
                 loss = loss + term.to(loss.dtype)
         return loss, sums, fwd
 
+    def _micros(self, train) -> tuple:
+        """The micro-batches of ``train`` -> (micro-batches, how many are real). Under torchrun every rank
+        must run as many forwards and backwards as the others (each is a collective): a token budget can
+        cut one rank's share into more pieces, so the others repeat their last piece with weight 0."""
+        c = self.config
+        micros = train.split(c.optim.micro_batch_prompts, c.optim.micro_batch_tokens,
+                             whole_samples=c.loss.importance_sampling == "sequence")
+        n = self.world.max(len(micros))
+        return micros + [micros[-1]] * (n - len(micros)), len(micros)
+
     def update(self, batch, advantages, keep=None) -> dict:
-        """GRPO update(s) on a scored batch: ``loss.num_iterations`` optimizer steps, each over every
-        micro-batch of whole prompt groups. Returns the update's metrics."""
+        """GRPO update(s) on a scored batch: ``optim.mini_batches`` mini-batches of whole prompt groups,
+        each ``loss.num_iterations`` optimizer steps over its micro-batches. Returns the update's metrics
+        (loss, kl, grad_norm: means over the mini-batches' first iterations)."""
         c, L = self.config, self.config.loss
         step = self.step_idx + 1
-        train = pack(batch, advantages, L, keep, world=self.world)
-        if not self.world.sum(float(train.weights.sum())) > 0:  # every group filtered: nothing to learn
+        parts = []
+        for part, adv, kp in mini_batches(batch, advantages, keep, c.optim.mini_batches):
+            train = pack(part, adv, L, kp, world=self.world)
+            if self.world.sum(float(train.weights.sum())) > 0:  # a mini-batch of filtered groups only: skipped
+                parts.append((part, train, *self._micros(train)))
+        if not parts:  # every group filtered: nothing to learn
             self.optim.zero_grad()
             return {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 1.0, "grad_norm": 0.0,
                     "lr": self.optim.lr, "update/skipped": 1.0}
-        micros = train.split(c.optim.micro_batch_prompts, c.optim.micro_batch_tokens,
-                             whole_samples=L.importance_sampling == "sequence")
-        refs = [self._ref_logprobs(train, m) for m in micros]
-        olds = [None] * len(micros)
+        refs = [[self._ref_logprobs(train, m) for m in micros] for _, train, micros, _ in parts]
+        # the mini-batches after the first are trained after an optimizer step: their ratios are taken
+        # against the policy that generated the rollout, computed now (the first's come from its forward)
+        olds = [[None] * len(micros) for _, _, micros, _ in parts]
         self.policy.train()
+        if len(parts) > 1:
+            with torch.no_grad():
+                for j, (_, train, micros, _) in enumerate(parts[1:], 1):
+                    olds[j] = [self.world.logprobs(self.policy, m.samples, loss=L,
+                                                   guidance_scale=c.rollout.guidance_scale).logprobs for m in micros]
         out = {"lr": self.optim.lr}
         ent = {TEXT: [], IMAGE: []}
-        clip, ratio = [], []
+        clip, ratio, first = [], [], []
         try:
-            for it in range(L.num_iterations):
-                total = {}
-                for m, idx in enumerate(micros):
-                    loss, sums, fwd = self._micro(train, idx, ref=refs[m], old=olds[m],
-                                                  entropy=it == 0 and c.log.entropy)
-                    bad = ~torch.isfinite(fwd.logprobs.detach())
-                    if bool(bad.any()):  # at mu = 1 the loss value does not depend on them: check here
-                        k = int(train.seq_ids[idx.tokens][bad.cpu()][0])
-                        raise TrainingError(
-                            f"step {step}: {int(bad.sum())} log-probs are not finite (first in the sample of "
-                            f"prompt {batch.samples[train.samples[k].index].prompt!r}); the policy's weights or "
-                            "activations hold NaN/inf; no optimizer step was taken")
-                    if not bool(torch.isfinite(loss)):
-                        raise TrainingError(f"step {step}: the loss is {float(loss)} (update {it + 1}, "
-                                            f"micro-batch {m + 1}/{len(micros)}); no optimizer step was taken")
-                    # FSDP averages gradients over ranks; each rank's loss is its share of the sum
-                    (loss * self.world.world_size if self.world.enabled else loss).backward()
-                    if L.num_iterations > 1 and it == 0:
-                        olds[m] = fwd.logprobs.detach()
-                    for k, v in sums.items():
-                        total[k] = total.get(k, 0.0) + float(v)
-                    total["loss"] = total.get("loss", 0.0) + float(loss.detach())
-                    if fwd.entropy_text is not None:
-                        ent[TEXT].append(fwd.entropy_text)
-                    if fwd.entropy_image is not None:
-                        ent[IMAGE].append(fwd.entropy_image)
-                total = {k: self.world.sum(v) for k, v in sorted(total.items())}
-                gn = self.optim.grad_norm()
-                if not bool(torch.isfinite(gn)):
-                    bad = next(n for n, p in self.policy.hf_model.named_parameters()
-                               if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
-                    self.optim.zero_grad()
-                    raise TrainingError(f"step {step}: the gradient is not finite (first in {bad}; update {it + 1}); "
-                                        "no optimizer step was taken")
-                self.optim.step(gn)
-                w = total["weight"] or 1.0
-                if it == 0:
-                    out.update(loss=total["loss"], kl=total["kl"] / w, grad_norm=float(gn))
-                clip.append(total["clip_fraction"] / w)
-                ratio.append(total["ratio_mean"] / w)
+            for j, (part, train, micros, n_real) in enumerate(parts):
+                for it in range(L.num_iterations):
+                    total = {}
+                    for m, idx in enumerate(micros):
+                        real = m < n_real
+                        loss, sums, fwd = self._micro(train, idx, ref=refs[j][m], old=olds[j][m],
+                                                      entropy=it == 0 and c.log.entropy and real)
+                        bad = ~torch.isfinite(fwd.logprobs.detach())
+                        if bool(bad.any()):  # at mu = 1 the loss value does not depend on them: check here
+                            k = int(train.seq_ids[idx.tokens][bad.cpu()][0])
+                            raise TrainingError(
+                                f"step {step}: {int(bad.sum())} log-probs are not finite (first in the sample of "
+                                f"prompt {part.samples[train.samples[k].index].prompt!r}); the policy's weights or "
+                                "activations hold NaN/inf; no optimizer step was taken")
+                        if not bool(torch.isfinite(loss)):
+                            raise TrainingError(f"step {step}: the loss is {float(loss)} (mini-batch {j + 1}, update "
+                                                f"{it + 1}, micro-batch {m + 1}/{n_real}); no optimizer step was taken")
+                        if not real:  # a repeat that keeps the ranks' collectives in step: no contribution
+                            loss = loss * 0
+                        # FSDP averages gradients over ranks; each rank's loss is its share of the sum
+                        (loss * self.world.world_size if self.world.enabled else loss).backward()
+                        if not real:
+                            continue
+                        if L.num_iterations > 1 and it == 0 and olds[j][m] is None:
+                            olds[j][m] = fwd.logprobs.detach()
+                        for k, v in sums.items():
+                            total[k] = total.get(k, 0.0) + float(v)
+                        total["loss"] = total.get("loss", 0.0) + float(loss.detach())
+                        if fwd.entropy_text is not None:
+                            ent[TEXT].append(fwd.entropy_text)
+                        if fwd.entropy_image is not None:
+                            ent[IMAGE].append(fwd.entropy_image)
+                    total = {k: self.world.sum(v) for k, v in sorted(total.items())}
+                    gn = self.optim.grad_norm()
+                    if not bool(torch.isfinite(gn)):
+                        bad = next(n for n, p in self.policy.hf_model.named_parameters()
+                                   if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+                        self.optim.zero_grad()
+                        raise TrainingError(f"step {step}: the gradient is not finite (first in {bad}; mini-batch "
+                                            f"{j + 1}, update {it + 1}); no optimizer step was taken")
+                    self.optim.step(gn)
+                    w = total["weight"] or 1.0
+                    if it == 0:
+                        first.append((total["loss"], total["kl"] / w, float(gn)))
+                    clip.append(total["clip_fraction"] / w)
+                    ratio.append(total["ratio_mean"] / w)
         finally:
             self.policy.eval()
+        out.update(loss=sum(x[0] for x in first) / len(first), kl=sum(x[1] for x in first) / len(first),
+                   grad_norm=sum(x[2] for x in first) / len(first))
         out["clip_fraction"] = sum(clip) / len(clip)
         out["ratio_mean"] = sum(ratio) / len(ratio)
         for key, seg in (("entropy/text", TEXT), ("entropy/image", IMAGE)):
