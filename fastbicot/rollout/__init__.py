@@ -2,10 +2,10 @@
 CFG image decoding (CUDA graph on GPU), and the seed system's loop for comparison."""
 
 from .config import RolloutConfig, SamplingParams
-from .cot import cot_prompt, image_prompt
 from .engine import RolloutBatch, RolloutEngine, RolloutSample, decode_images
 from .generate import generate_images
 from .kv_cache import KVCache
+from .templates import cot_prompt, image_prompt
 
 __all__ = [
     "KVCache",

@@ -33,7 +33,6 @@ import torch
 
 from ..data import PromptRecord
 from .config import RolloutConfig, apply_overrides
-from .cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt, image_prompt
 from .generate import (
     ImageDecoder,
     check_keys,
@@ -44,6 +43,7 @@ from .generate import (
     trunk_for,
 )
 from .sampling import Sampler
+from .templates import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt, image_prompt
 
 _CTX, _COT, _KEEP = 0, 1, 2  # token segments: prompt/template, CoT, always kept (BOS, final BOI)
 

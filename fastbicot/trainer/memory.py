@@ -201,14 +201,14 @@ def default_lengths(config: TrainerConfig, *, prompt_tokens: int = 20, cot_token
     if r.image_mode == "continue":
         shared = ctx
     else:  # BOS + the head of the image template + the prompt (rounded down: a lower bound)
-        from ..rollout.cot import IMAGE_TEMPLATE_HEAD
+        from ..rollout.templates import IMAGE_TEMPLATE_HEAD
 
         shared = 1 + int(len(IMAGE_TEMPLATE_HEAD.format(prompt="")) / chars_per_token) + prompt_tokens
     return Lengths(ctx, cot, img, image_shared=min(shared, img - 1))
 
 
 def _cot_context_tokens(config, prompt_tokens, chars_per_token=5.0) -> int:
-    from ..rollout.cot import cot_prompt
+    from ..rollout.templates import cot_prompt
 
     r = config.rollout
     ctx = 1 + math.ceil(len(cot_prompt("", r.template, r.system, r.instruction)) / chars_per_token) + prompt_tokens
@@ -217,7 +217,7 @@ def _cot_context_tokens(config, prompt_tokens, chars_per_token=5.0) -> int:
 
 def _image_context_tokens(config, cot_context, prompt_tokens, cot, chars_per_token=5.0) -> int:
     """The image step's context of a row with a ``cot``-token CoT (EOS included; 0: none sampled)."""
-    from ..rollout.cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL
+    from ..rollout.templates import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL
 
     r = config.rollout
     body = max(0, cot - 1)  # the CoT without its EOS
