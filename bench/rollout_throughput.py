@@ -35,7 +35,7 @@ from fastbicot.checks import ArgumentError, arg_type, check_float, check_int, ch
 from fastbicot.models import JanusPolicy
 from fastbicot.rollout import generate_images
 from fastbicot.rollout.baselines import hf_generate_images, t2i_r1_generate_images
-from fastbicot.rollout.generate import decode_backend
+from fastbicot.rollout.runner import ModelRunner
 
 HBM_GBS = {"H100": 3350.0, "H200": 4800.0, "B200": 8000.0, "A100": 2039.0}
 IMPLS = ("t2i_r1_loop", "hf_generate", "fastbicot")
@@ -241,7 +241,7 @@ def main(argv=None):
         ),
         "fastbicot": (
             lambda: generate_images(policy, ids, guidance_scale=w, seed=0),
-            decode_backend(policy),
+            ModelRunner(policy).decode_backend(),
         ),
     }
     bw = device_bandwidth_gbs(device, args.bandwidth_gbs)

@@ -78,7 +78,7 @@ def test_grouped_layout_split_blocks_and_small_batches_each_row_as_if_alone(seed
     """The grouped layout (prefixes kept in blocks, as on CUDA): unconditional rows of very different
     lengths get more than one block so that no suffix holds the whole spread; prefill in batches of one
     row each (PREFILL_TOKENS=1) changes nothing; every row still equals HF generate on it alone."""
-    from fastbicot.rollout import generate as gen_mod
+    from fastbicot.rollout import runner as gen_mod
 
     policy = POLICIES["h40l2n5"](seed)
     gen = torch.Generator().manual_seed(seed)
@@ -135,7 +135,7 @@ def test_layout_rows_against_every_partition(seed, kind):
     """layout_rows(split=True) against every way to cut each caller group into blocks (exhaustive, small
     inputs): K * Lp + rows * S is the minimum when rows differ only in length (BOS pad ... pad BOI), and
     never below it otherwise; each row's block is a prefix of its context; split=False keeps the groups."""
-    from fastbicot.rollout.generate import layout_rows
+    from fastbicot.rollout.kv_cache import layout_rows
 
     gen = torch.Generator().manual_seed(seed)
     for _ in range(6):

@@ -2,8 +2,7 @@
 CFG image decoding (CUDA graph on GPU), and the seed system's loop for comparison."""
 
 from .config import RolloutConfig, SamplingParams
-from .engine import RolloutBatch, RolloutEngine, RolloutSample, decode_images
-from .generate import generate_images
+from .engine import RolloutBatch, RolloutEngine, RolloutSample, decode_images, generate_images
 from .kv_cache import KVCache
 from .templates import cot_prompt, image_prompt
 

@@ -23,7 +23,7 @@ def t2i_r1_generate_images(policy, input_ids, *, guidance_scale=5.0, temperature
     """-> LongTensor [B, num_image_tokens]. temperature=0 takes the argmax (for exactness tests)."""
     from transformers import DynamicCache
 
-    from .generate import as_token_lists
+    from .engine import as_token_lists
 
     seqs = as_token_lists(input_ids)
     dev, pad = policy.device, policy.pad_token_id

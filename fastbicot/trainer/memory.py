@@ -523,7 +523,7 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
             kv_tok * (npre * (Li - 1) + rows * scap))
     # prefill (rollout.generate.prefill_rows): batches of at most PREFILL_TOKENS padded positions (a
     # row over it alone); a batch holds one layer's activations and K/V at a time
-    from ..rollout.generate import PREFILL_TOKENS
+    from ..rollout.runner import PREFILL_TOKENS
 
     def batch_rows(n, width):  # rows of the largest batch of n rows `width` positions wide
         return min(n, max(1, PREFILL_TOKENS // max(width, 1)))
