@@ -1,5 +1,5 @@
 """Rollout engine (DESIGN.md §2, §3, §5): static KV cache with shared prefixes, semantic CoT,
-CFG image decoding (CUDA graph on GPU), and the seed system's loop for comparison."""
+CFG image decoding (CUDA graph on GPU); the baselines it is measured against in baselines.py."""
 
 from .config import RolloutConfig, SamplingParams
 from .engine import RolloutBatch, RolloutEngine, RolloutSample, decode_images, generate_images

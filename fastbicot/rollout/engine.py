@@ -1,8 +1,6 @@
-"""RolloutEngine: semantic CoT, then image tokens, then pixels (DESIGN.md §2 steps 2-4).
-
-CoT: the template is prefilled once per prompt into a shared prefix block read by the group's G
-rows; rows stop on EOS or the token limit independently, and finished rows are swapped to the
-back of the cache so each step runs only the active rows (no lock-step).
+"""RolloutEngine: semantic CoT, then image contexts, image tokens, pixels (DESIGN.md §2 steps 2-4);
+generate_images: the image tokens alone. Both orchestrate: the ModelRunner (runner.py) holds the
+trunk and the caches, the loops live in decoders.py.
 
 Image context modes:
   reprompt  (T2I-R1) ``BOS "User: {prompt}. " cot "\\n\\nAssistant:" BOI``: a fresh context per sample;
@@ -243,6 +241,11 @@ class RolloutEngine:
         timed.times["total"] = timed.times["cot"] + timed.times["image"] + timed.times["decode"]
         if run.bar is not None:
             run.bar.close()
+        return self._batch(run, (cot_ids, cot_lps, cot_texts), (ctx, uctx), (tokens, img_lps), images, timed.times)
+
+    def _batch(self, run, cot, contexts, image, images, timing) -> RolloutBatch:
+        """The samples, prompt-major, with what produced them."""
+        (cot_ids, cot_lps, cot_texts), (ctx, uctx), (tokens, img_lps) = cot, contexts, image
         tok_cpu, lp_cpu = tokens.cpu(), img_lps.cpu()
         G, records = run.G, run.records
         samples = [
@@ -262,7 +265,7 @@ class RolloutEngine:
             )
             for s in range(run.R)
         ]
-        return RolloutBatch(samples=samples, image_tokens=tokens, images=images, timing=timed.times,
+        return RolloutBatch(samples=samples, image_tokens=tokens, images=images, timing=timing,
                             num_generations=G, config=run.o, group_index=run.group_index)
 
     def _start(self, prompts, num_generations, seed, group_index, overrides) -> _Run:
