@@ -34,11 +34,11 @@ from fastbicot.bench_cli import name_list, write_json
 from fastbicot.checks import ArgumentError, arg_type, check_float, check_int, check_writable_file
 from fastbicot.models import JanusPolicy
 from fastbicot.rollout import generate_images
-from fastbicot.rollout.generate import decode_backend
-from fastbicot.rollout.seed_loop import hf_generate_images, seed_generate_images
+from fastbicot.rollout.baselines import hf_generate_images, t2i_r1_generate_images
+from fastbicot.rollout.runner import ModelRunner
 
 HBM_GBS = {"H100": 3350.0, "H200": 4800.0, "B200": 8000.0, "A100": 2039.0}
-IMPLS = ("seed_loop", "hf_generate", "fastbicot")
+IMPLS = ("t2i_r1_loop", "hf_generate", "fastbicot")
 
 
 def measure_cpu_bandwidth_gbs(nbytes=1 << 28) -> float:
@@ -234,14 +234,14 @@ def main(argv=None):
     mask = torch.ones_like(ids)
     w = args.guidance
     impls = {
-        "seed_loop": (lambda: seed_generate_images(policy, ids, guidance_scale=w), "eager-sdpa+DynamicCache"),
+        "t2i_r1_loop": (lambda: t2i_r1_generate_images(policy, ids, guidance_scale=w), "eager-sdpa+DynamicCache"),
         "hf_generate": (
             lambda: hf_generate_images(policy, ids, attention_mask=mask, do_sample=True, guidance_scale=w),
             "hf-sdpa+StaticCache",
         ),
         "fastbicot": (
             lambda: generate_images(policy, ids, guidance_scale=w, seed=0),
-            decode_backend(policy),
+            ModelRunner(policy).decode_backend(),
         ),
     }
     bw = device_bandwidth_gbs(device, args.bandwidth_gbs)
@@ -320,7 +320,7 @@ def main(argv=None):
         )
     base = {r["impl"]: r["images_per_s"] for r in results}
     if "fastbicot" in base:
-        for other in ("hf_generate", "seed_loop"):
+        for other in ("hf_generate", "t2i_r1_loop"):
             if other in base:
                 print(f"fastbicot / {other}: {base['fastbicot'] / base[other]:.2f}x")
     if errors:

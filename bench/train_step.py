@@ -10,7 +10,7 @@ a frozen reference, AdamW, gradient checkpointing).
 
 seed-style: the seed's structure (CaraJ7/T2I-R1 grpo_trainer.py) -- CoT by an eager sampling loop
 over a left-padded batch with a DynamicCache (what HF generate does), the image loop of
-fastbicot/rollout/seed_loop.py (eager, DynamicCache, CFG by row doubling, softmax + multinomial),
+fastbicot/rollout/baselines.py (eager, DynamicCache, CFG by row doubling, softmax + multinomial),
 transformers' VQ decoder, and an update through materialised [B, L, V] logits + log_softmax +
 gather for policy and reference, one micro-batch per prompt group.
 fastbicot: ``Trainer.step()`` (static KV cache, shared prefixes, fused sampler and decode step; an
@@ -148,7 +148,7 @@ class SeedStyleStep:
         return tok, ctx_mask, torch.stack(out, 1)
 
     def step(self, texts):
-        from fastbicot.rollout.seed_loop import seed_generate_images
+        from fastbicot.rollout.baselines import t2i_r1_generate_images
 
         p, dev, G = self.policy, self.policy.device, self.args.generations
         timing = {}
@@ -160,7 +160,7 @@ class SeedStyleStep:
             text = p.tokenizer.decode(cot[i].tolist(), skip_special_tokens=True)
             img_ctx.append([p.bos_token_id] + p.tokenizer.encode(f"User: {texts[i // G]}. {text}\n\nAssistant:",
                                                                  add_special_tokens=False) + [p.boi_token_id])
-        tokens = seed_generate_images(p, img_ctx, guidance_scale=5.0)
+        tokens = t2i_r1_generate_images(p, img_ctx, guidance_scale=5.0)
         sync(dev)
         timing["rollout"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -6,9 +6,9 @@
 // the K/V write, attention over each row's own keys, SiLU*up -- is one loop over rows, so a layer
 // is 4 GEMMs + 4 loops and Python is entered once per step.
 //
-// The weights are fused by fastbicot/rollout/trunk.py (Trunk.fuse_weights): w_in rows are
+// The weights are fused by fastbicot/rollout/cpu_decode.py (FusedWeights): w_in rows are
 // [q*scale, k, v] with the input RMSNorm weight folded in, w_gu is [gate; up] with the
-// post-attention norm weight folded in. Its Python twin, Trunk.decode_flat, is the reference
+// post-attention norm weight folded in. Its Python twin, FusedWeights.flat, is the reference
 // (tests/test_decode_step_cpu.py).
 #include "decode_ops.h"
 

@@ -7,6 +7,7 @@ from helpers import random_policy
 
 from fastbicot import _ext
 from fastbicot.rollout import generate_images
+from fastbicot.rollout.cpu_decode import FusedWeights
 from fastbicot.rollout.kv_cache import KVCache
 from fastbicot.rollout.trunk import Trunk
 
@@ -107,11 +108,11 @@ def test_op_rejects_bad_input():
 
 def test_trunk_native_step_matches_hf_rows_alone(seed):
     """Rows of different lengths in one flattened cache; each step equals transformers' trunk on
-    that row alone, and the Python twin (Trunk.decode_flat) agrees."""
+    that row alone, and the Python twin (FusedWeights.flat) agrees."""
     policy = random_policy(48, 2, 3, seed=seed, dtype=torch.float64, scale=1.0)
     trunk = Trunk(policy, 64)
     trunk.fuse_weights()
-    assert trunk.native_ok()
+    assert trunk.fused.native_ok()
     lens, steps = [1, 9, 4, 6], 4
     seqs = [torch.randn(n + steps, policy.hidden_size, dtype=torch.float64) for n in lens]
     cache = KVCache(
@@ -125,7 +126,7 @@ def test_trunk_native_step_matches_hf_rows_alone(seed):
     for t in range(steps):
         pos = lens_t + t
         x = torch.stack([s[n + t] for n, s in zip(lens, seqs)])
-        out = trunk.decode_flat_native(x, cache, pos, trunk.cos_sin[pos])
+        out = trunk.fused.native(x, cache, pos, trunk.cos_sin[pos])
         for b, (n, s) in enumerate(zip(lens, seqs)):
             ref = policy.trunk(s[None, : n + t + 1], position_ids=torch.arange(n + t + 1)[None])[0][0, -1]
             torch.testing.assert_close(out[b], ref, rtol=1e-6, atol=1e-6)  # RMSNorm in fp32, own sum order
@@ -136,7 +137,7 @@ def test_trunk_native_step_matches_hf_rows_alone(seed):
         ls = int(pos.max()) + 1
         hidden = torch.arange(ls)[None, None, None] > pos[:, None, None, None]
         saved, cache.suffix_kv = cache.suffix_kv, twin
-        py = trunk.decode_flat(x, cache, widx, trunk.cos_sin[pos], ls, hidden)
+        py = trunk.fused.flat(x, cache, widx, trunk.cos_sin[pos], ls, hidden)
         cache.suffix_kv = saved
         torch.testing.assert_close(py, out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(twin, cache.suffix_kv, rtol=1e-6, atol=1e-6)
@@ -154,7 +155,7 @@ def test_generate_images_same_tokens_with_and_without_the_op(seed, dtype, monkey
     runs = []
     for native in (True, False):
         if not native:
-            monkeypatch.setattr(Trunk, "native_ok", lambda self: False)
+            monkeypatch.setattr(FusedWeights, "native_ok", lambda self: False)
         greedy = generate_images(policy, ids, guidance_scale=4.0, temperature=0)
         toks, lps = generate_images(policy, ids, guidance_scale=4.0, temperature=1.0, seed=seed, return_logprobs=True)
         runs.append((greedy, toks, lps))

@@ -161,7 +161,6 @@ def test_reference_is_the_base_model_with_adapters_disabled(seed, tmp_path):
 @pytest.mark.parametrize("path", ["fused", "module"])
 def test_rollout_samples_from_the_adapted_weights(seed, tmp_path, path, monkeypatch):
     """Guidance 1, no filtering: the rollout's own log-probs equal the training forward's (adapted)."""
-    from fastbicot.rollout import generate as gen_mod
     from fastbicot.rollout.trunk import Trunk
 
     if path == "module":  # the CUDA / unfused path: the LoRA layers' own forward inside the trunk
@@ -176,7 +175,7 @@ def test_rollout_samples_from_the_adapted_weights(seed, tmp_path, path, monkeypa
         tr.step()
     assert all(float(m.lora_B["default"].weight.detach().abs().max()) > 0 for m in lora_layers(tr.policy).values())
     batch = tr.rollout()
-    assert (gen_mod.trunk_for(tr.policy).fused is not None) == (path == "fused")
+    assert (tr.engine.runner.trunk.fused is not None) == (path == "fused")
     train = pack(batch, torch.zeros(len(batch)), tr.config.loss)
     with torch.no_grad():
         lp = sample_logprobs(tr.policy, train.samples, loss=tr.config.loss).logprobs

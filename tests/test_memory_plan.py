@@ -97,11 +97,11 @@ def rollout_measured(trainer, seed):
     allocated and when the pixels are decoded."""
     import weakref
 
-    from fastbicot.rollout import engine, kv_cache
+    from fastbicot.rollout import engine, kv_cache, runner
 
     m = MemoryTracker()
     caches, prefills, seen = [], [], {}
-    real_init, real_prefill, real_decode = kv_cache.KVCache.__init__, engine.prefill_rows, engine.decode_images
+    real_init, real_prefill, real_decode = kv_cache.KVCache.__init__, runner.prefill_rows, engine.decode_images
 
     def init(self, *a, **k):
         seen.setdefault("alive_at_alloc", []).append([r() is not None for r in seen.get("refs", [])])
@@ -121,7 +121,7 @@ def rollout_measured(trainer, seed):
 
     with pytest.MonkeyPatch.context() as mp:  # undone on return: a second call wraps the real functions
         mp.setattr(kv_cache.KVCache, "__init__", init)
-        mp.setattr(engine, "prefill_rows", prefill)
+        mp.setattr(runner, "prefill_rows", prefill)
         mp.setattr(engine, "decode_images", decode)
         with m:
             batch = trainer.engine.generate(PROMPTS, seed=seed)
@@ -167,7 +167,7 @@ DEEP = Preset(
 def test_prefill_holds_one_layer(seed, tmp_path, monkeypatch, budget):
     """The prefill's measured peak above the cache, on a deep narrow model: the plan's one layer of
     activations + its K/V (per batch of at most PREFILL_TOKENS positions; 40: a row or two per batch)."""
-    from fastbicot.rollout import generate as gen_mod
+    from fastbicot.rollout import runner as gen_mod
 
     monkeypatch.setitem(janus_mod.PRESETS, "deep", DEEP)
     if budget is not None:
@@ -184,7 +184,7 @@ def test_prefill_holds_one_layer(seed, tmp_path, monkeypatch, budget):
 def test_uncond_blocks_bound_the_engine_layout(seed):
     """The plan's bound (uncond_blocks) is never below what layout_rows picks for BOS pad ... pad rows of any
     lengths within the span, conditional rows alongside."""
-    from fastbicot.rollout.generate import layout_rows
+    from fastbicot.rollout.kv_cache import layout_rows
 
     gen = torch.Generator().manual_seed(seed)
     for _ in range(40):

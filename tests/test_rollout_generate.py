@@ -8,7 +8,7 @@ from helpers import IDS, random_policy
 
 from fastbicot.models import JanusPolicy
 from fastbicot.rollout import generate_images
-from fastbicot.rollout.seed_loop import hf_generate_images, seed_generate_images
+from fastbicot.rollout.baselines import hf_generate_images, t2i_r1_generate_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +78,7 @@ def test_grouped_layout_split_blocks_and_small_batches_each_row_as_if_alone(seed
     """The grouped layout (prefixes kept in blocks, as on CUDA): unconditional rows of very different
     lengths get more than one block so that no suffix holds the whole spread; prefill in batches of one
     row each (PREFILL_TOKENS=1) changes nothing; every row still equals HF generate on it alone."""
-    from fastbicot.rollout import generate as gen_mod
+    from fastbicot.rollout import runner as gen_mod
 
     policy = POLICIES["h40l2n5"](seed)
     gen = torch.Generator().manual_seed(seed)
@@ -135,7 +135,7 @@ def test_layout_rows_against_every_partition(seed, kind):
     """layout_rows(split=True) against every way to cut each caller group into blocks (exhaustive, small
     inputs): K * Lp + rows * S is the minimum when rows differ only in length (BOS pad ... pad BOI), and
     never below it otherwise; each row's block is a prefix of its context; split=False keeps the groups."""
-    from fastbicot.rollout.generate import layout_rows
+    from fastbicot.rollout.kv_cache import layout_rows
 
     gen = torch.Generator().manual_seed(seed)
     for _ in range(6):
@@ -171,7 +171,7 @@ def test_layout_rows_against_every_partition(seed, kind):
         assert flat.num_prefixes == len(set(groups))
 
 
-def test_guidance_one_matches_seed_loop(seed):
+def test_guidance_one_matches_t2i_r1_loop(seed):
     """HF generate cannot run with guidance 1 (it keeps doubled rows); the seed loop (HF trunk +
     DynamicCache) is the reference there, and is itself checked against HF generate for w > 1."""
     policy = POLICIES["h24l3n3"](seed)
@@ -180,10 +180,10 @@ def test_guidance_one_matches_seed_loop(seed):
     out = generate_images(policy, rows, guidance_scale=1.0, temperature=0)
     for i, row in enumerate(rows):
         assert torch.equal(
-            out[i : i + 1], seed_generate_images(policy, [row], guidance_scale=1.0, temperature=0)
+            out[i : i + 1], t2i_r1_generate_images(policy, [row], guidance_scale=1.0, temperature=0)
         )
     assert torch.equal(
-        seed_generate_images(policy, [rows[1]], guidance_scale=3.0, temperature=0),
+        t2i_r1_generate_images(policy, [rows[1]], guidance_scale=3.0, temperature=0),
         hf_greedy(policy, [rows[1]], 3.0),
     )
 

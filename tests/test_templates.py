@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from fastbicot.rollout.cot import (
+from fastbicot.rollout.templates import (
     COT_TEMPLATE,
     IMAGE_TEMPLATE_HEAD,
     IMAGE_TEMPLATE_TAIL,
@@ -145,14 +145,14 @@ def test_type_errors():
 # ----------------------------------------------------------------------------- the seed's image loop baseline
 
 
-def test_seed_loop_uncond_row_attends_to_all_its_pads(seed):
-    """seed_loop.seed_generate_images vs the seed's construction (grpo_trainer.py:563-601), recomputed
+def test_t2i_r1_loop_uncond_row_attends_to_all_its_pads(seed):
+    """baselines.t2i_r1_generate_images vs the seed's construction (grpo_trainer.py:563-601), recomputed
     here without a KV cache: conditional rows right-padded (pads masked) with BOI after the padding; the
     unconditional row is BOS + pads + BOI with an all-ones mask (``attention_mask_img[1::2] = 1``, :601)."""
     import torch
 
     from fastbicot.models import JanusPolicy
-    from fastbicot.rollout.seed_loop import seed_generate_images
+    from fastbicot.rollout.baselines import t2i_r1_generate_images
 
     policy = JanusPolicy.from_preset("tiny", seed=seed % 1000, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
@@ -160,7 +160,7 @@ def test_seed_loop_uncond_row_attends_to_all_its_pads(seed):
     rows = [[policy.bos_token_id] + torch.randint(0, 200, (n - 2,), generator=gen).tolist() + [policy.boi_token_id]
             for n in lengths]
     steps = 3
-    out = seed_generate_images(policy, rows, guidance_scale=5.0, temperature=0)
+    out = t2i_r1_generate_images(policy, rows, guidance_scale=5.0, temperature=0)
     assert out.shape == (len(rows), policy.num_image_tokens)
     L, pad, lm = max(lengths), policy.pad_token_id, policy.language_model
     for i, s in enumerate(rows):

@@ -10,7 +10,7 @@ import torch
 
 from fastbicot.data import load_prompts
 from fastbicot.rewards import RELATIONS, RewardError
-from fastbicot.rollout.cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt
+from fastbicot.rollout.templates import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt
 from fastbicot.toy import (
     BACKGROUND,
     CODE_CLASS,

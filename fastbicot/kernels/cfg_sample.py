@@ -621,6 +621,26 @@ def _check(c, u, w, temperature, top_k, top_p, seed, offset, check_nan, keys=Non
         raise ValueError("a row has no token that is finite in every guidance branch (all -inf)")
 
 
+def _interpreted():
+    """True when this module's kernels were built for Triton's interpreter (TRITON_INTERPRET=1 was set
+    when they were decorated: triton reads it at @triton.jit time, i.e. at import)."""
+    return type(_cfg_sample_block_kernel).__name__ == "InterpretedFunction"
+
+
+def _use_triton(t):
+    """The dispatch rule (written the same way in every kernel file): CUDA tensors -> Triton; CPU
+    tensors -> the torch path, or the Triton kernels under the interpreter with FASTBICOT_FORCE_TRITON=1
+    (so anyone can check them without a GPU)."""
+    if t.device.type == "cuda":
+        return True
+    if os.environ.get("FASTBICOT_FORCE_TRITON", "0") != "1":
+        return False
+    if not _interpreted():
+        raise RuntimeError("FASTBICOT_FORCE_TRITON=1 with CPU tensors needs Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before triton is first imported")
+    return True
+
+
 def cfg_sample(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0,
                top_k=0, top_p=1.0, seed=0, offset=0, keys=None, return_logprobs=False, check_nan=True):
     """Draw one token per row from the guided, tempered, top-k/top-p filtered distribution.
@@ -652,10 +672,7 @@ def cfg_sample(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperatu
         c = c.contiguous()
     if u is not None and u.stride(-1) != 1:
         u = u.contiguous()
-    if c.is_cuda or os.environ.get("FASTBICOT_FORCE_TRITON") == "1":
-        if not c.is_cuda and type(_cfg_sample_block_kernel).__name__ != "InterpretedFunction":
-            raise RuntimeError("FASTBICOT_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 set "
-                               "before triton is first imported (it is read when kernels are defined)")
+    if _use_triton(c):
         tok, lp = _cfg_sample_triton(c, u, w, temperature, top_k, top_p, seed, offset, keys)
     else:
         tok, lp = _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_logprobs, keys)

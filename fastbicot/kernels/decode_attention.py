@@ -436,6 +436,8 @@ def _check(q, prefix_k, prefix_v, prefix_len, group_ids, suffix_k=None, suffix_v
         raise ValueError(f"q must be [B, Hq, D] (one query per row), got {tuple(q.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(f"q dtype {q.dtype} is not a floating type this kernel supports")
+    if q.dtype == torch.float64 and _use_triton(q):
+        raise ValueError("the Triton kernels take fp16/bf16/fp32, not float64")
     if prefix_k is not None:
         _check_kv("prefix", q, prefix_k, prefix_v, prefix_len, None)
         P = prefix_k.shape[0]
@@ -461,21 +463,22 @@ def group_layout(group_ids, num_prefixes):
 
 
 def _interpreted():
-    """True when the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 was set when
-    this module was imported: triton reads it at @triton.jit decoration time)."""
+    """True when this module's kernels were built for Triton's interpreter (TRITON_INTERPRET=1 was set
+    when they were decorated: triton reads it at @triton.jit time, i.e. at import)."""
     return type(_prefix_kernel).__name__ == "InterpretedFunction"
 
 
 def _use_triton(t):
+    """The dispatch rule (written the same way in every kernel file): CUDA tensors -> Triton; CPU
+    tensors -> the torch path, or the Triton kernels under the interpreter with FASTBICOT_FORCE_TRITON=1
+    (so anyone can check them without a GPU)."""
     if t.device.type == "cuda":
         return True
     if os.environ.get("FASTBICOT_FORCE_TRITON", "0") != "1":
         return False
     if not _interpreted():
         raise RuntimeError("FASTBICOT_FORCE_TRITON=1 with CPU tensors needs Triton's interpreter: set "
-                           "TRITON_INTERPRET=1 before fastbicot.kernels.decode_attention is imported")
-    if t.dtype == torch.float64:
-        raise ValueError("the Triton kernels take fp16/bf16/fp32, not float64")
+                           "TRITON_INTERPRET=1 before triton is first imported")
     return True
 
 

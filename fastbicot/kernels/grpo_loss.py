@@ -132,16 +132,23 @@ def _bwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, seq_ptr, gl_ptr, glogp_ptr,
 
 
 def _interpreted():
-    """True when the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 was set when
-    triton was imported: triton reads it at @triton.jit decoration time)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_fwd_kernel, InterpretedFunction)
+    """True when this module's kernels were built for Triton's interpreter (TRITON_INTERPRET=1 was set
+    when they were decorated: triton reads it at @triton.jit time, i.e. at import)."""
+    return type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def _use_triton(t):
+    """The dispatch rule (written the same way in every kernel file): CUDA tensors -> Triton; CPU
+    tensors -> the torch path, or the Triton kernels under the interpreter with FASTBICOT_FORCE_TRITON=1
+    (so anyone can check them without a GPU)."""
     if t.device.type == "cuda":
         return True
+    if os.environ.get("FASTBICOT_FORCE_TRITON", "0") != "1":
+        return False
+    if not _interpreted():
+        raise RuntimeError("FASTBICOT_FORCE_TRITON=1 with CPU tensors needs Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before triton is first imported")
+    return True
     if os.environ.get("FASTBICOT_FORCE_TRITON", "0") != "1":
         return False
     if not _interpreted():

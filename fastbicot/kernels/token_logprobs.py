@@ -180,20 +180,24 @@ def _matmul_acc_kernel(a_ptr, b_ptr, c_ptr, M, K, Ncols, stride_a, stride_b, str
     tl.store(c_ptrs, acc, mask=c_mask)
 
 
-def _launcher(kernel, device):
-    """The kernel; CPU tensors need Triton's interpreter, which is chosen when triton is imported."""
-    if device.type == "cpu" and not _interpreted():
+def _interpreted():
+    """True when this module's kernels were built for Triton's interpreter (TRITON_INTERPRET=1 was set
+    when they were decorated: triton reads it at @triton.jit time, i.e. at import)."""
+    return type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _use_triton(t):
+    """The dispatch rule (written the same way in every kernel file): CUDA tensors -> Triton; CPU
+    tensors -> the torch path, or the Triton kernels under the interpreter with FASTBICOT_FORCE_TRITON=1
+    (so anyone can check them without a GPU)."""
+    if t.device.type == "cuda":
+        return True
+    if os.environ.get("FASTBICOT_FORCE_TRITON", "0") != "1":
+        return False
+    if not _interpreted():
         raise RuntimeError("FASTBICOT_FORCE_TRITON=1 with CPU tensors needs Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before triton is first imported")
-    return kernel
-
-
-def _interpreted():
-    """True when this module's kernels were built for the interpreter (TRITON_INTERPRET=1 was set
-    when triton and this module were imported; triton reads it at @triton.jit decoration time)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_fwd_kernel, InterpretedFunction)
+    return True
 
 
 def _config(device, dtype):
@@ -226,7 +230,7 @@ def _triton_forward(hidden, weight, bias, targets, inv_t):
     splits = triton.cdiv(tiles, tiles_per_split)  # every split starts on a real tile
     lse_part = torch.empty(splits, N, device=hidden.device, dtype=torch.float32)
     tgt_part = torch.empty(splits, N, device=hidden.device, dtype=torch.float32)
-    _launcher(_fwd_kernel, hidden.device)[(row_blocks, splits)](
+    _fwd_kernel[(row_blocks, splits)](
         hidden, weight, bias if bias is not None else hidden, targets, lse_part, tgt_part,
         N, V, H, hidden.stride(0), weight.stride(0), inv_t, tiles_per_split,
         HAS_BIAS=bias is not None, **_flags(hidden), **cfg)
@@ -245,12 +249,10 @@ def _triton_backward(hidden, weight, bias, targets, lse, scale, inv_t, need_h, n
     dw = torch.empty_like(weight) if need_w else None
     db = torch.empty(V, device=hidden.device, dtype=torch.float32) if need_b else None
     flags = _flags(hidden)
-    grad_kernel = _launcher(_grad_logits_kernel, hidden.device)
-    mm_kernel = _launcher(_matmul_acc_kernel, hidden.device)
     for v0 in range(0, V, chunk):
         c = min(chunk, V - v0)
         g = grad_logits.view(-1)[: N * c].view(N, c)  # contiguous, row stride c
-        grad_kernel[(triton.cdiv(N, bn), triton.cdiv(c, bv))](
+        _grad_logits_kernel[(triton.cdiv(N, bn), triton.cdiv(c, bv))](
             hidden, weight, bias if bias is not None else hidden, targets, lse, scale, g,
             N, V, H, v0, c, hidden.stride(0), weight.stride(0), inv_t,
             HAS_BIAS=bias is not None, **flags, **cfg)
@@ -260,7 +262,7 @@ def _triton_backward(hidden, weight, bias, targets, lse, scale, inv_t, need_h, n
             torch.sum(g, dim=0, dtype=torch.float32, out=db[v0:v0 + c])
         if need_h:
             w_c = weight[v0:v0 + c]
-            mm_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(H, cfg["BLOCK_V"]))](
+            _matmul_acc_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(H, cfg["BLOCK_V"]))](
                 g, w_c, dh, N, c, H, g.stride(0), w_c.stride(0), dh.stride(0), **flags,
                 BLOCK_M=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -338,10 +340,6 @@ def _torch_backward(hidden, weight, bias, targets, lse, scale, inv_t, need_h, ne
 
 
 # ----------------------------------------------------------------------------- autograd + API
-
-
-def _use_triton(t):
-    return t.device.type == "cuda" or os.environ.get("FASTBICOT_FORCE_TRITON", "0") == "1"
 
 
 class _TokenLogprobs(torch.autograd.Function):

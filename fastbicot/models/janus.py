@@ -9,7 +9,7 @@ linear).
 
 Other code that knows a transformers class, on purpose: ``fastbicot/vq.py`` re-implements
 ``JanusVQVAE``'s decoder (it reads its blocks; ``policy.vqmodel`` is handed to it);
-``fastbicot/rollout/seed_loop.py`` is the transformers-generate baseline; the trainer's LoRA and
+``fastbicot/rollout/baselines.py`` is the transformers-generate baseline; the trainer's LoRA and
 FSDP code wraps modules of ``policy.hf_model``; checkpoints are ``hf_model.save_pretrained``.
 """
 

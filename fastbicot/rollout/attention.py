@@ -40,12 +40,10 @@ class DecodeAttention:
     prefixes were copied into their suffixes (KVCache.flatten), so only suffixes are read.
     """
 
-    def __init__(
-        self, cache, n: int, *, static: bool = False, flat: bool = False, use_kernel: bool | None = None
-    ):
+    def __init__(self, cache, n: int, *, static: bool = False, flat: bool = False):
         self.cache, self.n = cache, n
         dev = cache.suffix_k.device
-        self.use_kernel = uses_decode_kernel(dev) if use_kernel is None else use_kernel
+        self.use_kernel = uses_decode_kernel(dev)
         gid = cache.group_ids[:n]
         self.gid, self.plen, self.slen = gid, cache.prefix_len, cache.suffix_len[:n]
         if self.use_kernel:

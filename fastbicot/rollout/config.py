@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..settings import Settings, check_choice, check_range
-from .cot import COT_TEMPLATE, INSTRUCTION, SYSTEM_PROMPT
+from .templates import COT_TEMPLATE, INSTRUCTION, SYSTEM_PROMPT
 
 IMAGE_MODES = ("reprompt", "continue")
 IMAGE_CONTEXTS = ("retokenize", "splice")

@@ -1,8 +1,6 @@
-"""RolloutEngine: semantic CoT, then image tokens, then pixels (DESIGN.md §2 steps 2-4).
-
-CoT: the template is prefilled once per prompt into a shared prefix block read by the group's G
-rows; rows stop on EOS or the token limit independently, and finished rows are swapped to the
-back of the cache so each step runs only the active rows (no lock-step).
+"""RolloutEngine: semantic CoT, then image contexts, image tokens, pixels (DESIGN.md §2 steps 2-4);
+generate_images: the image tokens alone. Both orchestrate: the ModelRunner (runner.py) holds the
+trunk and the caches, the loops live in decoders.py.
 
 Image context modes:
   reprompt  (T2I-R1) ``BOS "User: {prompt}. " cot "\\n\\nAssistant:" BOI``: a fresh context per sample;
@@ -25,25 +23,20 @@ indices draws what a single process generating the whole batch draws.
 
 from __future__ import annotations
 
-import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..data import PromptRecord
+from ..vq import vq_decode
 from .config import RolloutConfig, apply_overrides
-from .cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt, image_prompt
-from .generate import (
-    ImageDecoder,
-    check_keys,
-    default_flatten,
-    image_cache,
-    prefill_rows,
-    rows_cache,
-    trunk_for,
-)
-from .sampling import Sampler
+from .decoders import ImageDecoder, decode_cot
+from .kv_cache import KVCache
+from .runner import ModelRunner
+from .sampling import Sampler, check_keys, check_sampling_args
+from .templates import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL, cot_prompt, image_prompt
 
 _CTX, _COT, _KEEP = 0, 1, 2  # token segments: prompt/template, CoT, always kept (BOS, final BOI)
 
@@ -120,8 +113,6 @@ class RolloutBatch:
 def decode_images(policy, tokens: torch.Tensor, rounding: str = "round") -> torch.Tensor:
     """Image tokens -> uint8 [N, H, W, 3]. ``rounding``: "round" to the nearest level, or
     "truncate" as the seed does (``uint8(clip((x + 1) / 2 * 255, 0, 255))``, grpo_trainer.py:702-706)."""
-    from fastbicot.vq import vq_decode
-
     if rounding == "round" and policy.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return vq_decode(policy.vqmodel, tokens, output="uint8")
     if policy.dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -133,9 +124,41 @@ def decode_images(policy, tokens: torch.Tensor, rounding: str = "round") -> torc
     return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class _Run:
+    """One generate call's state, shared by its phases."""
+
+    o: RolloutConfig
+    records: list
+    G: int
+    group_index: list
+    templates: list  # the CoT context of every prompt
+    sample_key: list  # the stream key of every sample
+    sampler: Sampler
+    bar: object  # the progress bar or None
+    longest: int  # the longest CoT row: template + max_new_tokens + the flushed last token + BOI
+    cont: bool  # the image tokens continue the CoT rows (image_mode "continue" with a CoT)
+    slot_sample: list  # the sample held by each cache slot
+    cache: KVCache | None = None  # continue: the CoT rows' cache, in which the image rows go on
+
+    @property
+    def R(self) -> int:
+        return len(self.records) * self.G
+
+
+class _Timer:
+    """Seconds per phase; the device is synchronised at the end so queued kernels count where they ran."""
+
+    def __init__(self, device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name):
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times[name] = time.perf_counter() - t0
 
 
 class RolloutEngine:
@@ -156,7 +179,16 @@ class RolloutEngine:
         self.policy = policy
         self.config = apply_overrides(config or RolloutConfig(), overrides)
         self.progress = progress
-        self.flat = default_flatten(policy, flatten)
+        self.runner = ModelRunner(policy, flatten)
+
+    @property
+    def flat(self) -> bool:
+        """Whether prefixes are flattened into the rows after prefill (the runner's layout choice)."""
+        return self.runner.flat
+
+    @flat.setter
+    def flat(self, value: bool) -> None:
+        self.runner.flat = bool(value)
 
     def _encode(self, text):
         return self.policy.tokenizer.encode(text, add_special_tokens=False)
@@ -194,8 +226,50 @@ class RolloutEngine:
         ``group_index``: the global index of each prompt in the step's batch (distinct non-negative
         ints; default 0 .. len(prompts)-1). Generation g of prompt i draws from the random stream
         ``group_index[i] * G + g``, so splitting a batch across calls (ranks) with the matching
-        indices gives the samples one call gives.
+        indices gives the samples one call gives. ``overrides``: RolloutConfig fields for this call.
         """
+        # P prompts, G generations each, R = P * G samples (prompt-major), N image tokens per sample
+        run = self._start(prompts, num_generations, seed, group_index, overrides)
+        timed = _Timer(self.policy.device)
+        with timed("cot"):
+            cot_ids, cot_lps = self._cot(run)
+        with timed("image"):
+            cot_texts, ctx, uctx = self._image_contexts(run, cot_ids)
+            tokens, img_lps = self._image_tokens(run, ctx, uctx)
+        with timed("decode"):
+            images = decode_images(self.policy, tokens, run.o.pixel_rounding) if run.o.decode else None
+        timed.times["total"] = timed.times["cot"] + timed.times["image"] + timed.times["decode"]
+        if run.bar is not None:
+            run.bar.close()
+        return self._batch(run, (cot_ids, cot_lps, cot_texts), (ctx, uctx), (tokens, img_lps), images, timed.times)
+
+    def _batch(self, run, cot, contexts, image, images, timing) -> RolloutBatch:
+        """The samples, prompt-major, with what produced them."""
+        (cot_ids, cot_lps, cot_texts), (ctx, uctx), (tokens, img_lps) = cot, contexts, image
+        tok_cpu, lp_cpu = tokens.cpu(), img_lps.cpu()
+        G, records = run.G, run.records
+        samples = [
+            RolloutSample(
+                prompt_index=s // G,
+                prompt=records[s // G].prompt,
+                cot_context_ids=run.templates[s // G],
+                cot_ids=cot_ids[s],
+                cot_text=cot_texts[s],
+                cot_logprobs=torch.tensor(cot_lps[s], dtype=torch.float32),
+                image_context_ids=ctx[s],
+                uncond_context_ids=uctx[s] if uctx is not None else None,
+                image_tokens=tok_cpu[s],
+                image_logprobs=lp_cpu[s],
+                image=images[s] if images is not None else None,
+                metadata=records[s // G].metadata,
+            )
+            for s in range(run.R)
+        ]
+        return RolloutBatch(samples=samples, image_tokens=tokens, images=images, timing=timing,
+                            num_generations=G, config=run.o, group_index=run.group_index)
+
+    def _start(self, prompts, num_generations, seed, group_index, overrides) -> _Run:
+        """Check the arguments and set up one rollout: settings, stream keys, CoT contexts, trunk."""
         o = apply_overrides(self.config, overrides)
         records = self._records(prompts)
         G = o.num_generations if num_generations is None else num_generations
@@ -205,14 +279,9 @@ class RolloutEngine:
         if min(group_index) < 0 or max(group_index) >= 2**63 // G:
             raise ValueError(f"group_index must hold non-negative ints below 2**63 / num_generations, got "
                              f"{min(group_index)} .. {max(group_index)}")
-        sample_key = [group_index[s // G] * G + s % G for s in range(len(records) * G)]
-        texts = [r.prompt for r in records]
-        policy, dev = self.policy, self.policy.device
-        P, R, N = len(records), len(records) * G, policy.num_image_tokens
-        cfg, cont = o.guidance_scale > 1, o.image_mode == "continue"
-        trunk = trunk_for(policy)
-        sampler = Sampler(seed, dev)
-        templates = [self.cot_context(t, o) for t in texts]
+        R, N = len(records) * G, self.policy.num_image_tokens
+        trunk = self.runner.begin()
+        templates = [self.cot_context(r.prompt, o) for r in records]
         max_new = o.cot.max_new_tokens
         longest = max(len(t) for t in templates) + max_new + 2  # + the flushed last token + BOI
         if longest > trunk.max_positions - N:
@@ -225,116 +294,88 @@ class RolloutEngine:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=max_new + N, desc="rollout", leave=False)
-        timing = {}
+        return _Run(o=o, records=records, G=G, group_index=group_index, templates=templates,
+                    sample_key=[group_index[s // G] * G + s % G for s in range(R)],
+                    sampler=Sampler(seed, self.policy.device), bar=bar, longest=longest,
+                    cont=o.image_mode == "continue" and o.semantic_cot, slot_sample=list(range(R)))
 
-        # ---- semantic CoT ----------------------------------------------------------------------
-        t0 = time.perf_counter()
-        slot_sample = list(range(R))  # sample index held by each cache slot
-        if o.semantic_cot:
-            rows, groups = [templates[s // G] for s in range(R)], [s // G for s in range(R)]
-            if cont:  # the same rows go on with BOI and the image tokens; the CFG rows join them later
-                cache = image_cache(policy, 2 * P, longest, 2 * R, longest + N)
-            else:  # a row's suffix: its context's last token + max_new (G rows share their template)
-                cache, groups = rows_cache(policy, rows, groups, max_new, flat=self.flat)
-            last = prefill_rows(trunk, cache, rows, range(R), groups)
-            if self.flat:
-                cache.flatten(0, R)
-            cot_ids, cot_lps = self._cot_loop(trunk, cache, sampler, last, slot_sample, o, cont, bar, sample_key)
-        else:  # images straight from the prompt (an empty plan); every context is prefilled fresh below
-            cot_ids, cot_lps = [[] for _ in range(R)], [[] for _ in range(R)]
-            cont = False
+    def _cot(self, run) -> tuple:
+        """The semantic CoT of every sample: (ids, log-probs) per sample. The template is prefilled once
+        per prompt into a prefix block its G rows share. In ``continue`` mode the rows stay in a cache
+        sized for the image tokens too (``run.cache``), where the CFG rows join them later."""
+        o, G, P, R = run.o, run.G, len(run.records), run.R
+        if not o.semantic_cot:  # images straight from the prompt (an empty plan)
+            return [[] for _ in range(R)], [[] for _ in range(R)]
+        rows, groups = [run.templates[s // G] for s in range(R)], [s // G for s in range(R)]
+        if run.cont:
+            N = self.policy.num_image_tokens
+            cache = run.cache = self.runner.new_cache(2 * P, run.longest, 2 * R, run.longest + N)
+            last = self.runner.prefill(cache, rows, range(R), groups)
+        else:  # a row's suffix: its context's last token + max_new (G rows share their template)
+            cache, last = self.runner.prefilled_cache(rows, groups, o.cot.max_new_tokens)
+        keys = torch.tensor(run.sample_key, dtype=torch.long, device=cache.suffix_k.device)
+        ids, lps = decode_cot(self.runner, cache, run.sampler, last, run.slot_sample, keys, o.cot,
+                              flush_at_limit=run.cont, progress=run.bar)
         if o.max_textcot_length is not None:  # the seed keeps the last N sampled tokens
-            cot_ids = [c[-o.max_textcot_length:] for c in cot_ids]
-            cot_lps = [c[-o.max_textcot_length:] for c in cot_lps]
-        _sync(dev)
-        timing["cot"] = time.perf_counter() - t0
+            ids = [c[-o.max_textcot_length:] for c in ids]
+            lps = [c[-o.max_textcot_length:] for c in lps]
+        return ids, lps
 
-        # ---- image tokens ----------------------------------------------------------------------
-        t0 = time.perf_counter()
-        eos, boi = policy.eos_token_id, policy.boi_token_id
+    def _image_contexts(self, run, cot_ids) -> tuple:
+        """(the CoT texts, the image context of every sample, its unconditional context or None
+        without CFG)."""
+        policy, G = self.policy, run.G
+        eos = policy.eos_token_id
         body = [c[:-1] if c and c[-1] == eos else c for c in cot_ids]  # the CoT without its EOS
         cot_texts = [policy.tokenizer.decode(b, skip_special_tokens=True) for b in body]
         ctx, seg = [], []
-        for s in range(R):
-            c, g = self.image_context(templates[s // G], texts[s // G], body[s], cot_texts[s], o)
+        for s in range(run.R):
+            c, g = self.image_context(run.templates[s // G], run.records[s // G].prompt, body[s], cot_texts[s],
+                                      run.o)
             ctx.append(c)
             seg.append(g)
-        uctx = [self._uncond(c, sg, o.uncond) for c, sg in zip(ctx, seg)] if cfg else None
-        if cont:
-            # conditional rows stay where the CoT left them; their next input is BOI
-            first = [boi] * R
-            if cfg:
-                first += prefill_rows(
-                    trunk,
-                    cache,
-                    [uctx[slot_sample[i]] for i in range(R)],
-                    range(R, 2 * R),
-                    [P + (slot_sample[i] // G if o.uncond == "cot" else 0) for i in range(R)],
-                )
-                if self.flat:
-                    cache.flatten(R, 2 * R)
+        uctx = [self._uncond(c, sg, run.o.uncond) for c, sg in zip(ctx, seg)] if run.o.guidance_scale > 1 else None
+        return cot_texts, ctx, uctx
+
+    def _image_tokens(self, run, ctx, uctx) -> tuple:
+        """(tokens int64 [R, N], log-probs float32 [R, N]) in sample order. ``continue``: conditional rows
+        stay where the CoT left them (their next input is BOI); the unconditional rows are prefilled
+        behind them. ``reprompt``: every context is prefilled into a fresh cache (a conditional row's
+        whole context is its own block)."""
+        o, G, P, R, N = run.o, run.G, len(run.records), run.R, self.policy.num_image_tokens
+        uncond_block = [P + (s // G if o.uncond == "cot" else 0) for s in range(R)]  # per sample
+        if run.cont:
+            cache, first = run.cache, [self.policy.boi_token_id] * R
+            if uctx is not None:
+                slots = run.slot_sample
+                first += self.runner.prefill(cache, [uctx[s] for s in slots], range(R, 2 * R),
+                                             [uncond_block[s] for s in slots])
         else:
-            slot_sample = list(range(R))
-            trunk.check_positions(max(len(c) for c in ctx + (uctx or [])) + N)
-            cache = None  # free the CoT cache before the image cache exists (both at once: ~10 GiB at 7B)
-            rows, groups = list(ctx), list(range(R))  # a conditional row's whole context is its own block
-            if cfg:
+            run.slot_sample = list(range(R))
+            self.runner.trunk.check_positions(max(len(c) for c in ctx + (uctx or [])) + N)
+            rows, groups = list(ctx), list(range(R))
+            if uctx is not None:
                 rows += uctx
-                groups += [R + (s // G if o.uncond == "cot" else 0) for s in range(R)]
-            cache, groups = rows_cache(policy, rows, groups, N, flat=self.flat)
-            first = prefill_rows(trunk, cache, rows, range(len(rows)), groups)
-            if self.flat:
-                cache.flatten(0, len(rows))
+                groups += [R - P + b for b in uncond_block]
+            cache, first = self.runner.prefilled_cache(rows, groups, N)
+        run.cache = None  # the decoder holds the cache; gone with it before the pixels are decoded
         dec = ImageDecoder(
-            trunk,
+            self.runner,
             cache,
             R,
             guidance_scale=o.guidance_scale,
             temperature=o.image.temperature,
             top_k=o.image.top_k,
             top_p=o.image.top_p,
-            sampler=sampler,
+            sampler=run.sampler,
             num_tokens=N,
             cuda_graph=o.cuda_graph,
-            flat=self.flat,
-            keys=[sample_key[s] for s in slot_sample],  # the stream of the sample in each slot
+            keys=[run.sample_key[s] for s in run.slot_sample],  # the stream of the sample in each slot
         )
-        tok_slots, lp_slots = dec.run(policy.embed_text(torch.tensor(first, device=dev)), progress=bar)
-        order = torch.tensor([slot_sample.index(s) for s in range(R)], device=dev)
-        tokens, img_lps = tok_slots[order], lp_slots[order]
-        cache = dec = tok_slots = lp_slots = None  # the image cache and the decoder's tables: not needed for pixels
-        _sync(dev)
-        timing["image"] = time.perf_counter() - t0
-
-        # ---- pixels ------------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        images = decode_images(policy, tokens, o.pixel_rounding) if o.decode else None
-        _sync(dev)
-        timing["decode"] = time.perf_counter() - t0
-        timing["total"] = timing["cot"] + timing["image"] + timing["decode"]
-        if bar is not None:
-            bar.close()
-
-        tok_cpu, lp_cpu = tokens.cpu(), img_lps.cpu()
-        samples = [
-            RolloutSample(
-                prompt_index=s // G,
-                prompt=texts[s // G],
-                cot_context_ids=templates[s // G],
-                cot_ids=cot_ids[s],
-                cot_text=cot_texts[s],
-                cot_logprobs=torch.tensor(cot_lps[s], dtype=torch.float32),
-                image_context_ids=ctx[s],
-                uncond_context_ids=uctx[s] if cfg else None,
-                image_tokens=tok_cpu[s],
-                image_logprobs=lp_cpu[s],
-                image=images[s] if images is not None else None,
-                metadata=records[s // G].metadata,
-            )
-            for s in range(R)
-        ]
-        return RolloutBatch(samples=samples, image_tokens=tokens, images=images, timing=timing,
-                            num_generations=G, config=o, group_index=group_index)
+        tokens, logprobs = dec.run(self.policy.embed_text(torch.tensor(first, device=self.policy.device)),
+                                   progress=run.bar)
+        order = torch.tensor([run.slot_sample.index(s) for s in range(R)], device=tokens.device)
+        return tokens[order], logprobs[order]
 
     def image_context(self, template, prompt, body, cot_text, o=None):
         """(context ids ending with BOI, segment of each id) for one sample's image step: ``template`` is
@@ -365,68 +406,66 @@ class RolloutEngine:
         pad = self.policy.pad_token_id
         return [pad if g in masked else t for t, g in zip(ids, seg)]
 
-    def _cot_loop(self, trunk, cache, sampler, last, slot_sample, o, cont, bar, sample_key):
-        """Sample CoT tokens for every row until EOS / max_new_tokens; returns (ids, log-probs) per sample.
 
-        In ``continue`` mode a row that hits the limit without EOS runs one extra step so that its
-        last token's KV is written too (the image context continues right after it); that step's
-        draw is discarded. Step t of every row is its t-th draw, from its sample's stream key
-        (``sample_key``), which moves with the row when finished rows are compacted.
-        """
-        policy, dev = self.policy, cache.suffix_k.device
-        eos, max_new = policy.eos_token_id, o.cot.max_new_tokens
-        R = len(slot_sample)
-        ids = [[] for _ in range(R)]
-        lps = [[] for _ in range(R)]
-        x = policy.embed_text(torch.tensor(last, device=dev))
-        keys = torch.tensor([sample_key[s] for s in slot_sample], dtype=torch.long, device=dev)
-        n, step = R, 0
-        while n > 0:
-            h = trunk.decode(x[:n], cache, n, flat=self.flat)
-            tok, lp = sampler(
-                policy.text_logits(h),
-                temperature=o.cot.temperature,
-                top_k=o.cot.top_k,
-                top_p=o.cot.top_p,
-                offset=step,
-                keys=keys[:n],
+def as_token_lists(input_ids, name="input_ids"):
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"{name} must be a [B, L] tensor or a list of token-id lists, got shape {tuple(input_ids.shape)}"
             )
-            tok_l, lp_l = tok.tolist(), lp.tolist()
-            if not all(map(math.isfinite, lp_l)):  # already on the host: no extra sync
-                bad = [slot_sample[i] for i, x in enumerate(lp_l) if not math.isfinite(x)]
-                raise FloatingPointError(f"non-finite logits in the CoT phase at CoT step {step} (samples "
-                                         f"{bad[:8]}); the policy's weights or activations hold NaN/inf")
-            done = []
-            for i in range(n):
-                s = slot_sample[i]
-                stopped = len(ids[s]) == max_new or (len(ids[s]) > 0 and ids[s][-1] == eos)
-                if not stopped:
-                    ids[s].append(tok_l[i])
-                    lps[s].append(lp_l[i])
-                hit_eos = ids[s][-1] == eos  # EOS is never fed back: it is not part of any context
-                at_limit = len(ids[s]) == max_new
-                # at the limit without EOS: `continue` feeds the last token once more (flush step)
-                done.append(stopped or hit_eos or (at_limit and not cont))
-            x[:n] = policy.embed_text(tok)
-            step += 1
-            if bar is not None:
-                bar.update(1)
-            n = self._compact(cache, x, slot_sample, n, done, keys)
-        return ids, lps
+        seqs = input_ids.tolist()
+    else:
+        seqs = [list(map(int, s)) for s in input_ids]
+    if not seqs:
+        raise ValueError(f"{name} is empty: give at least one prompt")
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError(f"{name} has an empty row")
+    return seqs
 
-    @staticmethod
-    def _compact(cache, x, slot_sample, n, done, keys):
-        """Move finished rows behind the active ones (swapping only the rows that must move), with their
-        inputs ``x`` and stream ``keys``."""
-        n_new = n - sum(done)
-        holes = [i for i in range(n_new) if done[i]]
-        movers = [i for i in range(n_new, n) if not done[i]]
-        if holes:
-            a = torch.tensor(holes, device=x.device)
-            b = torch.tensor(movers, device=x.device)
-            cache.swap_rows(a, b)
-            x[torch.cat([a, b])] = x[torch.cat([b, a])]
-            keys[torch.cat([a, b])] = keys[torch.cat([b, a])]
-            for i, j in zip(holes, movers):
-                slot_sample[i], slot_sample[j] = slot_sample[j], slot_sample[i]
-        return n_new
+
+@torch.no_grad()
+def generate_images(
+    policy,
+    input_ids,
+    *,
+    guidance_scale=5.0,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    seed=0,
+    cuda_graph=True,
+    flatten=None,
+    return_logprobs=False,
+    keys=None,
+):
+    """Image tokens for each row of ``input_ids`` (each ending with BOI) -> LongTensor [B, N].
+
+    Unconditional rows (guidance_scale > 1) are the conditional ids with every token except BOS
+    and BOI replaced by pad, as transformers' Janus generate builds them; their common
+    ``BOS pad ... pad`` prefix is computed once for the whole batch. Rows of different lengths are
+    packed, not padded: each row sees the positions it would see alone. ``flatten``: copy shared
+    prefixes into the rows after prefill (default: when the grouped decode kernel is not in use).
+    ``keys``: the random-stream key of each row (ints, default 0 .. B-1): a row's tokens depend on
+    (seed, its key, its context) only, not on the other rows.
+    """
+    check_sampling_args(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    seqs = as_token_lists(input_ids)
+    keys = check_keys(keys, len(seqs))
+    if hasattr(policy, "check_token_ids"):  # before any embedding: an OOV id is a raw IndexError there
+        policy.check_token_ids(seqs, "input_ids")
+    bad = [i for i, s in enumerate(seqs) if s[-1] != policy.boi_token_id]
+    if bad:
+        raise ValueError(f"rows {bad[:5]} of input_ids do not end with the BOI token ({policy.boi_token_id})")
+    runner = ModelRunner(policy, flatten)
+    N = policy.num_image_tokens
+    runner.begin().check_positions(max(len(s) for s in seqs) + N)
+    B, rows, groups = len(seqs), seqs, list(range(len(seqs)))
+    if guidance_scale > 1:  # one block for every unconditional row: BOS pad ... pad is shared
+        rows = seqs + [policy.unconditional_ids(torch.tensor(s)).tolist() for s in seqs]
+        groups += [B] * B
+    cache, last = runner.prefilled_cache(rows, groups, N)
+    dec = ImageDecoder(runner, cache, B, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                       top_p=top_p, sampler=Sampler(seed, policy.device), num_tokens=N, cuda_graph=cuda_graph,
+                       keys=keys)
+    tokens, logprobs = dec.run(policy.embed_text(torch.tensor(last, device=policy.device)))
+    return (tokens, logprobs) if return_logprobs else tokens

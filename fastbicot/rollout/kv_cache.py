@@ -12,10 +12,14 @@ Layout (one tensor each for K and V, allocated once, never resized during a roll
 A row's sequence is ``prefix[group_ids[r]][:prefix_len] + suffix[r][:suffix_len]`` and its next
 position is ``prefix_len[group] + suffix_len[r]`` (rows are packed: no padding inside a row, so
 every row sees the positions it would see alone). Decode attention reads each prefix block once
-per group and merges it with the row's suffix (kernels/decode_attention.py).
+per group and merges it with the row's suffix (kernels/decode_attention.py). layout_rows decides
+which rows share a prefix block.
 """
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -92,3 +96,119 @@ class KVCache:
         self.suffix_kv[:, :, rows, :, :width] = both.gather(4, idx)
         self.suffix_len[rows] = (plen + slen).int()
         self.prefix_len[torch.unique(g)] = 0
+
+
+def common_prefix_len(seqs) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+@dataclass
+class RowLayout:
+    """Where the rows' contexts (``seq[:-1]``: a row's last token is its first decode input) sit in a
+    KVCache: row r reads prefix block ``groups[r]`` (``prefix_lens[g]`` tokens: the longest common
+    prefix of the block's rows) and keeps ``remainders[r]`` tokens of its own in its suffix."""
+
+    groups: list
+    prefix_lens: list
+    remainders: list
+
+    @property
+    def num_prefixes(self) -> int:
+        return len(self.prefix_lens)
+
+    @property
+    def prefix_capacity(self) -> int:
+        return max(self.prefix_lens)
+
+    @property
+    def max_remainder(self) -> int:
+        return max(self.remainders)
+
+    @property
+    def max_context(self) -> int:
+        return max(self.prefix_lens[g] + r for g, r in zip(self.groups, self.remainders))
+
+
+def _lcp2(a, b) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _greedy_runs(lens, lcps, limit):
+    """Cut rows (sorted by context; ``lcps[j]``: common prefix of rows j and j + 1) into the fewest
+    consecutive runs whose longest row exceeds the run's common prefix by at most ``limit`` tokens:
+    [(start, end, common prefix)]."""
+    out, start, lcp, top = [], 0, lens[0], lens[0]
+    for j in range(1, len(lens)):
+        l2, t2 = min(lcp, lcps[j - 1]), max(top, lens[j])
+        if t2 - l2 <= limit:
+            lcp, top = l2, t2
+        else:
+            out.append((start, j, lcp))
+            start, lcp, top = j, lens[j], lens[j]
+    out.append((start, len(lens), lcp))
+    return out
+
+
+def layout_rows(seqs, groups, *, split=False) -> RowLayout:
+    """The prefix block of every row: rows with the same ``groups`` entry may share one (their longest
+    common prefix, prefilled once); blocks are numbered 0 .. K-1 in the order of the entries' first rows.
+
+    ``split=False``: one block per ``groups`` entry. ``split=True`` (the grouped layout, where prefixes
+    stay in their blocks): an entry's rows are cut into several blocks when that makes the cache smaller.
+    A static cache holds K blocks x Lp (the longest context) + rows x (S + what decoding appends), S the
+    longest remainder: every row's suffix is sized by the one row that runs furthest past its block's
+    common prefix (an unconditional ``BOS pad ... pad`` row longer than the shortest one of its block).
+    For every candidate S the fewest blocks are found greedily over each entry's rows in lexicographic
+    order of their contexts (the minimum when rows differ only in length, as the unconditional rows of
+    ``uncond="all"`` do), and the S of least ``K * Lp + rows * S`` is kept (ties: fewer blocks).
+    """
+    ctx = [list(s[:-1]) for s in seqs]
+    lens = [len(c) for c in ctx]
+    members: dict = {}
+    for r, g in enumerate(groups):
+        members.setdefault(g, []).append(r)
+    parts = []  # per entry: its rows (sorted by context when splitting) and their adjacent common prefixes
+    for rows in members.values():
+        if split:
+            rows = sorted(rows, key=lambda r: ctx[r])
+        lcps = [_lcp2(ctx[a], ctx[b]) for a, b in itertools.pairwise(rows)] if split else None
+        parts.append((rows, lcps))
+    if not split:
+        cuts = [[(0, len(rows), common_prefix_len([ctx[r] for r in rows]))] for rows, _ in parts]
+    else:
+        cands = {0}
+        for rows, lcps in parts:  # the remainder bound of every consecutive run
+            for u in range(len(rows)):
+                lcp = top = lens[rows[u]]
+                for v in range(u + 1, len(rows)):
+                    lcp, top = min(lcp, lcps[v - 1]), max(top, lens[rows[v]])
+                    cands.add(top - lcp)
+        Lp, n = max(lens), len(seqs)
+        part_lens = [[lens[r] for r in rows] for rows, _ in parts]
+        best = None
+        for limit in sorted(cands):
+            if best is not None and n * limit + len(parts) * Lp > best[0]:
+                break  # every later candidate costs more than the best already found
+            cuts_l = [_greedy_runs(pl, lcps, limit) if len(pl) > 1 else [(0, 1, pl[0])]
+                      for pl, (_, lcps) in zip(part_lens, parts)]
+            cost = sum(map(len, cuts_l)) * Lp + n * limit
+            if best is None or cost <= best[0]:
+                best = (cost, cuts_l)
+        cuts = best[1]
+    out_groups, prefix_lens, rem = [0] * len(seqs), [], [0] * len(seqs)
+    for (rows, _), runs in zip(parts, cuts):
+        for start, end, lcp in runs:
+            for r in rows[start:end]:
+                out_groups[r] = len(prefix_lens)
+                rem[r] = lens[r] - lcp
+            prefix_lens.append(lcp)
+    return RowLayout(out_groups, prefix_lens, rem)

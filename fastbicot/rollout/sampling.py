@@ -1,4 +1,4 @@
-"""The one place the rollout draws tokens.
+"""The one place the rollout draws tokens (Sampler: CoT and image tokens, every device).
 
 Calls the fused kernel ``fastbicot.kernels.cfg_sample`` (DESIGN.md §4) when it exists; otherwise an
 equivalent torch implementation (same filtering and log-prob semantics; its random stream comes
@@ -14,6 +14,8 @@ rank generates it and however the batch is split or compacted.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 try:
@@ -23,6 +25,7 @@ except ImportError:  # pragma: no cover - depends on what has landed
     _kernel_cfg_sample = keyed_exponential = None
 
 _M64 = (1 << 64) - 1
+IMAGE_OFFSET = 1 << 24  # sampler offsets of image steps (CoT steps use 0, 1, ...): disjoint streams
 
 
 def _splitmix64(x: int) -> int:
@@ -43,6 +46,36 @@ def stream_generator(seed: int, offset: int, key: int) -> torch.Generator:
     for word in (seed, offset, key):
         h = _splitmix64(h ^ (int(word) & _M64))
     return torch.Generator().manual_seed((h ^ (h >> 32)) & 0xFFFFFFFF)
+
+
+def check_keys(keys, n, name="keys", per="row") -> list:
+    """None -> [0 .. n-1]; else a list of n distinct ints in int64 range (a list or a 1-D int tensor),
+    one per ``per``; ValueError naming ``name`` otherwise."""
+    if keys is None:
+        return list(range(n))
+    if isinstance(keys, torch.Tensor):
+        if keys.dim() != 1 or keys.dtype.is_floating_point or keys.dtype.is_complex or keys.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D integer tensor or a list of ints, got {keys.dtype} "
+                             f"{tuple(keys.shape)}")
+        keys = keys.tolist()
+    if isinstance(keys, (str, bytes)) or not hasattr(keys, "__len__"):
+        raise ValueError(f"{name} must be a list of ints, got {type(keys).__name__}")
+    out = []
+    for i, k in enumerate(keys):
+        try:
+            if isinstance(k, bool):
+                raise TypeError
+            k = operator.index(k)
+        except TypeError:
+            raise ValueError(f"{name}[{i}] must be an int, got {k!r}") from None
+        if not -(2**63) <= k < 2**63:
+            raise ValueError(f"{name}[{i}] = {k} is outside the int64 range")
+        out.append(k)
+    if len(out) != n:
+        raise ValueError(f"{name} must hold one entry per {per} ({n}), got {len(out)}")
+    if len(set(out)) != n:
+        raise ValueError(f"{name} must be distinct (equal keys draw identical random numbers), got {out[:16]}")
+    return out
 
 
 def check_sampling_args(*, guidance_scale=1.0, temperature=1.0, top_k=0, top_p=1.0) -> None:
@@ -83,6 +116,7 @@ class Sampler:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)  # the torch path's stream
         self.generator.manual_seed(self.seed)
+        self._noise = None  # draw_plain's noise: (keys, first step, log E [n, steps, V])
 
     @staticmethod
     def uses_kernel(dtype) -> bool:
@@ -146,3 +180,31 @@ class Sampler:
             ]).to(logp.device)
         tokens = (logp - e.log()).argmax(-1)
         return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+    def draw_plain(self, logits, step, *, num_steps, keys, greedy, out):
+        """Plain sampling on CPU (no top-k / top-p) of the image step ``step`` of ``num_steps``,
+        ``logits`` [n, V] already divided by the temperature (the image loop folds it into the head).
+
+        Gumbel-max, argmax(log p - log E) with E ~ Exp(1), the noise of many steps drawn at once (one
+        op per row instead of one per step), row i's from its own generator
+        stream_generator(seed, IMAGE_OFFSET + the chunk's first step, keys[i]). The chunks depend on V
+        and num_steps only, not on n, so a row's noise is a function of (seed, step, key).
+        ``out``: (tokens [n], log-probs [n]) written in place; ``greedy`` (temperature 0) takes the
+        argmax and leaves the log-prob as it is (0 in a zeroed buffer).
+        """
+        tokens, logprobs = out
+        if greedy:
+            return torch.argmax(logits, -1, out=tokens)
+        logp = torch.log_softmax(logits, -1)
+        keys = tuple(keys)
+        if self._noise is None or self._noise[0] != keys or not 0 <= step - self._noise[1] < self._noise[2].shape[1]:
+            V = logits.shape[-1]
+            chunk = max(1, min(num_steps - step, (1 << 16) // V))
+            e = torch.empty(len(keys), chunk, V, dtype=logits.dtype)
+            for i, key in enumerate(keys):
+                e[i].exponential_(generator=stream_generator(self.seed, IMAGE_OFFSET + step, key))
+            self._noise = (keys, step, e.log_())
+        _, start, noise = self._noise
+        tok = torch.argmax(logp - noise[:, step - start], -1, out=tokens)
+        logprobs.copy_(logp.gather(1, tok[:, None])[:, 0])
+        return tok

@@ -8,9 +8,9 @@ rotary embedding, SiLU MLP), read through the policy's Protocol members by role
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .attention import DecodeAttention, prefill_attention
+from .cpu_decode import FusedWeights
 
 
 def _rotate_half(x):
@@ -66,7 +66,7 @@ class Trunk:
             raise NotImplementedError("the rollout trunk supports multi-head attention (Janus-Pro); got GQA")
         self.scale = policy.attention_scale
         self.eps = policy.rms_norm_eps
-        self.fused = self.native = self.out_w = None  # see fuse_weights
+        self.fused = None  # see fuse_weights
         self.refresh()
         self.max_positions = policy.max_positions if max_positions is None else int(max_positions)
         # RoPE tables for every position, computed once by the model's own rotary embedding.
@@ -80,58 +80,22 @@ class Trunk:
         self.norm = self.policy.final_norm
 
     def fuse_weights(self) -> None:
-        """CPU decode: one matmul for [q, k, rot(q), rot(k), v] and one for [gate, up].
-
-        On CPU a decode step of a small model is dominated by per-op overhead, so fewer, larger
-        ops win. rot(W) holds W's rows permuted and negated as rotate_half does, so
-        ``W_q h * cos + rot(W_q) h * sin`` is RoPE exactly. The RMSNorm weight in front of each
-        matmul and the attention scale (q rows) are folded into the fused weights, so the step
-        runs a weightless norm and unscaled attention. Rebuilt on every rollout (weights change
-        between training steps); never on CUDA, where the CUDA graph removes the overhead and
-        the copies would cost memory.
-        """
-        H, D = self.num_heads, self.head_dim
-
-        def rot(w):
-            w = w.view(H, D, -1)
-            return torch.cat([-w[:, D // 2 :], w[:, : D // 2]], dim=1).reshape(H * D, -1)
-
-        self.fused, self.native, self.out_w = [], None, []
+        """CPU decode: fused copies of this rollout's weights (rollout.cpu_decode.FusedWeights) in
+        ``self.fused``; None (the module path) for biased projections or an adapter variant
+        effective_weight does not express. Rebuilt on every rollout: weights change between
+        training steps."""
+        layers = []
         for layer in self.layers:
             mods = (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj,
                     layer.down_proj)
             ws = [effective_weight(mod) for mod in mods]
             if any(mod.bias is not None for mod in mods) or any(w is None for w in ws):
-                self.fused = self.out_w = None  # biased projections or an adapter variant: module path
+                self.fused = None
                 return
-            wq_, wk_, wv, wo, wg, wu, wd = ws
-            wq, wk = wq_ * self.scale, wk_
-            w_in = torch.cat([wq, wk, rot(wq), rot(wk), wv]) * layer.input_norm.weight
-            w_gu = torch.cat([wg, wu]) * layer.post_attention_norm.weight
-            self.fused.append((w_in.detach(), w_gu.detach()))
-            self.out_w.append((wo.detach(), wd.detach()))
-        # the same weights as lists for fastbicot._C.decode_step_cpu (decode_flat_native)
-        H_D = H * D  # [q, k, v] rows of w_in: the C++ step applies RoPE itself
-        self.native = (
-            [torch.cat([w[: 2 * H_D], w[4 * H_D :]]) for w, _ in self.fused],
-            [wo for wo, _ in self.out_w],
-            [w for _, w in self.fused],
-            [wd for _, wd in self.out_w],
-            self.norm.weight.detach(),
-        )
-
-    def _norm(self, norm, x):
-        """LlamaRMSNorm in one op where the dtype allows (HF normalises in fp32, then scales)."""
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, norm.weight.shape, norm.weight, self.eps)
-        return norm(x)
-
-    def _rms(self, x):
-        """LlamaRMSNorm without its weight (folded into the next matmul by fuse_weights)."""
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), None, self.eps)
-        xf = x.float()  # HF normalises in fp32 whatever the dtype
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+            layers.append((*ws, layer.input_norm.weight, layer.post_attention_norm.weight, layer.act))
+        self.fused = FusedWeights(layers, self.norm, num_heads=self.num_heads, head_dim=self.head_dim,
+                                  scale=self.scale, eps=self.eps,
+                                  silu=self.policy.mlp_activation in ("silu", "swish"))
 
     def _rope(self, x, cos, sin):
         return x * cos + _rotate_half(x) * sin
@@ -204,7 +168,7 @@ class Trunk:
         attn = DecodeAttention(cache, n, static=static, flat=flat)
         shape = (n, self.num_heads, self.head_dim)
         if self.fused is not None:
-            return self._decode_fused(x, cache, n, rows, wpos, cos[:, None], sin[:, None], attn)
+            return self.fused.decode(x, cache, n, rows, wpos, cos[:, None], sin[:, None], attn)
         for i, layer in enumerate(self.layers):
             h = layer.input_norm(x)
             q, k, v = self._qkv(layer, h, shape)
@@ -215,74 +179,3 @@ class Trunk:
             x = x + layer.o_proj(o.reshape(n, -1))
             x = x + layer.mlp(layer.post_attention_norm(x))
         return self.norm(x)
-
-    def _decode_fused(self, x, cache, n, rows, wpos, cos, sin, attn):
-        H, D = self.num_heads, self.head_dim
-        hd = H * D
-        for i, (layer, (w_in, w_gu), (w_o, w_down)) in enumerate(zip(self.layers, self.fused, self.out_w)):
-            y = F.linear(self._rms(x), w_in)  # [n, 5 H D]
-            qk = torch.addcmul(
-                y[:, : 2 * hd].view(n, 2, H, D) * cos, y[:, 2 * hd : 4 * hd].view(n, 2, H, D), sin
-            )
-            cache.suffix_kv[i, 0, rows, :, wpos] = qk[:, 1]
-            cache.suffix_kv[i, 1, rows, :, wpos] = y[:, 4 * hd :].view(n, H, D)
-            o = attn(qk[:, 0], i, 1.0)  # q carries the attention scale (fuse_weights)
-            x = torch.addmm(x, o.reshape(n, hd), w_o.t())
-            gu = F.linear(self._rms(x), w_gu)
-            f = gu.shape[1] // 2
-            x = torch.addmm(x, layer.act(gu[:, :f]) * gu[:, f:], w_down.t())
-        return self._norm(self.norm, x)
-
-    def native_ok(self) -> bool:
-        """True when decode_flat_native can run: the C++ extension is built, fused weights of a
-        plain SiLU Llama MLP, a float32/float64 policy on CPU."""
-        from fastbicot import _ext
-
-        return (
-            self.native is not None
-            and _ext.available("cpu")
-            and hasattr(_ext._C, "decode_step_cpu")  # an extension built before this op: fall back
-            and self.cos.device.type == "cpu"
-            and self.cos.dtype in (torch.float32, torch.float64)
-            and self.policy.mlp_activation in ("silu", "swish")
-        )
-
-    @torch.no_grad()
-    def decode_flat_native(self, x, cache, pos, cos_sin):
-        """decode_flat in one C++ call (fastbicot._C.decode_step_cpu): same math, one Python entry
-        per step instead of ~13 ops per layer. pos [n]: the slot each row writes this token to
-        (the row attends to slots [0, pos]); cos_sin [n, 2 D]."""
-        from fastbicot._ext import _C
-
-        w_in, w_o, w_gu, w_down, nw = self.native
-        return _C.decode_step_cpu(x, w_in, w_o, w_gu, w_down, nw, cache.suffix_kv, pos, cos_sin, self.eps)
-
-    @torch.no_grad()
-    def decode_flat(self, x, cache, write_index, cos_sin, ls, hidden=None):
-        """The CPU image loop's step over flattened rows [0, n) (fused weights, no prefix blocks).
-
-        x [n, Hd]; write_index [2 n H]: rows of ``cache.suffix_kv[layer].view(-1, D)`` that take
-        this token's K and V (the caller advances it by one per step); cos_sin [n, 2 D]: RoPE of
-        this step's positions; ls: keys to read (the longest row, new token included); hidden:
-        optional bool [n, 1, 1, ls], True at keys a shorter row must not see. Attention is two
-        batched matmuls + a softmax: at decode sizes SDPA's CPU kernel costs more than that.
-        The caller advances ``cache.suffix_len`` when its loop ends.
-        """
-        n, H, D = x.shape[0], self.num_heads, self.head_dim
-        hd = H * D
-        cos, sin = cos_sin[:, None, None, :D], cos_sin[:, None, None, D:]
-        for i, (layer, (w_in, w_gu), (w_o, w_down)) in enumerate(zip(self.layers, self.fused, self.out_w)):
-            y = F.linear(self._rms(x), w_in)  # [n, 5 H D]: q, k, rot(q), rot(k), v
-            qk = (y[:, : 2 * hd].view(n, 2, H, D) * cos).addcmul_(y[:, 2 * hd : 4 * hd].view(n, 2, H, D), sin)
-            new_kv = torch.stack([qk[:, 1], y[:, 4 * hd :].view(n, H, D)])  # [2, n, H, D]
-            kv = cache.suffix_kv[i]
-            kv.view(-1, D).index_copy_(0, write_index, new_kv.view(-1, D))
-            s = torch.matmul(qk[:, 0, :, None], kv[0, :n, :, :ls].transpose(-1, -2))  # [n, H, 1, ls]
-            if hidden is not None:
-                s.masked_fill_(hidden, float("-inf"))
-            o = torch.matmul(torch.softmax(s, -1), kv[1, :n, :, :ls])  # [n, H, 1, D]
-            x = torch.addmm(x, o.view(n, hd), w_o.t())
-            gu = F.linear(self._rms(x), w_gu)
-            f = gu.shape[1] // 2
-            x = torch.addmm(x, layer.act(gu[:, :f]).mul_(gu[:, f:]), w_down.t())
-        return self._norm(self.norm, x)

@@ -247,14 +247,14 @@ def default_lengths(config: TrainerConfig, *, prompt_tokens: int = 20, cot_token
     if r.image_mode == "continue":
         shared = ctx
     else:  # BOS + the head of the image template + the prompt (rounded down: a lower bound)
-        from ..rollout.cot import IMAGE_TEMPLATE_HEAD
+        from ..rollout.templates import IMAGE_TEMPLATE_HEAD
 
         shared = 1 + int(len(IMAGE_TEMPLATE_HEAD.format(prompt="")) / chars_per_token) + prompt_tokens
     return Lengths(ctx, cot, img, image_shared=min(shared, img - 1))
 
 
 def _cot_context_tokens(config, prompt_tokens, chars_per_token=5.0) -> int:
-    from ..rollout.cot import cot_prompt
+    from ..rollout.templates import cot_prompt
 
     r = config.rollout
     ctx = 1 + math.ceil(len(cot_prompt("", r.template, r.system, r.instruction)) / chars_per_token) + prompt_tokens
@@ -263,7 +263,7 @@ def _cot_context_tokens(config, prompt_tokens, chars_per_token=5.0) -> int:
 
 def _image_context_tokens(config, cot_context, prompt_tokens, cot, chars_per_token=5.0) -> int:
     """The image step's context of a row with a ``cot``-token CoT (EOS included; 0: none sampled)."""
-    from ..rollout.cot import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL
+    from ..rollout.templates import IMAGE_TEMPLATE_HEAD, IMAGE_TEMPLATE_TAIL
 
     r = config.rollout
     body = max(0, cot - 1)  # the CoT without its EOS
@@ -575,7 +575,7 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
             kv_tok * (npre * (Li - 1) + rows * scap))
     # prefill (rollout.generate.prefill_rows): batches of at most PREFILL_TOKENS padded positions (a
     # row over it alone); a batch holds one layer's activations and K/V at a time
-    from ..rollout.generate import PREFILL_TOKENS
+    from ..rollout.runner import PREFILL_TOKENS
 
     def batch_rows(n, width):  # rows of the largest batch of n rows `width` positions wide
         return min(n, max(1, PREFILL_TOKENS // max(width, 1)))

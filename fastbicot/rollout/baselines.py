@@ -1,8 +1,9 @@
-"""The seed system's image loop (T2I-R1), kept as the baseline of bench/rollout_throughput.py.
+"""The baselines of bench/rollout_throughput.py: the T2I-R1 seed system's image loop and
+transformers' own Janus generate.
 
-Eager HF LlamaModel forward with a DynamicCache, CFG by doubling every row (conditional and
-unconditional rows interleaved), softmax + multinomial, as the seed's image loop
-(``src/t2i-r1/src/open_r1/trainer/grpo_trainer.py:574-630`` of CaraJ7/T2I-R1):
+t2i_r1_generate_images: eager HF LlamaModel forward with a DynamicCache, CFG by doubling every
+row (conditional and unconditional rows interleaved), softmax + multinomial, as the seed's image
+loop (``src/t2i-r1/src/open_r1/trainer/grpo_trainer.py:574-630`` of CaraJ7/T2I-R1):
 
 * rows of different lengths are right-padded to the longest, with BOI after the padding; the
   conditional row's padding is masked out of attention (``grpo_trainer.py:563-576``);
@@ -18,11 +19,11 @@ import torch
 
 
 @torch.no_grad()
-def seed_generate_images(policy, input_ids, *, guidance_scale=5.0, temperature=1.0, generator=None):
+def t2i_r1_generate_images(policy, input_ids, *, guidance_scale=5.0, temperature=1.0, generator=None):
     """-> LongTensor [B, num_image_tokens]. temperature=0 takes the argmax (for exactness tests)."""
     from transformers import DynamicCache
 
-    from .generate import as_token_lists
+    from .engine import as_token_lists
 
     seqs = as_token_lists(input_ids)
     dev, pad = policy.device, policy.pad_token_id
