@@ -278,7 +278,7 @@ def _image_context_tokens(config, cot_context, prompt_tokens, cot, chars_per_tok
 def uncond_blocks(rows: int, uncond: int, span: int, block: int, mode: str = "all") -> tuple:
     """(K, S): prefix blocks of the ``uncond`` unconditional rows and the longest remainder S past
     their block's shared prefix that the grouped image cache holds, at most, for any lengths within
-    ``span`` tokens of each other -- an upper bound of what ``rollout.generate.layout_rows(split=True)``
+    ``span`` tokens of each other -- an upper bound of what ``rollout.kv_cache.layout_rows(split=True)``
     picks (it minimises K * block + rows * S over its exact rows; ``rows``: all rows of the cache,
     conditional ones included, whose suffixes are sized by S too; ``block``: the prefix capacity).
 
@@ -539,7 +539,7 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     # ---- rollout ---------------------------------------------------------------------------------
     add("rollout.unsharded", "all-gathered weights of the FSDP2 units",
         ((s.unit_frozen + s.trainable) if s.lora else s.trainable) * b if N > 1 else 0, "FSDP2 unshard for the rollout")
-    # The engine (rollout/engine.py, generate.py): the CoT cache, freed before the image cache is
+    # The engine (rollout/engine.py, runner.py): the CoT cache, freed before the image cache is
     # allocated; each cache laid out by layout_rows -- prefix blocks (a prompt's template; a conditional
     # row's whole image context; the unconditional rows' BOS pad ... pad), and per row a suffix of its
     # remainder past its block + 1 + the tokens it decodes (flattened: its whole context + 1 + ...);
@@ -573,7 +573,7 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
         npre = R + K_u
         add("kv.image", f"KV cache, image phase ({rows} rows x {scap} + {npre} prefixes x {Li - 1})",
             kv_tok * (npre * (Li - 1) + rows * scap))
-    # prefill (rollout.generate.prefill_rows): batches of at most PREFILL_TOKENS padded positions (a
+    # prefill (rollout.runner.prefill_rows): batches of at most PREFILL_TOKENS padded positions (a
     # row over it alone); a batch holds one layer's activations and K/V at a time
     from ..rollout.runner import PREFILL_TOKENS
 
