@@ -103,9 +103,12 @@ def eval_reward(trainer, records) -> float:
 
 
 def test_toy_got_grpo_raises_the_reward(tmp_path):
+    # 20 steps: the run is chaotic (float-rounding changes move the SFT and GRPO trajectories), and 10 steps
+    # of 8 prompts left the held-out gain within the noise on some trajectories (+0.007); with 20 steps three
+    # seeds gave +0.22 to +0.36 (2026-12-02)
     logging.getLogger("fastbicot.rewards.layout").setLevel(logging.ERROR)
     overrides = [f"output_dir={tmp_path / 'run'}", f"sft.cache_dir={tmp_path / 'cache'}", "sft.steps=150",
-                 "steps=10", "data.prompts_per_step=8", "optim.micro_batch_prompts=8", "log.progress=false",
+                 "steps=20", "data.prompts_per_step=8", "optim.micro_batch_prompts=8", "log.progress=false",
                  "log.grid_every=0", "log.entropy=false"]
     config = TrainerConfig.from_yaml(os.path.join(ROOT, "configs/toy_got.yaml"), overrides)
     config = config.replace(data={"prompts": os.path.join(ROOT, config.data.prompts)},
@@ -123,7 +126,7 @@ def test_toy_got_grpo_raises_the_reward(tmp_path):
         logging.getLogger("fastbicot.rewards.layout").setLevel(logging.NOTSET)
     rows = read_metrics(os.path.join(config.output_dir, "metrics.jsonl"))
     print(f"eval reward before {before:.3f}, after {after:.3f}; steps {[round(r['reward/mean'], 3) for r in rows]}")
-    assert len(rows) == 10 and all("reward/ri/malformed" in r and "reward/plan/spa" in r for r in rows)
+    assert len(rows) == 20 and all("reward/ri/malformed" in r and "reward/plan/spa" in r for r in rows)
     assert after > before + 0.03, (before, after)
     means = [r["reward/mean"] for r in rows]
     assert sum(means[-3:]) / 3 > sum(means[:3]) / 3, means
