@@ -156,3 +156,42 @@ def run_triton_cases_in_fresh_interpreter(test_file):
            "-k", "triton and not fresh"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+# --- multi-process training runs (tests/dist_worker.py under torchrun, and in one process) --------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
+# the toy world made small: 4 prompt groups x 4 samples, short CoTs
+SMALL = ["--sft.steps=0", "--data.prompts_per_step=4", "--rollout.num_generations=4", "--rollout.cot.max_new_tokens=8",
+         "--log.progress=false", "--log.tensorboard=false", "--log.grid_every=0", "--distributed.timeout_s=300"]
+TIMING = ("time/", "images_per_s")
+
+
+def run_env():
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+                PYTHONWARNINGS="ignore")
+
+
+def run(cmd, timeout=900):
+    return subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def torchrun(n, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
+
+
+def close_metrics(a, b, rtol):
+    """Every metric of ``a`` (timings aside) in ``b`` and equal within ``rtol``."""
+    import pytest
+
+    for k, v in a.items():
+        if k.startswith(TIMING):
+            continue
+        assert k in b, k
+        assert v == pytest.approx(b[k], rel=rtol, abs=1e-7), (k, v, b[k])
