@@ -296,7 +296,7 @@ class RolloutEngine:
             bar = tqdm(total=max_new + N, desc="rollout", leave=False)
         return _Run(o=o, records=records, G=G, group_index=group_index, templates=templates,
                     sample_key=[group_index[s // G] * G + s % G for s in range(R)],
-                    sampler=Sampler(seed, self.policy.device), bar=bar, longest=longest,
+                    sampler=Sampler(seed), bar=bar, longest=longest,
                     cont=o.image_mode == "continue" and o.semantic_cot, slot_sample=list(range(R)))
 
     def _cot(self, run) -> tuple:
@@ -359,19 +359,10 @@ class RolloutEngine:
                 groups += [R - P + b for b in uncond_block]
             cache, first = self.runner.prefilled_cache(rows, groups, N)
         run.cache = None  # the decoder holds the cache; gone with it before the pixels are decoded
-        dec = ImageDecoder(
-            self.runner,
-            cache,
-            R,
-            guidance_scale=o.guidance_scale,
-            temperature=o.image.temperature,
-            top_k=o.image.top_k,
-            top_p=o.image.top_p,
-            sampler=run.sampler,
-            num_tokens=N,
-            cuda_graph=o.cuda_graph,
-            keys=[run.sample_key[s] for s in run.slot_sample],  # the stream of the sample in each slot
-        )
+        dec = ImageDecoder(self.runner, cache, R, guidance_scale=o.guidance_scale, temperature=o.image.temperature,
+                           top_k=o.image.top_k, top_p=o.image.top_p, sampler=run.sampler, num_tokens=N,
+                           cuda_graph=o.cuda_graph,
+                           keys=[run.sample_key[s] for s in run.slot_sample])  # the stream of each slot's sample
         tokens, logprobs = dec.run(self.policy.embed_text(torch.tensor(first, device=self.policy.device)),
                                    progress=run.bar)
         order = torch.tensor([run.slot_sample.index(s) for s in range(R)], device=tokens.device)
@@ -465,7 +456,7 @@ def generate_images(
         groups += [B] * B
     cache, last = runner.prefilled_cache(rows, groups, N)
     dec = ImageDecoder(runner, cache, B, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                       top_p=top_p, sampler=Sampler(seed, policy.device), num_tokens=N, cuda_graph=cuda_graph,
+                       top_p=top_p, sampler=Sampler(seed), num_tokens=N, cuda_graph=cuda_graph,
                        keys=keys)
     tokens, logprobs = dec.run(policy.embed_text(torch.tensor(last, device=policy.device)))
     return (tokens, logprobs) if return_logprobs else tokens

@@ -74,8 +74,8 @@ class KVCache:
     def flatten(self, start: int, end: int) -> None:
         """Copy the group prefix of rows [start, end) in front of their suffixes (prefix length 0).
 
-        For the torch attention path on CPU: one contiguous KV per row costs no per-step gather or
-        concatenation there, while reading a prefix once per group only pays off on a GPU. The
+        For the CPU decode step (rollout.cpu_decode): one contiguous KV per row costs no per-step
+        gather there, while reading a prefix once per group only pays off on a GPU. The
         rows' sequences and positions are unchanged.
         """
         rows = torch.arange(start, end, device=self.suffix_kv.device)

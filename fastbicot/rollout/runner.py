@@ -172,10 +172,11 @@ class ModelRunner:
         return cache, self.prefill(cache, seqs, range(len(seqs)), groups)
 
     def decode_backend(self) -> str:
-        """Which decode step the image loop runs (reported by the bench): "cpp-decode-step"
-        (fastbicot._C.decode_step_cpu, CPU), else the attention backend's name."""
+        """Which decode step the image loop runs (reported by the bench): on CPU over flattened rows
+        with fused weights "cpp-decode-step" (fastbicot._C.decode_step_cpu) or "torch-matmul-flat"
+        (FusedWeights.flat), else the attention backend's name."""
         if self.policy.device.type == "cpu" and self.flat:
             fused = self.begin().fused
-            if fused is not None and fused.native_ok():
-                return "cpp-decode-step"
+            if fused is not None:
+                return "cpp-decode-step" if fused.use_native else "torch-matmul-flat"
         return attention_backend(self.policy.device, self.flat)
