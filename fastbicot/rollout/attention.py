@@ -42,17 +42,8 @@ class DecodeAttention:
         if self.flat:
             out, _ = suffix_attention(q, c.suffix_k[layer, :n], c.suffix_v[layer, :n], c.suffix_len[:n], scale=scale)
             return out.to(q.dtype)
-        return grouped_decode_attention(
-            q,
-            c.prefix_k[layer],
-            c.prefix_v[layer],
-            c.prefix_len,
-            c.group_ids[:n],
-            c.suffix_k[layer, :n],
-            c.suffix_v[layer, :n],
-            c.suffix_len[:n],
-            scale=scale,
-        )
+        return grouped_decode_attention(q, c.prefix_k[layer], c.prefix_v[layer], c.prefix_len, c.group_ids[:n],
+                                        c.suffix_k[layer, :n], c.suffix_v[layer, :n], c.suffix_len[:n], scale=scale)
 
 
 def prefill_attention(q, k, v, *, scale, attn_mask=None):
@@ -60,16 +51,8 @@ def prefill_attention(q, k, v, *, scale, attn_mask=None):
 
     With ``attn_mask`` (bool [B,1,Lq,Lk]) the caller handles causality and prefixes.
     """
-    if (
-        attn_mask is None
-        and _flash_attn_func is not None
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-    ):
-        out = _flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True
-        )
+    if attn_mask is None and _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                               causal=True)
         return out.transpose(1, 2)
-    if attn_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=scale)

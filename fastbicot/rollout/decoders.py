@@ -35,14 +35,8 @@ def decode_cot(runner, cache, sampler, last, slot_sample, keys, params, *, flush
     n, step = R, 0
     while n > 0:
         h = runner.trunk.decode(x[:n], cache, n, flat=runner.flat)
-        tok, lp = sampler(
-            policy.text_logits(h),
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            offset=step,
-            keys=keys[:n],
-        )
+        tok, lp = sampler(policy.text_logits(h), temperature=params.temperature, top_k=params.top_k,
+                          top_p=params.top_p, offset=step, keys=keys[:n])
         tok_l, lp_l = tok.tolist(), lp.tolist()
         if not all(map(math.isfinite, lp_l)):  # already on the host: no extra sync
             bad = [slot_sample[i] for i, x in enumerate(lp_l) if not math.isfinite(x)]
@@ -100,21 +94,8 @@ class ImageDecoder:
     stream keys). On the device in a static buffer, read by the sampler (and the CUDA graph).
     """
 
-    def __init__(
-        self,
-        runner,
-        cache,
-        n,
-        *,
-        guidance_scale,
-        temperature,
-        top_k,
-        top_p,
-        sampler,
-        num_tokens,
-        keys,
-        cuda_graph=True,
-    ):
+    def __init__(self, runner, cache, n, *, guidance_scale, temperature, top_k, top_p, sampler, num_tokens, keys,
+                 cuda_graph=True):
         policy, trunk = runner.policy, runner.trunk
         self.runner, self.trunk, self.cache, self.n, self.policy = runner, trunk, cache, n, policy
         self.cfg = guidance_scale > 1
@@ -164,14 +145,8 @@ class ImageDecoder:
         if self.plain:
             return self.sampler.draw_plain(logits, t, num_steps=self.num_tokens, keys=self.key_list,
                                            greedy=self.temperature == 0, out=(self.tokens[t], self.logprobs[t]))
-        tok, lp = self.sampler(
-            logits,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            offset=(self.step_idx[0] if t is None else t) + IMAGE_OFFSET,
-            keys=self.sample_keys,
-        )
+        tok, lp = self.sampler(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                               offset=(self.step_idx[0] if t is None else t) + IMAGE_OFFSET, keys=self.sample_keys)
         if t is None:  # inside the graph: no host-side index
             self.tokens.index_copy_(0, self.step_idx, tok[None])
             self.logprobs.index_copy_(0, self.step_idx, lp.float()[None])

@@ -249,20 +249,12 @@ class RolloutEngine:
         tok_cpu, lp_cpu = tokens.cpu(), img_lps.cpu()
         G, records = run.G, run.records
         samples = [
-            RolloutSample(
-                prompt_index=s // G,
-                prompt=records[s // G].prompt,
-                cot_context_ids=run.templates[s // G],
-                cot_ids=cot_ids[s],
-                cot_text=cot_texts[s],
-                cot_logprobs=torch.tensor(cot_lps[s], dtype=torch.float32),
-                image_context_ids=ctx[s],
-                uncond_context_ids=uctx[s] if uctx is not None else None,
-                image_tokens=tok_cpu[s],
-                image_logprobs=lp_cpu[s],
-                image=images[s] if images is not None else None,
-                metadata=records[s // G].metadata,
-            )
+            RolloutSample(prompt_index=s // G, prompt=records[s // G].prompt, cot_context_ids=run.templates[s // G],
+                          cot_ids=cot_ids[s], cot_text=cot_texts[s],
+                          cot_logprobs=torch.tensor(cot_lps[s], dtype=torch.float32), image_context_ids=ctx[s],
+                          uncond_context_ids=uctx[s] if uctx is not None else None, image_tokens=tok_cpu[s],
+                          image_logprobs=lp_cpu[s], image=images[s] if images is not None else None,
+                          metadata=records[s // G].metadata)
             for s in range(run.R)
         ]
         return RolloutBatch(samples=samples, image_tokens=tokens, images=images, timing=timing,
@@ -415,20 +407,8 @@ def as_token_lists(input_ids, name="input_ids"):
 
 
 @torch.no_grad()
-def generate_images(
-    policy,
-    input_ids,
-    *,
-    guidance_scale=5.0,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    seed=0,
-    cuda_graph=True,
-    flatten=None,
-    return_logprobs=False,
-    keys=None,
-):
+def generate_images(policy, input_ids, *, guidance_scale=5.0, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+                    cuda_graph=True, flatten=None, return_logprobs=False, keys=None):
     """Image tokens for each row of ``input_ids`` (each ending with BOI) -> LongTensor [B, N].
 
     Unconditional rows (guidance_scale > 1) are the conditional ids with every token except BOS

@@ -25,19 +25,8 @@ import torch
 
 
 class KVCache:
-    def __init__(
-        self,
-        num_layers,
-        num_heads,
-        head_dim,
-        *,
-        num_prefixes,
-        prefix_capacity,
-        num_rows,
-        suffix_capacity,
-        dtype,
-        device,
-    ):
+    def __init__(self, num_layers, num_heads, head_dim, *, num_prefixes, prefix_capacity, num_rows, suffix_capacity,
+                 dtype, device):
         if min(num_prefixes, num_rows, suffix_capacity) < 1 or prefix_capacity < 0:
             raise ValueError("KVCache needs at least one prefix, one row and one suffix slot")
         shape_p = (num_layers, num_prefixes, num_heads, max(prefix_capacity, 1), head_dim)

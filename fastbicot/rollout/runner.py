@@ -24,17 +24,9 @@ def default_flatten(policy, flatten=None) -> bool:
 
 
 def new_cache(policy, num_prefixes, prefix_capacity, num_rows, suffix_capacity) -> KVCache:
-    return KVCache(
-        policy.num_layers,
-        policy.num_kv_heads,
-        policy.head_dim,
-        num_prefixes=num_prefixes,
-        prefix_capacity=prefix_capacity,
-        num_rows=num_rows,
-        suffix_capacity=suffix_capacity,
-        dtype=policy.dtype,
-        device=policy.device,
-    )
+    return KVCache(policy.num_layers, policy.num_kv_heads, policy.head_dim, num_prefixes=num_prefixes,
+                   prefix_capacity=prefix_capacity, num_rows=num_rows, suffix_capacity=suffix_capacity,
+                   dtype=policy.dtype, device=policy.device)
 
 
 def rows_cache(policy, seqs, groups, decode_tokens, *, flat) -> tuple:
