@@ -4,7 +4,7 @@ generation index) only, never on the other samples in its batch, its row, or how
 Engine level: generating prompts [p0, p1, p2, p3] in one call equals generating [p0, p1] and [p2, p3]
 (group_index [0, 1] and [2, 3]) in two calls, and [p2, p3, p0, p1] with group_index [2, 3, 0, 1]:
 identical CoT ids and image tokens, and the same sampling log-probs, through CoT compaction, CFG,
-top-k/top-p, fp32 (the fused sampler's torch path) and float64 (the Sampler's Gumbel-max path).
+top-k/top-p, fp32 and float64 (the fused sampler's torch path).
 Kernel level: keyed cfg_sample keeps the exact law (chi-square over many keys) and a keyed row's draw
 does not depend on the batch, on the torch path and on the Triton kernels (interpreted on CPU).
 """
@@ -17,7 +17,7 @@ import torch
 from helpers import IDS, random_policy, run_triton_cases_in_fresh_interpreter
 
 from fastbicot.kernels.cfg_sample import cfg_probs_reference, cfg_sample, keyed_uniform
-from fastbicot.rollout import RolloutEngine, generate_images, sampling
+from fastbicot.rollout import RolloutEngine, generate_images
 from fastbicot.rollout.sampling import Sampler, filtered_logits
 
 cs = importlib.import_module("fastbicot.kernels.cfg_sample")  # the module (the package re-exports the function)
@@ -67,7 +67,7 @@ CASES = [  # dtype, image_mode, guidance, flatten, image top_k, image top_p, CoT
     (torch.float32, "reprompt", 5.0, True, 0, 1.0, 1.0),  # plain CFG image sampling (per-row noise)
     (torch.float32, "continue", 1.0, False, 7, 0.9, 0.9),  # grouped layout, fused sampler, no CFG
     (torch.float32, "continue", 4.0, True, 0, 1.0, 1.0),  # image rows in the CoT's compacted order
-    (torch.float64, "reprompt", 3.0, False, 5, 1.0, 1.0),  # the Sampler's float64 Gumbel-max path
+    (torch.float64, "reprompt", 3.0, False, 5, 1.0, 1.0),  # the fused sampler's float64 torch path
     (torch.float64, "continue", 5.0, True, 0, 0.8, 0.95),
 ]
 
@@ -278,22 +278,18 @@ def test_cfg_sample_keys_validation():
             cfg_sample(c, keys=bad)
 
 
-@pytest.mark.parametrize("kernel_module", [True, False], ids=["hash", "no-kernel-module"])
-def test_sampler_float64_keyed(seed, monkeypatch, kernel_module):
-    """The float64 Gumbel-max path: keyed rows are batch-independent and the law is the float64 softmax
-    of the guided, filtered logits; without the kernel module (no triton) the per-row generators too."""
-    if not kernel_module:
-        monkeypatch.setattr(sampling, "keyed_exponential", None)
-        monkeypatch.setattr(sampling, "_kernel_cfg_sample", None)
+def test_sampler_float64_keyed(seed):
+    """float64 logits (the kernel's torch path, in float64): keyed rows are batch-independent and the
+    law is the float64 softmax of the guided, filtered logits."""
     g = torch.Generator().manual_seed(seed)
     V = 29
     # small logits: ~11 tokens survive the filters, so the draws are far from deterministic
     c, u = (torch.randn(2, V, generator=g, dtype=torch.float64) * 0.3).split(1)
     kw = dict(guidance_scale=2.5, temperature=0.9, top_k=12, top_p=0.9)
-    sampler = Sampler(seed, "cpu")
+    sampler = Sampler(seed)
     p = torch.softmax(filtered_logits(u + 2.5 * (c - u), temperature=0.9, top_k=12, top_p=0.9), -1)[0]
     assert int((p > 0).sum()) >= 5
-    n = 8192 if kernel_module else 2048  # the fallback draws row by row
+    n = 8192
     keys = _random_keys(n, g)
     tok, lp = sampler(c.expand(n, -1), u.expand(n, -1), offset=7, keys=keys, **kw)
     assert _chi2_pvalue(tok, p) > ALPHA
@@ -307,7 +303,7 @@ def test_sampler_float64_keyed(seed, monkeypatch, kernel_module):
     assert torch.equal(t2[2:5], tok[pick])
     # the stream moves with the offset (step) and the seed
     assert not torch.equal(sampler(c.expand(n, -1), u.expand(n, -1), offset=8, keys=keys, **kw)[0], tok)
-    assert not torch.equal(Sampler(seed + 1, "cpu")(c.expand(n, -1), u.expand(n, -1), offset=7, keys=keys, **kw)[0], tok)
+    assert not torch.equal(Sampler(seed + 1)(c.expand(n, -1), u.expand(n, -1), offset=7, keys=keys, **kw)[0], tok)
 
 
 def test_triton_cases_in_fresh_interpreter():

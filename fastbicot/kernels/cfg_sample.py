@@ -35,8 +35,8 @@ not on which rows share the batch or where it sits (the rollout keys a sample by
 and generation index, so N ranks draw what 1 rank draws). The CPU torch path draws one inverse-CDF
 uniform per row, from a torch.Generator of (seed, offset) without keys, and with keys from a
 counter-based integer hash of (seed, offset, key) (`keyed_uniform`: two 32-bit xor-shift-multiply
-lanes held in int64 without overflow, 52 bits of them forming a float64 on the 2**-53 grid);
-`keyed_exponential` gives the float64 Gumbel-max noise of the same streams per token.
+lanes held in int64 without overflow, 52 bits of them forming a float64 on the 2**-53 grid).
+float64 logits always take the torch path, in float64 (the rollout's exactness tests sample through it).
 
 Rows with V <= 16384 run one program per row (several short rows per program), held in registers;
 longer rows (text vocab, V = 102400) run a tiled kernel that streams the row once per pass (the
@@ -458,14 +458,6 @@ def keyed_uniform(seed, offset, keys):
     return _uniform53(_stream_state(seed, offset, keys))
 
 
-def keyed_exponential(seed, offset, keys, n):
-    """float64 [B, n]: Exp(1) variables of the streams (seed, offset, keys[r]), element j of row r from the
-    state of (seed, offset, keys[r]) hashed with j. For float64 Gumbel-max draws: argmax(log p - log E)."""
-    j = torch.arange(n, dtype=torch.int64, device=keys.device)
-    h = _mix32(_stream_state(seed, offset, keys)[:, :, None] ^ j)
-    return _uniform53(h).log_().neg_()
-
-
 def cfg_probs_reference(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0,
                         top_k=0, top_p=1.0):
     """float64 [B, V]: the exact final distribution of cfg_sample, by sorting each row."""
@@ -509,13 +501,14 @@ def cfg_sample_reference(cond_logits, uncond_logits=None, *, guidance_scale=1.0,
 
 
 def _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_logprobs, keys=None):
-    """Batched fp32 torch path: top-k by torch.topk, top-p by a sort (of the top-k only when
+    """Batched torch path (fp32; float64 for float64 logits): top-k by torch.topk, top-p by a sort (of the top-k only when
     top-k is on), then one inverse-CDF draw per row (its uniform from the step's generator, or
     with keys from keyed_uniform: a function of (seed, offset, keys[r]) alone)."""
-    z = c.float()
+    dt = torch.float64 if c.dtype == torch.float64 else torch.float32
+    z = c.to(dt)
     if u is not None:
         # lerp = u + w(c - u); inf - inf (NaN) or a +inf marks a token banned in one branch
-        z = torch.lerp(u.float(), z, w).nan_to_num_(nan=-math.inf, posinf=-math.inf)
+        z = torch.lerp(u.to(dt), z, w).nan_to_num_(nan=-math.inf, posinf=-math.inf)
     if temperature == 0:
         tok = z.argmax(-1)
         return tok, torch.zeros(tok.shape, dtype=torch.float32, device=c.device)
@@ -544,7 +537,7 @@ def _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_l
     r = r * cum[:, -1:]
     last = V - 1 - (prob > 0).flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
     tok = torch.searchsorted(cum, r, right=True).minimum(last).squeeze(1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(1) if return_logprobs else None
+    return tok, logp.gather(-1, tok[:, None]).squeeze(1).float() if return_logprobs else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,8 +568,8 @@ def _integer(x):
 def _check(c, u, w, temperature, top_k, top_p, seed, offset, check_nan, keys=None):
     if c.dim() != 2:
         raise ValueError(f"cond_logits must be [B, V], got shape {tuple(c.shape)}")
-    if c.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"cond_logits must be float32/float16/bfloat16, got {c.dtype}")
+    if c.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"cond_logits must be float32/float16/bfloat16/float64, got {c.dtype}")
     if c.shape[0] == 0 or c.shape[1] == 0:
         raise ValueError(f"cond_logits must have at least one row and one token, got {tuple(c.shape)}")
     if u is not None:
@@ -645,7 +638,8 @@ def cfg_sample(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperatu
                top_k=0, top_p=1.0, seed=0, offset=0, keys=None, return_logprobs=False, check_nan=True):
     """Draw one token per row from the guided, tempered, top-k/top-p filtered distribution.
 
-    cond_logits, uncond_logits: [B, V] float32/float16/bfloat16 (math in fp32). uncond_logits=None
+    cond_logits, uncond_logits: [B, V] float32/float16/bfloat16 (math in fp32), or float64 (math in
+    float64, on the torch path whatever the device). uncond_logits=None
     or guidance_scale == 1 means no guidance (uncond is then not read). Any finite guidance_scale is
     accepted (w < 1 moves towards the unconditional logits, w = 0 samples from them alone).
     seed/offset: ints or 0-dim int64 tensors on the logits' device (CUDA-graph friendly).
@@ -672,7 +666,7 @@ def cfg_sample(cond_logits, uncond_logits=None, *, guidance_scale=1.0, temperatu
         c = c.contiguous()
     if u is not None and u.stride(-1) != 1:
         u = u.contiguous()
-    if _use_triton(c):
+    if c.dtype != torch.float64 and _use_triton(c):
         tok, lp = _cfg_sample_triton(c, u, w, temperature, top_k, top_p, seed, offset, keys)
     else:
         tok, lp = _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_logprobs, keys)

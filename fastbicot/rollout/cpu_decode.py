@@ -1,12 +1,12 @@
-"""The CPU decode step of small models: fused weights, the step over flattened rows, the C++ step.
+"""The CPU decode step of small models over flattened rows: fused weights, the step in torch ops, the C++ step.
 
 On CPU a decode step of a small model is bound by the number of torch ops (per-op dispatch, not
 FLOPs), so fewer, larger ops win. FusedWeights holds one matmul's weight for [q, k, rot(q), rot(k), v]
-and one for [gate, up] per layer; FlatRowsStep is the image loop's step over flattened rows (RoPE
-rows and the K/V write index advanced once per step, not per layer; attention as two batched
-matmuls), or the whole step in one C++ call (fastbicot._C.decode_step_cpu) when the extension is
-built. Never used on CUDA, where the CUDA graph removes the per-op overhead and the fused copies
-would cost memory.
+and one for [gate, up] per layer; its ``step`` runs one token for the flattened rows (KVCache.flatten)
+in one C++ call (fastbicot._C.decode_step_cpu) when the extension is built, else in torch ops
+(attention as two batched matmuls). The CoT loop calls it through Trunk.decode; the image loop
+through FlatRowsStep, which builds the per-step tables once per rollout. Never used on CUDA, where the
+CUDA graph removes the per-op overhead and the fused copies would cost memory.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class FusedWeights:
             [wd for _, _, _, wd, _ in self.layers],
             final_norm.weight.detach(),
         )
+        self.use_native = self.native_ok()
 
     def _rms(self, x):
         """LlamaRMSNorm without its weight (folded into the next matmul)."""
@@ -63,29 +64,11 @@ class FusedWeights:
             return F.rms_norm(x, self.final_norm.weight.shape, self.final_norm.weight, self.eps)
         return self.final_norm(x)
 
-    def decode(self, x, cache, n, rows, wpos, cos, sin, attn):
-        """Trunk.decode's step with the fused weights (any cache layout; ``attn``: DecodeAttention)."""
-        H, D = self.num_heads, self.head_dim
-        hd = H * D
-        for i, (w_in, w_gu, w_o, w_down, act) in enumerate(self.layers):
-            y = F.linear(self._rms(x), w_in)  # [n, 5 H D]
-            qk = torch.addcmul(
-                y[:, : 2 * hd].view(n, 2, H, D) * cos, y[:, 2 * hd : 4 * hd].view(n, 2, H, D), sin
-            )
-            cache.suffix_kv[i, 0, rows, :, wpos] = qk[:, 1]
-            cache.suffix_kv[i, 1, rows, :, wpos] = y[:, 4 * hd :].view(n, H, D)
-            o = attn(qk[:, 0], i, 1.0)  # q carries the attention scale
-            x = torch.addmm(x, o.reshape(n, hd), w_o.t())
-            gu = F.linear(self._rms(x), w_gu)
-            f = gu.shape[1] // 2
-            x = torch.addmm(x, act(gu[:, :f]) * gu[:, f:], w_down.t())
-        return self._final_norm(x)
-
     def flat(self, x, cache, write_index, cos_sin, ls, hidden=None):
         """The step over flattened rows [0, n) (no prefix blocks), in torch ops.
 
         x [n, Hd]; write_index [2 n H]: rows of ``cache.suffix_kv[layer].view(-1, D)`` that take
-        this token's K and V (the caller advances it by one per step); cos_sin [n, 2 D]: RoPE of
+        this token's K and V; cos_sin [n, 2 D]: RoPE of
         this step's positions; ls: keys to read (the longest row, new token included); hidden:
         optional bool [n, 1, 1, ls], True at keys a shorter row must not see. Attention is two
         batched matmuls + a softmax: at decode sizes SDPA's CPU kernel costs more than that.
@@ -109,6 +92,21 @@ class FusedWeights:
             f = gu.shape[1] // 2
             x = torch.addmm(x, act(gu[:, :f]).mul_(gu[:, f:]), w_down.t())
         return self._final_norm(x)
+
+    def step(self, x, cache, pos, cos_sin):
+        """One token for the flattened rows [0, n): row r writes its K/V at slot pos[r] and attends to
+        slots [0, pos[r]]; cos_sin [n, 2 D]. ``native`` when it can run, else ``flat`` (its write index
+        and key mask built from ``pos``). The caller advances ``cache.suffix_len``."""
+        if self.use_native:
+            return self.native(x, cache, pos, cos_sin)
+        n, (H, Ls), dev = x.shape[0], cache.suffix_kv.shape[3:5], x.device
+        kv_t, row, head = torch.meshgrid(
+            torch.arange(2, device=dev), torch.arange(n, device=dev), torch.arange(H, device=dev), indexing="ij"
+        )
+        write_index = (((kv_t * cache.num_rows + row) * H + head) * Ls + pos[None, :, None]).reshape(-1)
+        ls = int(pos.max()) + 1
+        hidden = None if int(pos.min()) + 1 == ls else torch.arange(ls, device=dev) > pos[:, None, None, None]
+        return self.flat(x, cache, write_index, cos_sin, ls, hidden)
 
     def native_ok(self) -> bool:
         """True when ``native`` can run: the C++ extension is built, a plain SiLU Llama MLP, float32 or
@@ -134,38 +132,19 @@ class FusedWeights:
 
 
 class FlatRowsStep:
-    """The image loop's trunk step over the flattened rows [0, rows) of ``cache`` (KVCache.flatten), with
-    the per-rollout tables built once: RoPE rows of every step, the K/V write index, the key mask of
-    rows shorter than the longest (None when all rows are equally long). ``step(x, t)`` -> hidden;
-    ``finish()`` advances the rows' suffix lengths by the steps taken (the step itself does not)."""
+    """The image loop's FusedWeights.step over the flattened rows [0, rows) of ``cache``
+    (KVCache.flatten), with every step's RoPE rows and write slots built once per rollout.
+    ``step(x, t)`` -> hidden; ``finish()`` advances the rows' suffix lengths by the steps taken (the
+    step itself does not)."""
 
     def __init__(self, fused: FusedWeights, cos_sin, cache, rows, num_tokens):
         self.fused, self.cache, self.rows, self.num_tokens = fused, cache, rows, num_tokens
-        c, R, N, dev = cache, rows, num_tokens, cache.suffix_kv.device
-        s0 = c.suffix_len[:R].long()  # flattened: a row's suffix is its whole context
-        steps = torch.arange(N, device=dev)
-        self.cos_sin = cos_sin[c.positions(R)[None] + steps[:, None]]  # [N, R, 2D]
-        H, Ls = c.suffix_kv.shape[3], c.suffix_kv.shape[4]
-        kv_t, row, head = torch.meshgrid(
-            torch.arange(2, device=dev), torch.arange(R, device=dev), torch.arange(H, device=dev), indexing="ij"
-        )
-        self.widx0 = (((kv_t * c.num_rows + row) * H + head) * Ls + s0[None, :, None]).reshape(-1)
-        self.ls0 = int(s0.max())
-        self.lim = None if int(s0.min()) == self.ls0 else (s0 + 1)[:, None, None, None]
-        self.keys = torch.arange(Ls, device=dev)
-        self.wpos = s0[None] + steps[:, None]  # [N, R]: the slot each row writes at each step
-        self.native = fused.native_ok()
-
-    @property
-    def name(self) -> str:
-        return "cpp-decode-step" if self.native else "torch-matmul-flat"
+        steps = torch.arange(num_tokens, device=cache.suffix_kv.device)[:, None]
+        self.cos_sin = cos_sin[cache.positions(rows)[None] + steps]  # [N, R, 2D]
+        self.wpos = cache.suffix_len[:rows].long()[None] + steps  # [N, R]: flattened, a row's suffix is its context
 
     def __call__(self, x, t):
-        if self.native:
-            return self.fused.native(x, self.cache, self.wpos[t], self.cos_sin[t])
-        ls = self.ls0 + t + 1
-        hidden = None if self.lim is None else self.keys[:ls] >= self.lim + t
-        return self.fused.flat(x, self.cache, self.widx0 + t, self.cos_sin[t], ls, hidden)
+        return self.fused.step(x, self.cache, self.wpos[t], self.cos_sin[t])
 
     def finish(self):
         self.cache.suffix_len[: self.rows] += self.num_tokens

@@ -35,14 +35,8 @@ def decode_cot(runner, cache, sampler, last, slot_sample, keys, params, *, flush
     n, step = R, 0
     while n > 0:
         h = runner.trunk.decode(x[:n], cache, n, flat=runner.flat)
-        tok, lp = sampler(
-            policy.text_logits(h),
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            offset=step,
-            keys=keys[:n],
-        )
+        tok, lp = sampler(policy.text_logits(h), temperature=params.temperature, top_k=params.top_k,
+                          top_p=params.top_p, offset=step, keys=keys[:n])
         tok_l, lp_l = tok.tolist(), lp.tolist()
         if not all(map(math.isfinite, lp_l)):  # already on the host: no extra sync
             bad = [slot_sample[i] for i, x in enumerate(lp_l) if not math.isfinite(x)]
@@ -89,33 +83,19 @@ class ImageDecoder:
 
     * CUDA: the step captured once in a CUDA graph and replayed (the step counter and sampler offset
       are device tensors advanced inside the graph), or eager with ``cuda_graph=False``;
-    * CPU, flattened rows with fused weights: rollout.cpu_decode.FlatRowsStep (the C++ step when
-      built), CFG as one lerp on the head's hidden;
+    * CPU, flattened rows with fused weights: rollout.cpu_decode.FlatRowsStep (the CoT's fused step
+      with its tables built once; the C++ step when built), CFG as one lerp on the head's hidden;
     * otherwise (CPU, grouped layout or an unfused trunk): Trunk.decode, eagerly.
 
     On CPU, plain temperature sampling (no top-k / top-p) folds the temperature into the head's last
     Linear and draws with Sampler.draw_plain.
 
-    ``keys``: the stream key of each of the n samples (row i and, with CFG, row n + i), default
-    0 .. n-1: every draw of row i is a function of (sampler seed, step, keys[i]) only (DESIGN.md §4,
+    ``keys``: the stream key of each of the n samples (row i and, with CFG, row n + i): every draw of row i is a function of (sampler seed, step, keys[i]) only (DESIGN.md §4,
     stream keys). On the device in a static buffer, read by the sampler (and the CUDA graph).
     """
 
-    def __init__(
-        self,
-        runner,
-        cache,
-        n,
-        *,
-        guidance_scale,
-        temperature,
-        top_k,
-        top_p,
-        sampler,
-        num_tokens,
-        cuda_graph=True,
-        keys=None,
-    ):
+    def __init__(self, runner, cache, n, *, guidance_scale, temperature, top_k, top_p, sampler, num_tokens, keys,
+                 cuda_graph=True):
         policy, trunk = runner.policy, runner.trunk
         self.runner, self.trunk, self.cache, self.n, self.policy = runner, trunk, cache, n, policy
         self.cfg = guidance_scale > 1
@@ -127,9 +107,7 @@ class ImageDecoder:
         self.tokens = torch.zeros(num_tokens, n, dtype=torch.long, device=dev)  # [step, sample]
         self.logprobs = torch.zeros(num_tokens, n, dtype=torch.float32, device=dev)
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)  # the CUDA graph's step counter
-        self.key_list = list(range(n)) if keys is None else [int(k) for k in keys]
-        if len(self.key_list) != n:
-            raise ValueError(f"keys must hold one stream key per sample ({n}), got {len(self.key_list)}")
+        self.key_list = [int(k) for k in keys]
         self.sample_keys = torch.tensor(self.key_list, dtype=torch.long, device=dev)  # static: the graph reads it
         self.use_graph = cuda_graph and dev.type == "cuda"
         self.graph = None
@@ -154,13 +132,10 @@ class ImageDecoder:
         if self.flat_step is not None:
             h = self.flat_step(self.x, t)
         else:
-            h = self.trunk.decode(self.x, self.cache, self.rows, static=self.use_graph, flat=self.runner.flat)
+            h = self.trunk.decode(self.x, self.cache, self.rows, flat=self.runner.flat)
         z = self.policy.image_head_hidden(h)
         if self.cfg:  # the head's last layer is linear: CFG on its input == CFG on the logits
-            if self.flat_step is not None:  # one op: the CPU step is bound by the number of ops
-                z = torch.lerp(z[n:], z[:n], self.w)
-            else:
-                z = z[n:] + self.w * (z[:n] - z[n:])
+            z = torch.lerp(z[n:], z[:n], self.w)  # u + w (c - u) in one op (a CPU step is bound by its ops)
         tok = self._draw(F.linear(z, self.head_w, self.head_b), t)
         torch.index_select(self.table, 0, tok, out=self.x[:n])
         if self.cfg:
@@ -170,14 +145,8 @@ class ImageDecoder:
         if self.plain:
             return self.sampler.draw_plain(logits, t, num_steps=self.num_tokens, keys=self.key_list,
                                            greedy=self.temperature == 0, out=(self.tokens[t], self.logprobs[t]))
-        tok, lp = self.sampler(
-            logits,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            offset=(self.step_idx[0] if t is None else t) + IMAGE_OFFSET,
-            keys=self.sample_keys,
-        )
+        tok, lp = self.sampler(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                               offset=(self.step_idx[0] if t is None else t) + IMAGE_OFFSET, keys=self.sample_keys)
         if t is None:  # inside the graph: no host-side index
             self.tokens.index_copy_(0, self.step_idx, tok[None])
             self.logprobs.index_copy_(0, self.step_idx, lp.float()[None])
@@ -202,10 +171,7 @@ class ImageDecoder:
             self._step(None)
         torch.cuda.current_stream().wait_stream(stream)
         restore()
-        self.graph = torch.cuda.CUDAGraph()
-        gen = getattr(self.sampler, "generator", None)
-        if gen is not None and hasattr(self.graph, "register_generator_state"):
-            self.graph.register_generator_state(gen)
+        self.graph = torch.cuda.CUDAGraph()  # no generator state: the sampler's streams are counter-based
         with torch.cuda.graph(self.graph):
             self._step(None)
         restore()

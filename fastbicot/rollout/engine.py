@@ -249,20 +249,12 @@ class RolloutEngine:
         tok_cpu, lp_cpu = tokens.cpu(), img_lps.cpu()
         G, records = run.G, run.records
         samples = [
-            RolloutSample(
-                prompt_index=s // G,
-                prompt=records[s // G].prompt,
-                cot_context_ids=run.templates[s // G],
-                cot_ids=cot_ids[s],
-                cot_text=cot_texts[s],
-                cot_logprobs=torch.tensor(cot_lps[s], dtype=torch.float32),
-                image_context_ids=ctx[s],
-                uncond_context_ids=uctx[s] if uctx is not None else None,
-                image_tokens=tok_cpu[s],
-                image_logprobs=lp_cpu[s],
-                image=images[s] if images is not None else None,
-                metadata=records[s // G].metadata,
-            )
+            RolloutSample(prompt_index=s // G, prompt=records[s // G].prompt, cot_context_ids=run.templates[s // G],
+                          cot_ids=cot_ids[s], cot_text=cot_texts[s],
+                          cot_logprobs=torch.tensor(cot_lps[s], dtype=torch.float32), image_context_ids=ctx[s],
+                          uncond_context_ids=uctx[s] if uctx is not None else None, image_tokens=tok_cpu[s],
+                          image_logprobs=lp_cpu[s], image=images[s] if images is not None else None,
+                          metadata=records[s // G].metadata)
             for s in range(run.R)
         ]
         return RolloutBatch(samples=samples, image_tokens=tokens, images=images, timing=timing,
@@ -296,7 +288,7 @@ class RolloutEngine:
             bar = tqdm(total=max_new + N, desc="rollout", leave=False)
         return _Run(o=o, records=records, G=G, group_index=group_index, templates=templates,
                     sample_key=[group_index[s // G] * G + s % G for s in range(R)],
-                    sampler=Sampler(seed, self.policy.device), bar=bar, longest=longest,
+                    sampler=Sampler(seed), bar=bar, longest=longest,
                     cont=o.image_mode == "continue" and o.semantic_cot, slot_sample=list(range(R)))
 
     def _cot(self, run) -> tuple:
@@ -359,19 +351,10 @@ class RolloutEngine:
                 groups += [R - P + b for b in uncond_block]
             cache, first = self.runner.prefilled_cache(rows, groups, N)
         run.cache = None  # the decoder holds the cache; gone with it before the pixels are decoded
-        dec = ImageDecoder(
-            self.runner,
-            cache,
-            R,
-            guidance_scale=o.guidance_scale,
-            temperature=o.image.temperature,
-            top_k=o.image.top_k,
-            top_p=o.image.top_p,
-            sampler=run.sampler,
-            num_tokens=N,
-            cuda_graph=o.cuda_graph,
-            keys=[run.sample_key[s] for s in run.slot_sample],  # the stream of the sample in each slot
-        )
+        dec = ImageDecoder(self.runner, cache, R, guidance_scale=o.guidance_scale, temperature=o.image.temperature,
+                           top_k=o.image.top_k, top_p=o.image.top_p, sampler=run.sampler, num_tokens=N,
+                           cuda_graph=o.cuda_graph,
+                           keys=[run.sample_key[s] for s in run.slot_sample])  # the stream of each slot's sample
         tokens, logprobs = dec.run(self.policy.embed_text(torch.tensor(first, device=self.policy.device)),
                                    progress=run.bar)
         order = torch.tensor([run.slot_sample.index(s) for s in range(R)], device=tokens.device)
@@ -424,20 +407,8 @@ def as_token_lists(input_ids, name="input_ids"):
 
 
 @torch.no_grad()
-def generate_images(
-    policy,
-    input_ids,
-    *,
-    guidance_scale=5.0,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    seed=0,
-    cuda_graph=True,
-    flatten=None,
-    return_logprobs=False,
-    keys=None,
-):
+def generate_images(policy, input_ids, *, guidance_scale=5.0, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+                    cuda_graph=True, flatten=None, return_logprobs=False, keys=None):
     """Image tokens for each row of ``input_ids`` (each ending with BOI) -> LongTensor [B, N].
 
     Unconditional rows (guidance_scale > 1) are the conditional ids with every token except BOS
@@ -465,7 +436,7 @@ def generate_images(
         groups += [B] * B
     cache, last = runner.prefilled_cache(rows, groups, N)
     dec = ImageDecoder(runner, cache, B, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                       top_p=top_p, sampler=Sampler(seed, policy.device), num_tokens=N, cuda_graph=cuda_graph,
+                       top_p=top_p, sampler=Sampler(seed), num_tokens=N, cuda_graph=cuda_graph,
                        keys=keys)
     tokens, logprobs = dec.run(policy.embed_text(torch.tensor(last, device=policy.device)))
     return (tokens, logprobs) if return_logprobs else tokens

@@ -25,19 +25,8 @@ import torch
 
 
 class KVCache:
-    def __init__(
-        self,
-        num_layers,
-        num_heads,
-        head_dim,
-        *,
-        num_prefixes,
-        prefix_capacity,
-        num_rows,
-        suffix_capacity,
-        dtype,
-        device,
-    ):
+    def __init__(self, num_layers, num_heads, head_dim, *, num_prefixes, prefix_capacity, num_rows, suffix_capacity,
+                 dtype, device):
         if min(num_prefixes, num_rows, suffix_capacity) < 1 or prefix_capacity < 0:
             raise ValueError("KVCache needs at least one prefix, one row and one suffix slot")
         shape_p = (num_layers, num_prefixes, num_heads, max(prefix_capacity, 1), head_dim)
@@ -74,8 +63,8 @@ class KVCache:
     def flatten(self, start: int, end: int) -> None:
         """Copy the group prefix of rows [start, end) in front of their suffixes (prefix length 0).
 
-        For the torch attention path on CPU: one contiguous KV per row costs no per-step gather or
-        concatenation there, while reading a prefix once per group only pays off on a GPU. The
+        For the CPU decode step (rollout.cpu_decode): one contiguous KV per row costs no per-step
+        gather there, while reading a prefix once per group only pays off on a GPU. The
         rows' sequences and positions are unchanged.
         """
         rows = torch.arange(start, end, device=self.suffix_kv.device)

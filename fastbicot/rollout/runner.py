@@ -24,17 +24,9 @@ def default_flatten(policy, flatten=None) -> bool:
 
 
 def new_cache(policy, num_prefixes, prefix_capacity, num_rows, suffix_capacity) -> KVCache:
-    return KVCache(
-        policy.num_layers,
-        policy.num_kv_heads,
-        policy.head_dim,
-        num_prefixes=num_prefixes,
-        prefix_capacity=prefix_capacity,
-        num_rows=num_rows,
-        suffix_capacity=suffix_capacity,
-        dtype=policy.dtype,
-        device=policy.device,
-    )
+    return KVCache(policy.num_layers, policy.num_kv_heads, policy.head_dim, num_prefixes=num_prefixes,
+                   prefix_capacity=prefix_capacity, num_rows=num_rows, suffix_capacity=suffix_capacity,
+                   dtype=policy.dtype, device=policy.device)
 
 
 def rows_cache(policy, seqs, groups, decode_tokens, *, flat) -> tuple:
@@ -172,10 +164,11 @@ class ModelRunner:
         return cache, self.prefill(cache, seqs, range(len(seqs)), groups)
 
     def decode_backend(self) -> str:
-        """Which decode step the image loop runs (reported by the bench): "cpp-decode-step"
-        (fastbicot._C.decode_step_cpu, CPU), else the attention backend's name."""
+        """Which decode step the image loop runs (reported by the bench): on CPU over flattened rows
+        with fused weights "cpp-decode-step" (fastbicot._C.decode_step_cpu) or "torch-matmul-flat"
+        (FusedWeights.flat), else the attention backend's name."""
         if self.policy.device.type == "cpu" and self.flat:
             fused = self.begin().fused
-            if fused is not None and fused.native_ok():
-                return "cpp-decode-step"
+            if fused is not None:
+                return "cpp-decode-step" if fused.use_native else "torch-matmul-flat"
         return attention_backend(self.policy.device, self.flat)

@@ -1,15 +1,14 @@
 """The one place the rollout draws tokens (Sampler: CoT and image tokens, every device).
 
-Calls the fused kernel ``fastbicot.kernels.cfg_sample`` (DESIGN.md §4) when it exists; otherwise an
-equivalent torch implementation (same filtering and log-prob semantics; its random stream comes
-from a torch.Generator seeded with ``seed`` instead of the kernel's counter-based RNG).
+Every draw is ``fastbicot.kernels.cfg_sample`` (DESIGN.md §4): the Triton kernel on CUDA, its torch
+path on CPU and for float64 logits. The exception is Sampler.draw_plain, the CPU image loop's plain
+sampling, which draws many steps' noise per row at once (one op per row instead of one per step).
 
 Stream keys: given ``keys`` (int64 [B], one per row), row r's random numbers are a function of
-(seed, offset, keys[r]) alone, on every path (the kernel's Philox counter, its torch fallback's
-counter-based hash, the float64 Gumbel-max noise of ``keyed_exponential``, the per-row generators of
-``stream_generator``), never of the row's position or of the other rows. The rollout keys each
-sample by its global prompt index and generation index, so a sample draws the same tokens whichever
-rank generates it and however the batch is split or compacted.
+(seed, offset, keys[r]) alone, on every path (the kernel's Philox counter, its torch path's
+counter-based hash, the per-row generators of ``stream_generator``), never of the row's position or
+of the other rows. The rollout keys each sample by its global prompt index and generation index, so a
+sample draws the same tokens whichever rank generates it and however the batch is split or compacted.
 """
 
 from __future__ import annotations
@@ -18,11 +17,7 @@ import operator
 
 import torch
 
-try:
-    from fastbicot.kernels.cfg_sample import cfg_sample as _kernel_cfg_sample
-    from fastbicot.kernels.cfg_sample import keyed_exponential
-except ImportError:  # pragma: no cover - depends on what has landed
-    _kernel_cfg_sample = keyed_exponential = None
+from fastbicot.kernels.cfg_sample import cfg_sample
 
 _M64 = (1 << 64) - 1
 IMAGE_OFFSET = 1 << 24  # sampler offsets of image steps (CoT steps use 0, 1, ...): disjoint streams
@@ -38,9 +33,8 @@ def _splitmix64(x: int) -> int:
 def stream_generator(seed: int, offset: int, key: int) -> torch.Generator:
     """A CPU torch.Generator for the stream (seed, offset, key), a function of the three ints alone.
 
-    For CPU loops that draw many values per row at once (the image loop's plain sampling) and the
-    keyed float path when the kernel module is unavailable. torch's CPU generator keeps 32 seed
-    bits, so the three 64-bit words are hashed into them.
+    For CPU loops that draw many values per row at once (the image loop's plain sampling). torch's
+    CPU generator keeps 32 seed bits, so the three 64-bit words are hashed into them.
     """
     h = 0
     for word in (seed, offset, key):
@@ -90,10 +84,8 @@ def check_sampling_args(*, guidance_scale=1.0, temperature=1.0, top_k=0, top_p=1
 
 
 def filtered_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0):
-    """z / T with top-k and top-p applied (dropped tokens -> -inf): the final sampling logits.
-
-    Used by the torch sampler and by anyone recomputing the sampler's log-probs.
-    """
+    """z / T with top-k and top-p applied (dropped tokens -> -inf): the final sampling logits, for
+    anyone recomputing the sampler's log-probs."""
     z = logits.float() / temperature
     if top_k and top_k < z.shape[-1]:
         kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
@@ -111,75 +103,21 @@ def filtered_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0):
 class Sampler:
     """Draws tokens for one rollout; ``seed`` fixes the random stream, ``offset`` advances per step."""
 
-    def __init__(self, seed: int, device):
+    def __init__(self, seed: int):
         self.seed = int(seed)
-        self.device = torch.device(device)
-        self.generator = torch.Generator(device=self.device)  # the torch path's stream
-        self.generator.manual_seed(self.seed)
         self._noise = None  # draw_plain's noise: (keys, first step, log E [n, steps, V])
 
-    @staticmethod
-    def uses_kernel(dtype) -> bool:
-        """The fused kernel takes fp32/fp16/bf16 logits; float64 (exactness tests) stays in torch."""
-        return _kernel_cfg_sample is not None and dtype in (torch.float32, torch.float16, torch.bfloat16)
-
-    def __call__(
-        self,
-        logits,
-        uncond_logits=None,
-        *,
-        guidance_scale=1.0,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        offset=0,
-        keys=None,
-    ):
+    def __call__(self, logits, uncond_logits=None, *, guidance_scale=1.0, temperature=1.0, top_k=0, top_p=1.0,
+                 offset=0, keys=None):
         """-> (tokens int64 [B], log-probs float32 [B] under the final sampling distribution).
 
-        ``keys``: None (row r's stream is (seed, offset, r), or the generator's next draws on the
-        torch path) or an int64 tensor [B] on the logits' device: row r's stream is
-        (seed, offset, keys[r]), whatever the other rows are.
+        ``keys``: None (the unkeyed stream of step (seed, offset)) or an int64 tensor [B] on the
+        logits' device: row r's stream is (seed, offset, keys[r]), whatever the other rows are.
         """
-        if self.uses_kernel(logits.dtype):
-            # check_nan=False: the check synchronises with the device (not allowed in CUDA graphs)
-            return _kernel_cfg_sample(
-                logits,
-                uncond_logits,
-                guidance_scale=guidance_scale,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=self.seed,
-                offset=offset,
-                keys=keys,
-                return_logprobs=True,
-                check_nan=False,
-            )
-        if uncond_logits is not None:
-            logits = uncond_logits + guidance_scale * (logits - uncond_logits)
-        if temperature == 0:
-            tokens = logits.argmax(-1)
-            return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
-        logp = torch.log_softmax(
-            filtered_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), dim=-1
-        )
-        # Gumbel-max in its exponential form: argmax p / E with E ~ Exp(1) draws from p.
-        if keys is None:
-            e = torch.empty_like(logp).exponential_(generator=self.generator)
-        elif keyed_exponential is not None:  # counter-based: no host sync, CUDA-graph safe
-            if keys.shape != logp.shape[:1] or keys.dtype != torch.int64:
-                raise ValueError(f"keys must be an int64 tensor of shape [{logp.shape[0]}], got {keys.dtype} "
-                                 f"{tuple(keys.shape)}")
-            e = keyed_exponential(self.seed, offset, keys, logp.shape[-1]).to(logp.dtype)
-        else:  # no kernel module (no triton): one CPU generator per row
-            e = torch.stack([
-                torch.empty(logp.shape[-1], dtype=logp.dtype).exponential_(
-                    generator=stream_generator(self.seed, int(offset), k))
-                for k in keys.tolist()
-            ]).to(logp.device)
-        tokens = (logp - e.log()).argmax(-1)
-        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+        # check_nan=False: the check synchronises with the device (not allowed in CUDA graphs)
+        return cfg_sample(logits, uncond_logits, guidance_scale=guidance_scale, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=self.seed, offset=offset, keys=keys,
+                          return_logprobs=True, check_nan=False)
 
     def draw_plain(self, logits, step, *, num_steps, keys, greedy, out):
         """Plain sampling on CPU (no top-k / top-p) of the image step ``step`` of ``num_steps``,

@@ -154,21 +154,25 @@ class Trunk:
 
     # ---- decode ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, x, cache, n: int, *, static: bool = False, flat: bool = False):
+    def decode(self, x, cache, n: int, *, flat: bool = False):
         """One token for rows [0, n) of ``cache``: x [n, H] -> final-normed hidden [n, H].
 
         Writes the token's K/V at each row's suffix end and advances suffix_len. No allocation
-        beyond activations; ``static=True`` keeps shapes fixed for CUDA-graph capture.
+        beyond activations and no host sync on CUDA (the image loop captures it in a CUDA graph).
+        Flattened rows (``flat``) with fused CPU weights take the CPU step (rollout.cpu_decode), the
+        one the image loop runs; otherwise the layers' modules and the kernel's decode attention.
         """
         pos = cache.positions(n)
+        wpos = cache.suffix_len[:n].long()
+        if flat and self.fused is not None:
+            h = self.fused.step(x, cache, wpos, self.cos_sin[pos])
+            cache.suffix_len[:n] += 1
+            return h
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [n, 1, D]
         rows = torch.arange(n, device=x.device)
-        wpos = cache.suffix_len[:n].long()
         cache.suffix_len[:n] += 1  # the new token is visible to itself
-        attn = DecodeAttention(cache, n, static=static, flat=flat)
+        attn = DecodeAttention(cache, n, flat=flat)
         shape = (n, self.num_heads, self.head_dim)
-        if self.fused is not None:
-            return self.fused.decode(x, cache, n, rows, wpos, cos[:, None], sin[:, None], attn)
         for i, layer in enumerate(self.layers):
             h = layer.input_norm(x)
             q, k, v = self._qkv(layer, h, shape)
