@@ -342,3 +342,18 @@ def test_from_pretrained_other_arguments_are_named(ckpt, no_weight_loading, kwar
         JanusPolicy.from_pretrained(ckpt, dtype=torch.float32, **kwargs)
     with pytest.raises(ValueError, match="local_dir"):
         JanusPolicy.from_pretrained(3)
+
+
+def test_cot_end_and_stop_tokens_resolve_to_ids():
+    """model.cot_end_token / cot_stop_tokens on a tokenizer with <begin_of_image>: BOI ends the CoT, the
+    model's own EOS ("eos") also stops it; a string that is not one token is an error naming the key."""
+    from fastbicot.models.added_tokens import apply_model_tokens
+    from fastbicot.toy.got import build_got_policy
+
+    policy = build_got_policy(layout_tokens=True)
+    eos = policy.eos_token_id
+    apply_model_tokens(policy, (), "<begin_of_image>", ["eos", "<begin_of_image>"])
+    assert policy.eos_token_id == policy.boi_token_id != eos
+    assert policy.cot_stop_ids == (eos,)  # the end token itself is not an extra stop
+    with pytest.raises(ValueError, match="model.cot_stop_tokens"):
+        apply_model_tokens(build_got_policy(layout_tokens=True), (), None, ["two words"])

@@ -115,6 +115,36 @@ def test_per_row_stop_and_sample_layout(seed):
     assert set(batch.timing) == {"cot", "image", "decode", "total"}
 
 
+@pytest.mark.parametrize("image_mode", ["reprompt", "continue"])
+def test_extra_stop_tokens_end_the_cot_as_the_end_token(seed, image_mode):
+    """policy.cot_stop_ids (model.cot_stop_tokens; ReasonGen-R1 stops on EOS or BOI): a stop token ends
+    the CoT and is recorded as the end token. The sampler is keyed by (seed, step, sample), so each CoT
+    must be the run without stop tokens cut at its first stop token, which becomes EOS; the image context
+    is built from the cut CoT."""
+    policy = random_policy(32, 2, 4, grid=2, image_vocab=23, seed=seed, scale=1.0)
+    kw = dict(**SHORT, max_new_tokens=16, cot_top_k=0, image_mode=image_mode)
+    plain = RolloutEngine(policy, **kw).generate(PROMPTS, num_generations=4, seed=seed)
+    counts = {}
+    for smp in plain.samples:  # a token sampled mid-CoT by some samples but not all
+        for t in set(smp.cot_ids[:-1]) - {IDS["eos"]}:
+            counts[t] = counts.get(t, 0) + 1
+    stop = max(counts, key=lambda t: (0 < counts[t] < len(plain.samples), counts[t]))
+    policy.cot_stop_ids = (stop,)
+    cut = RolloutEngine(policy, **kw).generate(PROMPTS, num_generations=4, seed=seed)
+    n_cut = 0
+    for a, b in zip(plain.samples, cut.samples):
+        if stop in a.cot_ids:
+            k = a.cot_ids.index(stop)
+            assert b.cot_ids == a.cot_ids[:k] + [IDS["eos"]]
+            torch.testing.assert_close(b.cot_logprobs[:k], a.cot_logprobs[:k], rtol=0, atol=0)
+            n_cut += 1
+        else:
+            assert b.cot_ids == a.cot_ids
+        body = b.cot_ids[:-1] if b.cot_ids[-1] == IDS["eos"] else b.cot_ids
+        assert b.cot_text == policy.tokenizer.decode(body, skip_special_tokens=True)
+    assert n_cut > 0
+
+
 def test_flatten_and_grouped_layouts_agree(seed):
     policy = eos_prone_policy(seed)
     a = RolloutEngine(policy, **SHORT, max_new_tokens=7, flatten=True).generate(PROMPTS, 2, seed=seed)

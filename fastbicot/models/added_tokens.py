@@ -74,18 +74,28 @@ def add_text_tokens(policy, tokens, *, special: bool = False) -> list[int]:
 
 
 
-def apply_model_tokens(policy, add_tokens=(), cot_end_token: str | None = None):
-    """A ModelConfig's token settings on a built policy: ``add_tokens`` (``add_text_tokens``), and
+def _one_token(policy, text: str, key: str) -> int:
+    tok = policy.tokenizer
+    ids = tok.encode(text, add_special_tokens=False) if tok is not None else []
+    if len(ids) != 1 or (tok.unk_token_id is not None and ids[0] == tok.unk_token_id):
+        raise ValueError(f"{key}: {text!r} is not one token of the tokenizer ({ids})")
+    return ids[0]
+
+
+def apply_model_tokens(policy, add_tokens=(), cot_end_token: str | None = None, cot_stop_tokens=()):
+    """A ModelConfig's token settings on a built policy: ``add_tokens`` (``add_text_tokens``);
     ``cot_end_token``, the token whose sampling ends the CoT in place of EOS (the rollout stops on it,
-    the training targets end with it; GoT-R1 ends its plan with ``<begin_of_image>``). Returns the policy."""
+    the training targets end with it; GoT-R1 ends its plan with ``<begin_of_image>``); and
+    ``cot_stop_tokens``, other tokens whose sampling also ends the CoT and which are then recorded (and
+    trained) as the end token -- "eos" names the model's own EOS (ReasonGen-R1 stops on EOS or BOI and
+    replaces EOS by BOI). Returns the policy."""
     if add_tokens:
         add_text_tokens(policy, add_tokens)
+    model_eos = policy.eos_token_id
+    stops = [model_eos if t == "eos" else _one_token(policy, t, "model.cot_stop_tokens") for t in cot_stop_tokens]
     if cot_end_token is not None:
-        tok = policy.tokenizer
-        ids = tok.encode(cot_end_token, add_special_tokens=False) if tok is not None else []
-        if len(ids) != 1 or (tok.unk_token_id is not None and ids[0] == tok.unk_token_id):
-            raise ValueError(f"model.cot_end_token: {cot_end_token!r} is not one token of the tokenizer ({ids})")
-        policy.eos_token_id = ids[0]
+        policy.eos_token_id = _one_token(policy, cot_end_token, "model.cot_end_token")
+    policy.cot_stop_ids = tuple(dict.fromkeys(i for i in stops if i != policy.eos_token_id))
     return policy
 
 

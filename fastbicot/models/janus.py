@@ -163,6 +163,8 @@ class JanusPolicy(nn.Module):
         if boi is None and tokenizer is not None:
             boi = tokenizer.convert_tokens_to_ids("<begin_of_image>")
         self.boi_token_id = boi
+        # other tokens whose sampling also ends the CoT, recorded as eos_token_id (model.cot_stop_tokens)
+        self.cot_stop_ids: tuple = ()
         missing = [n for n in ("bos", "eos", "pad", "boi") if getattr(self, f"{n}_token_id") is None]
         if missing:
             raise ValueError(f"Janus model lacks special token ids {missing} (generation_config or tokenizer)")

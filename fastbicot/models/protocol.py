@@ -24,7 +24,8 @@ class Policy(Protocol):
     # ---- tokens and shapes ------------------------------------------------------------------------
     tokenizer: Any  # a transformers tokenizer (encode / decode / convert_tokens_to_ids)
     bos_token_id: int
-    eos_token_id: int
+    eos_token_id: int  # the token that ends the CoT (model.cot_end_token; the model's EOS by default)
+    cot_stop_ids: tuple  # other tokens whose sampling also ends the CoT, recorded as eos_token_id
     pad_token_id: int
     boi_token_id: int  # begin-of-image: the last context token before the image tokens
     num_image_tokens: int  # image tokens per image (the VQ latent grid, flattened)

@@ -28,6 +28,7 @@ def decode_cot(runner, cache, sampler, last, slot_sample, keys, params, *, flush
     """
     policy, dev = runner.policy, cache.suffix_k.device
     eos, max_new = policy.eos_token_id, params.max_new_tokens
+    also = set(policy.cot_stop_ids)  # other stop tokens, recorded as the end token (model.cot_stop_tokens)
     R = len(slot_sample)
     ids = [[] for _ in range(R)]
     lps = [[] for _ in range(R)]
@@ -46,8 +47,8 @@ def decode_cot(runner, cache, sampler, last, slot_sample, keys, params, *, flush
         for i in range(n):
             s = slot_sample[i]
             stopped = len(ids[s]) == max_new or (len(ids[s]) > 0 and ids[s][-1] == eos)
-            if not stopped:
-                ids[s].append(tok_l[i])
+            if not stopped:  # (the log-prob stays the sampled token's: the sampling distribution's)
+                ids[s].append(eos if tok_l[i] in also else tok_l[i])
                 lps[s].append(lp_l[i])
             hit_eos = ids[s][-1] == eos  # EOS is never fed back: it is not part of any context
             at_limit = len(ids[s]) == max_new

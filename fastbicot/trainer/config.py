@@ -50,13 +50,18 @@ class ModelConfig(Settings):
     attn_implementation: str = "sdpa"
     # text tokens added to the tokenizer, embeddings resized when needed (GoT-R1's layout markers;
     # fastbicot/models/added_tokens.py); cot_end_token: the token that ends the CoT instead of EOS (GoT-R1:
-    # "<begin_of_image>", so the image follows the plan in one sequence); None: the model's EOS
+    # "<begin_of_image>", so the image follows the plan in one sequence); None: the model's EOS;
+    # cot_stop_tokens: other tokens that also end the CoT, recorded and trained as cot_end_token ("eos":
+    # the model's EOS; ReasonGen-R1 stops on EOS or BOI and trains BOI there)
     add_tokens: list[str] = field(default_factory=list)
     cot_end_token: str | None = None
+    cot_stop_tokens: list[str] = field(default_factory=list)
 
     def check(self, path):
         if any(not isinstance(t, str) or not t.strip() for t in self.add_tokens):
             self.fail(path, "add_tokens", f"must be non-empty strings, got {self.add_tokens}")
+        if any(not isinstance(t, str) or not t.strip() for t in self.cot_stop_tokens):
+            self.fail(path, "cot_stop_tokens", f"must be non-empty strings, got {self.cot_stop_tokens}")
         given = [k for k in ("path", "preset", "builder") if getattr(self, k) is not None]
         if len(given) > 1:
             self.fail(path, given[1], f"give one of model.path, model.preset, model.builder; got {given}")

@@ -60,7 +60,8 @@ def build_policy(model, device=None):
     its token settings (model.add_tokens, model.cot_end_token) applied."""
     from ..models.added_tokens import apply_model_tokens
 
-    return apply_model_tokens(_load_policy(model, device), model.add_tokens, model.cot_end_token)
+    return apply_model_tokens(_load_policy(model, device), model.add_tokens, model.cot_end_token,
+                              model.cot_stop_tokens)
 
 
 def _load_policy(model, device=None):
