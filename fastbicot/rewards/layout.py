@@ -25,6 +25,7 @@ at DEBUG) and counted in ``parts["malformed"]``; it never raises. Judges run loc
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ from .base import Reward, RewardEnsemble, RewardError, _short
 log = logging.getLogger("fastbicot.rewards.layout")
 
 
-class LayoutPlanReward(Reward):
+class LayoutPlanReward(Reward, metaclass=abc.ABCMeta):
     """Base of the rewards that read a layout plan from the CoT. Subclasses implement
     ``score_plans(images, prompts, metadata, cots, plans) -> [n]`` for the well-formed samples; a
     malformed plan scores ``malformed_score`` with its reason logged, and ``last_malformed`` holds
@@ -83,8 +84,9 @@ class LayoutPlanReward(Reward):
         self.parts = {"malformed": flags}
         return out
 
+    @abc.abstractmethod
     def score_plans(self, images, prompts, metadata, cots, plans):
-        raise NotImplementedError(f"{type(self).__name__} must implement score_plans()")
+        """-> float [n]: the scores of the well-formed samples (a subclass that lacks it cannot be built)."""
 
 
 class LayoutIoUReward(LayoutPlanReward):
