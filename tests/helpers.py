@@ -195,3 +195,22 @@ def close_metrics(a, b, rtol):
             continue
         assert k in b, k
         assert v == pytest.approx(b[k], rel=rtol, abs=1e-7), (k, v, b[k])
+
+
+# --- sampling statistics (cfg_sample and the rollout's keyed draws) ------------------------------
+
+def chi2_pvalue(tokens, probs):
+    """p-value of the draws `tokens` under `probs` [V]; draws outside the support fail outright."""
+    counts = torch.bincount(tokens.cpu(), minlength=probs.numel()).double()
+    assert counts[probs == 0].sum() == 0, f"drew tokens of probability 0: {(counts * (probs == 0)).nonzero()}"
+    expected = counts.sum() * probs[probs > 0]
+    counts = counts[probs > 0]
+    order = expected.argsort()  # pool the rarest cells until the pool expects >= 5 draws
+    expected, counts = expected[order], counts[order]
+    cut = int((expected.cumsum(0) < 5).sum()) + 1
+    exp = torch.cat([expected[:cut].sum()[None], expected[cut:]])
+    obs = torch.cat([counts[:cut].sum()[None], counts[cut:]])
+    if exp.numel() < 2:
+        return 1.0
+    stat = ((obs - exp) ** 2 / exp).sum()
+    return float(torch.special.gammaincc(torch.tensor((exp.numel() - 1) / 2.0, dtype=torch.float64), stat / 2))

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import chi2_pvalue
 
 cs = importlib.import_module("fastbicot.kernels.cfg_sample")  # the module (the package re-exports the function)
 from fastbicot.kernels.cfg_sample import cfg_probs_reference, cfg_sample
@@ -30,23 +31,6 @@ def device(request, monkeypatch):
 def interpreted():
     """True when CPU tensors go through the interpreted Triton kernel."""
     return cs.os.environ.get("FASTBICOT_FORCE_TRITON") == "1" and not torch.cuda.is_available()
-
-
-def chi2_pvalue(tokens, probs):
-    """p-value of the draws `tokens` under `probs` [V]; draws outside the support fail outright."""
-    counts = torch.bincount(tokens.cpu(), minlength=probs.numel()).double()
-    assert counts[probs == 0].sum() == 0, f"drew tokens of probability 0: {(counts * (probs == 0)).nonzero()}"
-    expected = counts.sum() * probs[probs > 0]
-    counts = counts[probs > 0]
-    order = expected.argsort()  # pool the rarest cells until the pool expects >= 5 draws
-    expected, counts = expected[order], counts[order]
-    cut = int((expected.cumsum(0) < 5).sum()) + 1
-    exp = torch.cat([expected[:cut].sum()[None], expected[cut:]])
-    obs = torch.cat([counts[:cut].sum()[None], counts[cut:]])
-    if exp.numel() < 2:
-        return 1.0
-    stat = ((obs - exp) ** 2 / exp).sum()
-    return float(torch.special.gammaincc(torch.tensor((exp.numel() - 1) / 2.0, dtype=torch.float64), stat / 2))
 
 
 def draw_many(c, u, rows, offsets, **kw):

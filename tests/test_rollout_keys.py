@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from helpers import IDS, random_policy, run_triton_cases_in_fresh_interpreter
+from helpers import IDS, chi2_pvalue, random_policy, run_triton_cases_in_fresh_interpreter
 
 from fastbicot.kernels.cfg_sample import cfg_probs_reference, cfg_sample, keyed_uniform
 from fastbicot.rollout import RolloutEngine, generate_images
@@ -181,21 +181,6 @@ def test_keyed_uniform_matches_python_ints(seed):
         assert lanes.tolist() == cs._lanes_int(s, o) == cs._lanes_tensor(s, torch.tensor(cs._as_int64(o)), "cpu").tolist()
 
 
-def _chi2_pvalue(tokens, probs):
-    counts = torch.bincount(tokens.cpu(), minlength=probs.numel()).double()
-    assert counts[probs == 0].sum() == 0, "drew a token of probability 0"
-    expected, counts = counts.sum() * probs[probs > 0], counts[probs > 0]
-    order = expected.argsort()  # pool the rarest cells until the pool expects >= 5 draws
-    expected, counts = expected[order], counts[order]
-    cut = int((expected.cumsum(0) < 5).sum()) + 1
-    exp = torch.cat([expected[:cut].sum()[None], expected[cut:]])
-    obs = torch.cat([counts[:cut].sum()[None], counts[cut:]])
-    if exp.numel() < 2:
-        return 1.0
-    stat = ((obs - exp) ** 2 / exp).sum()
-    return float(torch.special.gammaincc(torch.tensor((exp.numel() - 1) / 2.0, dtype=torch.float64), stat / 2))
-
-
 def _random_keys(n, g):
     """n distinct keys, half below 2**32 and half anywhere in int64 (the high word is keyed too)."""
     low = torch.randperm(2**20, generator=g)[: n // 2].long() * 4099
@@ -221,7 +206,7 @@ def test_keyed_cfg_sample_law(kernel_path, seed, kw):
     p = cfg_probs_reference(c, u, **kw)[0]
     cb, ub = c.expand(n, -1).contiguous().to(dev), u.expand(n, -1).contiguous().to(dev)
     toks = [cfg_sample(cb, ub, seed=seed, offset=o, keys=_random_keys(n, g).to(dev), **kw) for o in range(2)]
-    assert _chi2_pvalue(torch.cat(toks), p) > ALPHA
+    assert chi2_pvalue(torch.cat(toks), p) > ALPHA
 
 
 @pytest.mark.parametrize("tiled", [False, True])
@@ -292,7 +277,7 @@ def test_sampler_float64_keyed(seed):
     n = 8192
     keys = _random_keys(n, g)
     tok, lp = sampler(c.expand(n, -1), u.expand(n, -1), offset=7, keys=keys, **kw)
-    assert _chi2_pvalue(tok, p) > ALPHA
+    assert chi2_pvalue(tok, p) > ALPHA
     torch.testing.assert_close(lp, p[tok].log().float())
     # batch independence: a subset of the rows, reversed, among other rows
     pick = torch.tensor([5, 0, 3])
