@@ -25,6 +25,14 @@ reward and update (median of --repeats steps after one warm-up step), and the up
 CUDA max_memory_allocated above the memory before the update; CPU the growth of the peak resident
 set during the update, measured in a fresh subprocess per implementation (so neither inherits the
 other's freed pages). Ratios fastbicot / seed-style are printed and written to --json.
+
+Fairness: each implementation is timed in a fresh subprocess, and the implementations alternate
+for --rounds rounds (seed-style, fastbicot, seed-style, fastbicot, ...); a ratio is taken within
+each round and the median over rounds is reported, so a drift of the machine hits both sides. On
+CPU the timed processes run with glibc's allocator pinned (``--malloc pinned``: no mmap for large
+blocks, no trimming): with glibc's adaptive defaults a run's speed depends on whether its large
+tensors land in fresh mmapped pages (a page fault per 4 KiB on every allocation), and on this kind
+of machine the same seed-style step measured 0.76 s in one process and 1.25 s in the next.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import time
 
 import torch
 
-from fastbicot.checks import arg_type, check_int, check_writable_file
+from fastbicot.checks import ArgumentError, arg_type, check_int, check_writable_file
 
 IMPLS = ("seed_style", "fastbicot")
 # --heads real: the tiny trunk with Janus-Pro's head sizes (text vocabulary 102400, image codebook 16384),
@@ -328,20 +336,27 @@ def run_impl(impl, args, mbt=0):
     return med
 
 
-def update_peak_subprocess(impl, args, mbt=0):
-    """CPU: the update's peak memory of ``impl`` in a fresh process (RSS growth during the update only)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-update-peak", impl, "--micro-batch-tokens", str(mbt),
-           "--preset", args.preset,
-           "--device", args.device, "--dtype", args.dtype, "--prompts", str(args.prompts), "--generations",
-           str(args.generations), "--cot-tokens", str(args.cot_tokens), "--seed", str(args.seed), "--threads",
-           str(args.threads), "--heads", args.heads]
-    # glibc: every allocation >= 64 KiB is its own mmap and is unmapped when freed, so the resident set
-    # follows live memory and its high-water mark (VmHWM) is the update's peak, not a heap's leftovers
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+# glibc, --malloc pinned: large blocks come from the heap (never a fresh mmap) and freed memory is kept,
+# so a step reuses resident pages instead of faulting in new ones; the same for every implementation
+PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# glibc, peak measurement: every allocation >= 64 KiB is its own mmap and is unmapped when freed, so the
+# resident set follows live memory and its high-water mark (VmHWM) is the update's peak, not a heap's leftovers
+TRACKING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def child(flag, impl, args, mbt, malloc):
+    """Run this script as ``--child-<flag> impl`` in a fresh process -> the JSON it prints last."""
+    cmd = [sys.executable, os.path.abspath(__file__), f"--child-{flag}", impl, "--micro-batch-tokens", str(mbt),
+           "--preset", args.preset, "--heads", args.heads, "--device", args.device, "--dtype", args.dtype,
+           "--prompts", str(args.prompts), "--generations", str(args.generations), "--cot-tokens",
+           str(args.cot_tokens), "--repeats", str(args.repeats), "--seed", str(args.seed), "--threads",
+           str(args.threads)]
+    env = {k: v for k, v in os.environ.items() if k not in PINNED_MALLOC}
+    env.update(malloc)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env, check=False)
     if r.returncode != 0:
-        raise RuntimeError(f"{impl} update-peak subprocess failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])["update_peak_mib"]
+        raise RuntimeError(f"{impl} {flag} subprocess failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def child_update_peak(impl, args):
@@ -388,21 +403,34 @@ def main(argv=None):
     ap.add_argument("--micro-batch-tokens", type=int_list, default=[0],
                     help="fastbicot's optim.micro_batch_tokens, comma-separated: one fastbicot row per value "
                          "(0: off, micro-batches of one prompt group like the seed)")
+    ap.add_argument("--rounds", type=arg_type(check_int, low=1), default=2,
+                    help="each implementation is timed --rounds times in fresh processes, alternating; the "
+                         "reported ratios are medians of the per-round ratios")
+    ap.add_argument("--malloc", default="pinned", choices=["pinned", "inherit"],
+                    help="CPU timing processes: pinned = glibc never mmaps large blocks nor trims (the same "
+                         "allocator behaviour for every implementation); inherit = this process's environment")
     ap.add_argument("--json")
     ap.add_argument("--child-update-peak", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--child-time", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: CUDA is not available on this machine")
+        ap.error("argument --device: cuda, but CUDA is not available on this machine")
     impls = [x.strip() for x in args.impls.split(",") if x.strip()]
     unknown = [x for x in impls if x not in IMPLS]
     if unknown or not impls:
         ap.error(f"--impls: unknown {unknown}; choose from {list(IMPLS)}")
     if args.json:
-        check_writable_file("--json", args.json)
+        try:
+            check_writable_file("--json", args.json)
+        except ArgumentError as e:
+            ap.error(f"argument {e}")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     if args.child_update_peak:
         child_update_peak(args.child_update_peak, args)
+        return 0
+    if args.child_time:
+        print(json.dumps(run_impl(args.child_time, args, args.micro_batch_tokens[0])))
         return 0
     results, failed = {}, []
 
@@ -417,17 +445,32 @@ def main(argv=None):
             os.replace(tmp, args.json)
 
     rows = [(impl, mbt) for impl in impls for mbt in (args.micro_batch_tokens if impl == "fastbicot" else [0])]
-    for impl, mbt in rows:
+    malloc = PINNED_MALLOC if args.malloc == "pinned" and args.device == "cpu" else {}
+    rounds = {row_name(*row): [] for row in rows}
+    for r in range(args.rounds):
+        for impl, mbt in rows:
+            name = row_name(impl, mbt)
+            if name in failed:
+                continue
+            try:
+                rounds[name].append(child("time", impl, args, mbt, malloc))
+            except Exception as e:  # noqa: BLE001 - keep measuring the others; reported, exit status 1
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+                failed.append(name)
+                continue
+            runs = rounds[name]
+            results[name] = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+            results[name].update(micro_batch_tokens=mbt, rounds=runs)
+            write(False)
+    for impl, mbt in rows:  # CPU: the update's peak memory, one more fresh process per row
         name = row_name(impl, mbt)
-        try:
-            res = run_impl(impl, args, mbt)
-            if args.device == "cpu":
-                res["update_peak_mib"] = update_peak_subprocess(impl, args, mbt)
-            res["micro_batch_tokens"] = mbt
-            results[name] = res
-        except Exception as e:  # noqa: BLE001 - keep measuring the others; reported, exit status 1
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-            failed.append(name)
+        if args.device == "cpu" and name not in failed:
+            try:
+                results[name]["update_peak_mib"] = child("update-peak", impl, args, mbt, TRACKING_MALLOC)[
+                    "update_peak_mib"]
+            except Exception as e:  # noqa: BLE001
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+                failed.append(name)
         write(False)
     a = results.get("seed_style")
     if a is not None and "error" not in a:
@@ -435,9 +478,13 @@ def main(argv=None):
         for impl, mbt in rows:
             b = results[row_name(impl, mbt)]
             if impl == "fastbicot" and "error" not in b:
+                # within each round (the machine's state is shared), then the median over rounds
+                per_round = [{"images_per_s": y["images_per_s"] / x["images_per_s"], "update_time": x["update"] /
+                              y["update"]} for x, y in zip(a["rounds"], b["rounds"])]
                 results["ratios"][row_name(impl, mbt)] = {
-                    "images_per_s": b["images_per_s"] / a["images_per_s"], "update_time": a["update"] / b["update"],
-                    "update_peak_memory": b["update_peak_mib"] / a["update_peak_mib"]}
+                    "images_per_s": statistics.median(q["images_per_s"] for q in per_round),
+                    "update_time": statistics.median(q["update_time"] for q in per_round),
+                    "update_peak_memory": b["update_peak_mib"] / a["update_peak_mib"], "rounds": per_round}
     write(True)
     print(f"{preset_name(args)} on {args.device}: {args.prompts} prompts x {args.generations} samples, CoT <= "
           f"{args.cot_tokens} tokens, {args.threads} thread(s)")
@@ -452,8 +499,9 @@ def main(argv=None):
         print(f"{name:19} {r['images_per_s']:7.2f} {r['rollout']:9.3f} {r['decode']:8.3f} {r['reward']:8.4f} "
               f"{r['update']:8.3f} {r['update_peak_mib']:12.1f}")
     for name, q in results.get("ratios", {}).items():
-        print(f"{name} / seed-style: {q['images_per_s']:.2f}x images/s, update {q['update_time']:.2f}x faster, "
-              f"update peak memory {q['update_peak_memory']:.2f}x")
+        each = ", ".join(f"{x['images_per_s']:.2f}x" for x in q["rounds"])
+        print(f"{name} / seed-style: {q['images_per_s']:.2f}x images/s (rounds: {each}), update "
+              f"{q['update_time']:.2f}x faster, update peak memory {q['update_peak_memory']:.2f}x")
     return 1 if failed else 0
 
 

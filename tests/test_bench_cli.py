@@ -60,6 +60,12 @@ BAD_FLAGS = {
         ("--checkpoint", "HPSReward"), ("--checkpoint", "NoSuchReward=/tmp"), ("--checkpoint", "HPSReward=/no/dir"),
         ("--device", "gpu"),
     ],
+    "train_step": [
+        *[("--prompts", v) for v in SIZES], *[("--rounds", v) for v in SIZES], *[("--repeats", v) for v in SIZES],
+        *[("--generations", v) for v in ["1", "0", "x"]], ("--malloc", "jemalloc"), ("--heads", "huge"),
+        ("--micro-batch-tokens", "-1"), ("--micro-batch-tokens", "64,64"), ("--micro-batch-tokens", "a"),
+        ("--preset", "janus-9b"), ("--device", "gpu"),
+    ],
 }
 if NO_CUDA:
     for flags in BAD_FLAGS.values():
@@ -215,3 +221,51 @@ def test_rewards_failure_is_exit_1(tmp_path, monkeypatch):
     assert "injected detector failure" in results["detector_rules (synthetic detections)"]["error"]
     judge = results["remote_judge (loopback, instant answer)"]
     assert judge["images_per_s"] > 0 and "peak_mem_gb" in judge
+
+
+def test_train_step_ratios_are_medians_of_per_round_ratios(tmp_path, monkeypatch):
+    """The rounds alternate the implementations; each ratio is taken within its round, then the median."""
+    mod = bench("train_step")
+    out = tmp_path / "out.json"
+    calls = []
+    step_s = {"seed_style": [1.0, 3.0, 1.2], "fastbicot": [0.5, 0.5, 0.3]}  # a drifting machine
+    update_s = {"seed_style": [0.4, 0.9, 0.5], "fastbicot": [0.2, 0.3, 0.1]}
+
+    def child(flag, impl, args, mbt, malloc):
+        calls.append((flag, impl, dict(malloc)))
+        if flag == "update-peak":
+            return {"update_peak_mib": {"seed_style": 8.0, "fastbicot": 2.0}[impl]}
+        k = sum(1 for c in calls if c[:2] == (flag, impl)) - 1
+        return {"rollout": 0.0, "decode": 0.0, "reward": 0.0, "update": update_s[impl][k], "step": step_s[impl][k],
+                "images_per_s": 4 / step_s[impl][k]}
+
+    monkeypatch.setattr(mod, "child", child)
+    assert mod.main(["--prompts", "2", "--generations", "2", "--rounds", "3", "--json", str(out)]) == 0
+    assert [c[:2] for c in calls[:6]] == [("time", "seed_style"), ("time", "fastbicot")] * 3  # alternating
+    assert all(c[2] == mod.PINNED_MALLOC for c in calls if c[0] == "time")
+    assert all(c[2] == mod.TRACKING_MALLOC for c in calls if c[0] == "update-peak")
+    doc = _load(out)
+    q = doc["results"]["ratios"]
+    per_round = sorted(a / b for a, b in zip(step_s["seed_style"], step_s["fastbicot"]))  # 2, 6, 4
+    assert q["fastbicot"]["images_per_s"] == pytest.approx(per_round[1])  # 4.0, not a ratio of medians (1.2/0.5)
+    assert q["fastbicot"]["update_time"] == pytest.approx(sorted(
+        a / b for a, b in zip(update_s["seed_style"], update_s["fastbicot"]))[1])
+    assert q["fastbicot"]["update_peak_memory"] == pytest.approx(0.25)
+    assert doc["results"]["seed_style"]["step"] == pytest.approx(1.2)  # medians over the rounds
+    assert doc["complete"] and len(doc["results"]["fastbicot"]["rounds"]) == 3
+
+
+def test_train_step_runs_end_to_end(tmp_path):
+    """The real child processes on the smallest work: both implementations timed and peak-measured."""
+    out = tmp_path / "out.json"
+    rc = bench("train_step").main(["--prompts", "1", "--generations", "2", "--cot-tokens", "2", "--repeats", "1",
+                                   "--rounds", "1", "--json", str(out)])
+    assert rc == 0
+    doc = _load(out)
+    assert doc["complete"] and doc["config"]["malloc"] == "pinned"
+    for impl in ("seed_style", "fastbicot"):
+        r = doc["results"][impl]
+        assert r["images_per_s"] == pytest.approx(2 / r["step"]) and r["update"] > 0 and r["update_peak_mib"] > 0
+    q = doc["results"]["ratios"]["fastbicot"]
+    assert q["images_per_s"] == pytest.approx(doc["results"]["fastbicot"]["images_per_s"] /
+                                              doc["results"]["seed_style"]["images_per_s"])
