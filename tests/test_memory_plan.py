@@ -56,12 +56,12 @@ def small_preset(monkeypatch):
     monkeypatch.setitem(janus_mod.PRESETS, "small", SMALL)
 
 
-def make(seed, tmp_path, size="tiny", ckpt=True, beta=0.01, micro=2, lora=None):
+def make(seed, tmp_path, size="tiny", ckpt=True, beta=0.01, micro=2, lora=None, passes=0):
     cfg = TrainerConfig.from_dict(dict(
         output_dir=str(tmp_path / "run"), steps=2, seed=seed,
         model=dict(preset=size, dtype="float32", gradient_checkpointing=ckpt),
         data=dict(prompts_per_step=2), optim=dict(micro_batch_prompts=micro), loss=dict(beta=beta),
-        rollout=dict(num_generations=4, cot=dict(max_new_tokens=12), **SHORT),
+        rollout=dict(num_generations=4, cot=dict(max_new_tokens=12), prompts_per_pass=passes, **SHORT),
         log=dict(progress=False, entropy=False), **({"lora": lora} if lora else {}),
     ))
     policy = JanusPolicy.from_preset(size, seed=seed % 1000, dtype=torch.float32)
@@ -151,6 +151,22 @@ def test_rollout_kv_caches_and_peak(seed, tmp_path, size, flatten):
     # everything the rollout allocates: the plan's rollout peak less what existed before it
     before = sum(plan.bytes(k) for k in ("params.trainable", "params.frozen", "reference", "adam", "master"))
     ratio(peak, plan.peaks["rollout"][0] - before, PEAK, f"rollout peak ({size}, flatten={flatten})")
+
+
+def test_rollout_in_passes(seed, tmp_path):
+    """rollout.prompts_per_pass=1: each pass allocates caches for one prompt group, as planned, and the
+    planned and the measured rollout peaks both drop below those of one pass."""
+    cfg1, tr1 = make(seed, tmp_path / "one", "small")
+    batch1, peak1, _, _, _ = rollout_measured(tr1, seed)
+    cfg, tr = make(seed, tmp_path / "passes", "small", passes=1)
+    batch, peak, caches, _, _ = rollout_measured(tr, seed)
+    plan, plan1 = plan_for(cfg, tr, batch), plan_for(cfg1, tr1, batch1)
+    assert len(caches) == 4  # per pass: the CoT cache, then the image cache
+    ratio(max(caches[0::2]), plan.bytes("kv.cot"), EXACT, "CoT KV cache of a pass")
+    ratio(max(caches[1::2]), plan.bytes("kv.image"), EXACT, "image KV cache of a pass")
+    before = sum(plan.bytes(k) for k in ("params.trainable", "params.frozen", "reference", "adam", "master"))
+    ratio(peak, plan.peaks["rollout"][0] - before, PEAK, "rollout peak in passes")
+    assert plan.peaks["rollout"][0] < plan1.peaks["rollout"][0] and peak < peak1
 
 
 # 12 narrow layers: one layer's K/V is small next to all layers' K/V, so staging every layer's K/V

@@ -61,6 +61,10 @@ class RolloutConfig(Settings):
     pixel_rounding "truncate" (the seed's uint8 cast of clip((x+1)/2*255)) or "round".
     semantic_cot   False skips the plan: the image context holds the prompt and an empty CoT
                    (evaluation without the semantic-level CoT; BiCoT-GRPO needs it on).
+    prompts_per_pass    an execution choice, not semantics: generate at most this many prompt groups
+                   at a time (0: all of them in one pass). Fewer rows per pass bound the KV caches
+                   and the VQ decode (``fastbicot plan`` shows the peak); the samples are the same,
+                   each drawn from its own keyed stream.
     """
 
     num_generations: int = 8
@@ -79,9 +83,11 @@ class RolloutConfig(Settings):
     semantic_cot: bool = True
     decode: bool = True
     cuda_graph: bool = True
+    prompts_per_pass: int = 0
 
     def check(self, path):
         check_range(self, path, "num_generations", low=1)
+        check_range(self, path, "prompts_per_pass", low=0)
         check_range(self, path, "guidance_scale", low=1.0)
         check_choice(self, path, "image_mode", IMAGE_MODES)
         check_choice(self, path, "image_context", IMAGE_CONTEXTS)

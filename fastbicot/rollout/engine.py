@@ -23,6 +23,7 @@ indices draws what a single process generating the whole batch draws.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -80,6 +81,25 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @classmethod
+    def concat(cls, batches: list) -> RolloutBatch:
+        """One batch from several of the same settings, in order: prompt indices renumbered, the
+        global group indices kept (when every part has them), timings summed."""
+        if len(batches) == 1:
+            return batches[0]
+        samples, offset, timing = [], 0, {}
+        for b in batches:
+            samples += [dataclasses.replace(s, prompt_index=s.prompt_index + offset) for s in b.samples]
+            offset += len({s.prompt_index for s in b.samples})
+            for k, v in b.timing.items():
+                timing[k] = timing.get(k, 0.0) + v
+        first = batches[0]
+        gi = None if any(b.group_index is None for b in batches) else [i for b in batches for i in b.group_index]
+        return dataclasses.replace(
+            first, samples=samples, timing=timing, group_index=gi,
+            image_tokens=torch.cat([b.image_tokens.to(first.image_tokens.device) for b in batches]),
+            images=None if first.images is None else torch.cat([b.images.to(first.images.device) for b in batches]))
 
     @property
     def group_ids(self) -> torch.Tensor:
@@ -226,10 +246,18 @@ class RolloutEngine:
         ``group_index``: the global index of each prompt in the step's batch (distinct non-negative
         ints; default 0 .. len(prompts)-1). Generation g of prompt i draws from the random stream
         ``group_index[i] * G + g``, so splitting a batch across calls (ranks) with the matching
-        indices gives the samples one call gives. ``overrides``: RolloutConfig fields for this call.
+        indices gives the samples one call gives (``prompts_per_pass`` splits a call that way).
+        ``overrides``: RolloutConfig fields for this call.
         """
+        k = apply_overrides(self.config, overrides).prompts_per_pass
+        records = self._records(prompts)
+        if 0 < k < len(records):  # in passes of k prompt groups, each sample from its own keyed stream
+            gi = check_keys(group_index, len(records), "group_index", per="prompt")
+            return RolloutBatch.concat([
+                self.generate(records[i:i + k], num_generations, seed=seed, group_index=gi[i:i + k],
+                              **{**overrides, "prompts_per_pass": 0}) for i in range(0, len(records), k)])
         # P prompts, G generations each, R = P * G samples (prompt-major), N image tokens per sample
-        run = self._start(prompts, num_generations, seed, group_index, overrides)
+        run = self._start(records, num_generations, seed, group_index, overrides)
         timed = _Timer(self.policy.device)
         with timed("cot"):
             cot_ids, cot_lps = self._cot(run)

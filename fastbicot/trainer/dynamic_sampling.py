@@ -29,6 +29,7 @@ import hashlib
 import torch
 
 from ..rewards import RewardOutput
+from ..rollout import RolloutBatch
 from .batch import subset_groups
 
 
@@ -61,24 +62,16 @@ def _timing(parts) -> dict:
 
 
 def concat(parts):
-    """One (batch, scores) from several, prompt indices renumbered in order."""
+    """One (batch, scores) from several, prompt indices renumbered in order (group indices local)."""
     if len(parts) == 1:
         return parts[0]
-    samples, offset = [], 0
-    for b, _ in parts:
-        samples += [dataclasses.replace(s, prompt_index=s.prompt_index + offset) for s in b.samples]
-        offset += len({s.prompt_index for s in b.samples})
-    first = parts[0][0]
-    changes = {"samples": samples, "timing": _timing(parts),
-               "image_tokens": torch.cat([b.image_tokens.to(first.image_tokens.device) for b, _ in parts]),
-               "images": None if first.images is None else torch.cat([b.images.to(first.images.device)
-                                                                      for b, _ in parts])}
-    if getattr(first, "group_index", None) is not None:
-        changes["group_index"] = list(range(offset))
+    batch = RolloutBatch.concat([b for b, _ in parts])
+    if parts[0][0].group_index is not None:
+        batch = dataclasses.replace(batch, group_index=list(range(len({s.prompt_index for s in batch.samples}))))
     keys = parts[0][1].components.keys()
     scores = RewardOutput(torch.cat([s.total for _, s in parts]),
                           {k: torch.cat([s.components[k] for _, s in parts]) for k in keys})
-    return dataclasses.replace(first, **changes), scores
+    return batch, scores
 
 
 def refill_size(missing: int, P: int, rule: str) -> int:

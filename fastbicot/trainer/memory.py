@@ -494,6 +494,9 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     G = r.num_generations
     P = math.ceil(c.data.prompts_per_step / N)  # prompt groups this rank rolls out
     R = P * G
+    # the rollout holds at most rollout.prompts_per_pass of them at a time (caches, decode, VQ)
+    Pr = min(P, r.prompts_per_pass) if r.prompts_per_pass else P
+    Rr = Pr * G
     cfg = r.guidance_scale > 1
     cont = r.image_mode == "continue"
     Nimg = s.image_tokens
@@ -549,28 +552,28 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     if Li_min is None:  # the shortest there can be: a one-token prompt, no CoT
         Li_min = _image_context_tokens(c, _cot_context_tokens(c, 1), 1, 0)
     Li_min = max(2, min(Li_min, Li))
-    rows = 2 * R if cfg else R
+    rows = 2 * Rr if cfg else Rr
     kv_l = kv_tok // s.layers  # one layer's K/V per token
     per_tok = layer_forward_bytes(s, b) + kv_l  # a prefill token: one layer's activations and its K/V
     if cont:  # the conditional rows keep their CoT KV; the CFG rows join them in the same cache
         cap = Lc + max_new + 2
-        add("kv.cot", f"KV cache, CoT + image ({2 * R} rows x {cap + Nimg} + {2 * P} prefixes x {cap})",
-            kv_tok * (2 * P * cap + 2 * R * (cap + Nimg)))
+        add("kv.cot", f"KV cache, CoT + image ({2 * Rr} rows x {cap + Nimg} + {2 * Pr} prefixes x {cap})",
+            kv_tok * (2 * Pr * cap + 2 * Rr * (cap + Nimg)))
     else:
         scap = (Lc if flat else 1) + max_new  # G rows share their template: nothing remains past it
-        add("kv.cot", f"KV cache, CoT phase ({R} rows x {scap} + {P} prefixes x {Lc - 1})",
-            kv_tok * (P * (Lc - 1) + R * scap))
+        add("kv.cot", f"KV cache, CoT phase ({Rr} rows x {scap} + {Pr} prefixes x {Lc - 1})",
+            kv_tok * (Pr * (Lc - 1) + Rr * scap))
     K_u = S = 0
     if not cont:
         span = Li - Li_min  # how far the unconditional rows' lengths spread
-        if flat:  # the caller's blocks: R conditional, 1 unconditional (uncond="cot": one per prompt)
-            K_u = (P if r.uncond == "cot" else 1) if cfg else 0
+        if flat:  # the caller's blocks: one per conditional row, 1 unconditional (uncond="cot": one per prompt)
+            K_u = (Pr if r.uncond == "cot" else 1) if cfg else 0
             S = span if cfg else 0
             scap = Li + Nimg
         else:
-            K_u, S = uncond_blocks(rows, R if cfg else 0, span, Li - 1, r.uncond)
+            K_u, S = uncond_blocks(rows, Rr if cfg else 0, span, Li - 1, r.uncond)
             scap = S + 1 + Nimg
-        npre = R + K_u
+        npre = Rr + K_u
         add("kv.image", f"KV cache, image phase ({rows} rows x {scap} + {npre} prefixes x {Li - 1})",
             kv_tok * (npre * (Li - 1) + rows * scap))
     # prefill (rollout.runner.prefill_rows): batches of at most PREFILL_TOKENS padded positions (a
@@ -580,31 +583,31 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
     def batch_rows(n, width):  # rows of the largest batch of n rows `width` positions wide
         return min(n, max(1, PREFILL_TOKENS // max(width, 1)))
 
-    add("prefill.cot", "CoT prefill (a layer + its K/V)", batch_rows(P, Lc - 1) * (Lc - 1) * per_tok)
+    add("prefill.cot", "CoT prefill (a layer + its K/V)", batch_rows(Pr, Lc - 1) * (Lc - 1) * per_tok)
     if cont:
-        pre_i = batch_rows(R if cfg else 0, Li) * Li * per_tok
+        pre_i = batch_rows(Rr if cfg else 0, Li) * Li * per_tok
     else:  # the prefix blocks, then the rows with a remainder attending to their block
-        n_r = batch_rows(R if cfg and S > 0 else 0, Li - 1 + S)
+        n_r = batch_rows(Rr if cfg and S > 0 else 0, Li - 1 + S)
         gather = 2 * n_r * (Li - 1 + S) * kv_l + n_r * S * (Li - 1 + S) * (1 + b)  # their block's K/V, mask
         pre_i = max(batch_rows(npre, Li - 1) * (Li - 1) * per_tok, n_r * S * per_tok + gather)
     add("prefill.image", "image prefill (a layer + its K/V)", pre_i)
     if flat:  # KVCache.flatten: the concatenated [prefix | suffix] and its gathered copy
-        add("flatten.cot", "CPU flatten of CoT prefixes", 2 * kv_tok * R * Lc)
+        add("flatten.cot", "CPU flatten of CoT prefixes", 2 * kv_tok * Rr * Lc)
         add("flatten.image", "CPU flatten of image prefixes", 2 * kv_tok * rows * Li if not cont else 0)
     # decode: CoT logits + sampler; image: the embedding table, the head copy, logits, sampler
-    add("decode.cot", "CoT decode step (logits, sampler)", R * s.text_vocab * 4 * 4 + R * (8 * H + 3 * Iw) * b)
+    add("decode.cot", "CoT decode step (logits, sampler)", Rr * s.text_vocab * 4 * 4 + Rr * (8 * H + 3 * Iw) * b)
     table = s.image_vocab * H * b
     head = s.image_vocab * s.image_embed * b
     add("decode.image_tables", "image decode tables (embedding, head copy)", table + head)
     add("decode.image_setup", "image embedding table build (aligner MLP)", 2 * s.image_vocab * H * b)
-    step = R * s.image_vocab * 4 * 4 + rows * (8 * H + 3 * Iw) * b + R * Nimg * 12
+    step = Rr * s.image_vocab * 4 * 4 + rows * (8 * H + 3 * Iw) * b + Rr * Nimg * 12
     if cpu:  # the Gumbel noise of a chunk of steps, the RoPE rows of every step
-        step += min(1 << 22, Nimg * R * s.image_vocab) * b + Nimg * rows * 2 * s.head_dim * b
+        step += min(1 << 22, Nimg * Rr * s.image_vocab) * b + Nimg * rows * 2 * s.head_dim * b
     add("decode.image", "image decode step (logits, sampler, buffers)", step)
     full = max(ch * res * res for ch, res in s.vq_levels)
     pix = s.image_size * s.image_size * 3
-    add("vq", f"VQ decode of {R} images", R * (4 * full * b + pix * (b + 4)))
-    add("images", "uint8 images", R * pix)
+    add("vq", f"VQ decode of {Rr} images", Rr * (4 * full * b + pix * (b + 4)))
+    add("images", "uint8 images", R * pix)  # every pass's images are kept
     ro = resident + ["rollout.unsharded"]
     cot_m = ro + ["kv.cot", "prefill.cot", "decode.cot"] + (["flatten.cot"] if flat else [])
     moments = {"rollout": {"CoT decode": cot_m}}
@@ -616,6 +619,10 @@ def plan_memory(config: TrainerConfig, *, gpus: int, gpu_memory_gib: float = 80.
         moments["rollout"]["image decode"] = ro + ["kv.image", "decode.image_setup", "decode.image_tables",
                                                    "decode.image"]
     moments["rollout"]["VQ decode"] = ro + ["vq", "images"]  # the cache and the decoder are freed first
+    if Pr < P:  # in passes: the images of the passes before stay while the next one runs
+        for name, keys in moments["rollout"].items():
+            if "images" not in keys:
+                moments["rollout"][name] = keys + ["images"]
     moments["reward"] = {"rewards": resident + ["images"]}
 
     # ---- update ------------------------------------------------------------------------------------
@@ -745,10 +752,10 @@ def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, devi
     if plan.bytes("rewards") > 0:
         tryit(f"move the reward models ({plan.bytes('rewards') / GiB:.1f} GiB on every GPU) to another device "
               "(rewards.functions[i].device) or a remote judge", rewards=[])
-    if plan.peaks["rollout"][0] >= plan.peak * 0.9 and config.data.prompts_per_step > gpus:
-        tryit("roll out one prompt group at a time per GPU (an engine option to add; proxy: data.prompts_per_step"
-              f"={gpus})", config.replace(data=config.data.replace(prompts_per_step=gpus),
-                                          optim=o.replace(micro_batch_prompts=1)))
+    if (plan.peaks["rollout"][0] >= plan.peak * 0.9 and config.data.prompts_per_step > gpus
+            and r.prompts_per_pass != 1):
+        tryit("rollout.prompts_per_pass=1 (each GPU rolls out one prompt group at a time)",
+              config.replace(rollout=r.replace(prompts_per_pass=1)))
     if (plan.peaks["rollout"][0] >= plan.peak * 0.9 or not plan.fits) and r.cot.max_new_tokens > 256:
         L2 = Lengths(L.cot_context, min(L.cot, 256), L.image_context - max(0, L.cot - 256), L.image_context_min,
                      image_shared=L.image_shared)
