@@ -120,8 +120,9 @@ class _ExtCpuOps(_ExtOps):
     (1 thread, fp32): GroupNorm(32) + SiLU over channels-last, extension vs torch, batch 16 x 64
     channels at 8x8 0.79 vs 0.43 ms (torch via NCHW, copies included), batch 16 x 32 at 32x32 4.4
     vs 1.2 ms, batch 1 x 128 at 384x384 205 vs 39 ms; uint8 image, batch 16 at 32x32 0.32 vs 0.11
-    ms, batch 1 at 384x384 2.9 vs 0.73 ms. Whole decodes (bench/vq_decode.py --device cpu
-    --threads 1, batch 1, real config): 12.9 s with the extension's GroupNorm, 10.3 s with torch's."""
+    ms, batch 1 at 384x384 2.9 vs 0.73 ms. Whole decodes, real config, batch 1, 1 thread (2 shared
+    cores, noisy): bench/vq_decode.py 12.9 s with the extension's GroupNorm, 10.3 s with torch's
+    (HF 12.7 s); alternating in one process, CPU time 9.8 vs 8.6 s (HF 9.3 s)."""
 
     group_norm_silu = staticmethod(group_norm_silu_torch)
     to_uint8_image = staticmethod(to_uint8_image_torch)
