@@ -37,7 +37,10 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "n,c,h,w,groups",
-    [(1, 15, 5, 3, 5), (2, 7, 1, 1, 7), (3, 12, 4, 6, 1), (1, 96, 9, 7, 32), (2, 33, 2, 17, 11)],
+    # the last two: either side of the torch op's CPU size rule (vq._group_norm_via_nchw), 2 channels
+    # per group under 1024 pixels (NCHW copy) and 1 per group at 32x33 (channels-last)
+    [(1, 15, 5, 3, 5), (2, 7, 1, 1, 7), (3, 12, 4, 6, 1), (1, 96, 9, 7, 32), (2, 33, 2, 17, 11),
+     (2, 64, 6, 5, 32), (1, 32, 32, 33, 32)],
 )
 def test_group_norm_silu(seed, device, impl, dtype, n, c, h, w, groups):
     if impl == "torch" and h * w * c // groups == 1:

@@ -179,7 +179,36 @@ def test_bad_input_errors(seed, path):
         fastbicot.vq_decode(torch.nn.Linear(2, 2), good, use_extension=use_ext)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_group_norm_size_rule_both_branches(seed, path, monkeypatch):
+    """vq._group_norm_via_nchw (CPU): a decoder with norms on both sides of the rule (8x8 and 16x16
+    x 128 channels: 4 per group, channels-last; 16x16 x 64: 2 per group, via NCHW; 32x32: 1024
+    pixels, channels-last) decodes to the float64 HF decode."""
+    use_ext = _use_extension(path)
+    cfg = dict(TINY["c32x2"], channel_multiplier=[1, 2, 4], num_res_blocks=2, num_patches=8)
+    model = _model(seed, **cfg)
+    taken = {}
+    rule = vq._group_norm_via_nchw
+
+    def recording_rule(x, groups):
+        via_nchw = rule(x, groups)
+        taken.setdefault((x.shape[1], x.shape[2]), set()).add(via_nchw)
+        return via_nchw
+
+    monkeypatch.setattr(vq, "_group_norm_via_nchw", recording_rule)
+    tokens = torch.randint(0, model.config.num_embeddings, (3, 64))
+    out = fastbicot.vq_decode(model, tokens, use_extension=use_ext)
+    # (channels, side) -> branches taken; each level's first block still has the previous level's width
+    assert taken == {(128, 8): {False}, (128, 16): {False}, (64, 16): {True}, (64, 32): {False}, (32, 32): {False}}
+    with torch.no_grad():
+        ref = model.double().decode(tokens)
+    torch.testing.assert_close(out.double(), ref, **FP32_TOL)
+
+
 def test_fallback_selection(monkeypatch):
+    if _ext.available("cpu"):  # on CPU: the extension's table/gather with torch's GroupNorm and uint8 ops
+        assert vq._select_ops(torch.device("cpu"), None) is vq._ExtCpuOps
+        assert vq._ExtCpuOps.group_norm_silu is vq.group_norm_silu_torch
     monkeypatch.setattr(_ext, "_C", None)
     assert vq._select_ops(torch.device("cpu"), None) is vq._TorchOps
     with pytest.raises(RuntimeError, match="cannot run on cpu"):
