@@ -213,14 +213,21 @@ class AttentionLayout:
         gqa = k.shape[1] != heads
         out = []
         for b in self.batches:
-            qb = q[b["q"]].transpose(1, 2)  # [n, h, S, d]
+            qb = _rows(q, b["q"]).transpose(1, 2)  # [n, h, S, d]
             idx = b["q"] if b["kv"] is None else b["kv"]
-            kb, vb = k[idx].transpose(1, 2), v[idx].transpose(1, 2)
+            kb, vb = _rows(k, idx).transpose(1, 2), _rows(v, idx).transpose(1, 2)
             mask = None if b["causal"] is None else self._mask(b, qb)
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale,
                                                dropout_p=dropout, enable_gqa=gqa)
-            out.append(o.transpose(1, 2).reshape(-1, heads, d)[b["keep"]])
-        return torch.cat(out)[self.inverse][None], None
+            out.append(o.transpose(1, 2).reshape(-1, heads, d).index_select(0, b["keep"]))
+        return torch.cat(out).index_select(0, self.inverse)[None], None
+
+
+def _rows(x, idx):
+    """x[idx] for an integer tensor idx of any shape, gathering along dim 0 with index_select: on CPU
+    its forward measured ~6x and forward+backward ~2x faster than advanced indexing ([1430, 4, 16],
+    1384 rows), whose backward is an accumulating index_put_."""
+    return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
 
 
 # ---------------------------------------------------------------------------- the attention switch
@@ -302,7 +309,7 @@ def _forward_heads(policy, src, rows, dests, channels, max_waste):
             t[2].append(where)
     out = {}
     for (ch, head), (at, tgt, dst) in sel.items():
-        h = hidden[torch.tensor(at, device=dev)]
+        h = hidden.index_select(0, torch.tensor(at, device=dev))
         out[ch, head] = (policy.image_head_hidden(h) if head == IMAGE else h, torch.tensor(tgt, device=dev),
                          torch.tensor(dst, device=dev))
     return out
