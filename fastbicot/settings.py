@@ -116,6 +116,8 @@ class Settings:
             where = f"{path}." if path else ""
             raise ConfigError(f"{where}{unknown[0]}: unknown setting; {path or cls.__name__} has {names}")
         hints = typing.get_type_hints(cls)
+        data = {f.name: _with_field_defaults(f, hints[f.name], data[f.name])
+                for f in dataclasses.fields(cls) if f.name in data}
         kwargs = {k: coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
         obj = cls.__new__(cls)
         obj._path = path
@@ -140,6 +142,19 @@ class Settings:
             else:
                 data[k] = v
         return type(self).from_dict(data, getattr(self, "_path", ""))
+
+
+def _with_field_defaults(f, tp, value):
+    """A partial mapping for a settings section keeps the defaults of the *field*, not only those of
+    its class: ``rollout.cot`` defaults to top-k 50 (the seed's CoT sampling) while SamplingParams
+    defaults to 0, so ``cot: {max_new_tokens: 24}`` must still sample with top-k 50. Only the values
+    where the field's default differs from the class's are filled in (no other section changes)."""
+    tp = _is_optional(tp)[1]
+    if not (isinstance(value, dict) and isinstance(tp, type) and issubclass(tp, Settings)
+            and f.default_factory is not dataclasses.MISSING):
+        return value
+    own, plain = f.default_factory().to_dict(), tp().to_dict()
+    return {**{k: v for k, v in own.items() if v != plain[k]}, **value}
 
 
 def _plain(v):

@@ -170,6 +170,24 @@ def test_config_yaml_round_trip_and_overrides(tmp_path):
         TrainerConfig.from_yaml(tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize("how", ["yaml", "override", "dict"])
+def test_a_partial_cot_section_keeps_the_seeds_top_k(tmp_path, how):
+    """rollout.cot defaults to the seed's CoT sampling (top-k 50), not to SamplingParams' own (top-k 0):
+    setting only max_new_tokens -- in YAML, as a dotted override, in a dict -- must not drop the top-k."""
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  cot:\n    max_new_tokens: 24\n" if how == "yaml" else "steps: 2\n")
+    if how == "dict":
+        c = TrainerConfig.from_dict({"rollout": {"cot": {"max_new_tokens": 24}}})
+    else:
+        c = TrainerConfig.from_yaml(path, ["rollout.cot.max_new_tokens=24"] if how == "override" else [])
+    assert (c.rollout.cot.max_new_tokens, c.rollout.cot.top_k) == (24, 50)
+    assert c.rollout.image.top_k == 0 and c.rollout.cot.temperature == 1.0  # the image section: its class's
+    explicit = TrainerConfig.from_dict({"rollout": {"cot": {"max_new_tokens": 24, "top_k": 0}}})
+    assert explicit.rollout.cot.top_k == 0
+    (tmp_path / "d.yaml").write_text(c.to_yaml())
+    assert TrainerConfig.from_yaml(tmp_path / "d.yaml") == c
+
+
 def test_prompts_are_drawn_in_shuffled_epochs(tmp_path):
     p = tmp_path / "p.txt"
     p.write_text("\n".join(f"prompt {i}" for i in range(5)))
