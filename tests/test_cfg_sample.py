@@ -344,6 +344,7 @@ def test_topk_candidates_draw_the_full_paths_tokens(seed, monkeypatch, dtype):
             kw["top_p"] = 0.3 + 0.6 * float(torch.rand((), generator=g))
         keys = _random_keys(B, g) if case % 3 else None
         calls = _count_full_draws(monkeypatch)
+        monkeypatch.setattr(cs, "_CANDIDATES_MIN_RATIO", 1)  # the candidates for every k < V
         tok, lp = _torch_path(c, u, kw, True, seed + case, keys)
         assert calls == [], "distinct scores: no row needs the full path"
         tok_full, lp_full = _torch_path(c, u, kw, False, seed + case, keys)
@@ -352,6 +353,16 @@ def test_topk_candidates_draw_the_full_paths_tokens(seed, monkeypatch, dtype):
         assert (ref > 0).all()
         torch.testing.assert_close(lp.double(), ref.log(), atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(lp, lp_full, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_candidates_only_where_they_pay(seed, monkeypatch):
+    """The CoT's top-k 50 of the text vocabulary (102400) draws on the candidates; a short row (the
+    tiny preset's 264 tokens) keeps the full path, where it is cheaper."""
+    calls = _count_full_draws(monkeypatch)
+    cfg_sample(torch.randn(2, 102400), top_k=50, seed=seed)
+    assert calls == []
+    cfg_sample(torch.randn(2, 264), top_k=50, seed=seed)
+    assert calls == [2]
 
 
 def test_topk_candidates_tie_at_the_kth_value(seed, monkeypatch):
@@ -378,7 +389,7 @@ def test_topk_candidates_tie_at_the_kth_value(seed, monkeypatch):
     assert {50, 200, 300} <= set(drawn.tolist()) <= {10, 11, 12, 13, 50, 200, 300}
 
 
-def test_topk_candidates_tie_made_by_rounding(seed):
+def test_topk_candidates_tie_made_by_rounding(seed, monkeypatch):
     """Distinct logits whose fp32 scores (z - max) / T round to one value: the full path keeps both
     (a tie at the k-th score), so the candidates must detect the tie on the scores, not on z."""
     z = torch.tensor([[1000.0, 5.0, 1.0000001, 1.0, 0.0, -1.0]])
@@ -386,7 +397,10 @@ def test_topk_candidates_tie_made_by_rounding(seed):
     n = 1024
     keys = _random_keys(n, torch.Generator().manual_seed(seed))
     kw = {"top_k": 3, "temperature": 1000.0}
+    monkeypatch.setattr(cs, "_CANDIDATES_MIN_RATIO", 1)  # V = 6: candidates for k = 3 too
+    calls = _count_full_draws(monkeypatch)
     tok, lp = _torch_path(z.expand(n, -1), None, kw, True, seed, keys)
+    assert calls == [n]
     tok_full, lp_full = _torch_path(z.expand(n, -1), None, kw, False, seed, keys)
     assert torch.equal(tok, tok_full) and set(tok.tolist()) == {0, 1, 2, 3}
     torch.testing.assert_close(lp, lp_full)
