@@ -36,6 +36,9 @@ and generation index, so N ranks draw what 1 rank draws). The CPU torch path dra
 uniform per row, from a torch.Generator of (seed, offset) without keys, and with keys from a
 counter-based integer hash of (seed, offset, key) (`keyed_uniform`: two 32-bit xor-shift-multiply
 lanes held in int64 without overflow, 52 bits of them forming a float64 on the 2**-53 grid).
+With top-k on a long CPU row (V >= 8 k: the CoT's top-k 50 of 102400) the torch path works on the k
+candidates from torch.topk instead of the whole row: the same token for the same uniform, up to the
+float rounding of the softmax normaliser (rows tied at the k-th score take the whole-row path).
 float64 logits always take the torch path, in float64 (the rollout's exactness tests sample through it).
 
 Rows with V <= 16384 run one program per row (several short rows per program), held in registers;
@@ -515,11 +518,12 @@ def _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_l
     from the step's generator, or with keys from keyed_uniform: a function of (seed, offset, keys[r])
     alone).
 
-    With 0 < top_k <= V / _CANDIDATES_MIN_RATIO on CPU (and ``candidates``), a row works on its top-k candidates only
-    (_draw_candidates) and falls back to the full-vocabulary path (_draw_full) when the k-th score is
-    tied with a token outside them; ``candidates=False`` forces the full path (the reference the
-    restricted one is tested against). Not on other devices: the fallback's row selection reads the
-    tie mask on the host, which a CUDA-graph capture of the float64 path would not allow.
+    With 0 < top_k <= V / _CANDIDATES_MIN_RATIO on CPU (and ``candidates``), a row works on its top-k
+    candidates only (_draw_candidates) and falls back to the full-vocabulary path (_draw_full) when
+    the k-th score is tied with a token outside them; ``candidates=False`` forces the full path (the
+    reference the restricted one is tested against). Not on other devices: the fallback's row
+    selection reads the tie mask on the host, which a CUDA-graph capture of the float64 path would
+    not allow.
     """
     dt = torch.float64 if c.dtype == torch.float64 else torch.float32
     z = c.to(dt)
