@@ -294,3 +294,130 @@ def test_sample_reference(seed):
     p = cfg_probs_reference(c[:1], u[:1], **kw)[0]
     assert chi2_pvalue(tok, p) > ALPHA
     torch.testing.assert_close(lp.double(), p[tok].log(), atol=1e-6, rtol=1e-6)
+
+
+# ---- the torch path's top-k draw on the candidates ------------------------------------------------
+
+
+def _torch_path(c, u, kw, candidates, seed, keys):
+    """(tokens, log-probs) of the torch path, restricted to the top-k candidates or over all V."""
+    w = kw.get("guidance_scale", 1.0)
+    return cs._cfg_sample_torch(c, u if w != 1.0 else None, w, kw.get("temperature", 1.0), kw["top_k"],
+                                kw.get("top_p", 1.0), seed, 5, True, keys, candidates=candidates)
+
+
+def _random_keys(n, g):
+    """n distinct stream keys, negative and beyond 32 bits."""
+    return torch.randperm(2**20, generator=g)[:n].long() * 4099 - 2**40
+
+
+def _count_full_draws(monkeypatch):
+    """Rows that went through the full-vocabulary draw (the candidates' tie fallback), counted per call."""
+    calls = []
+    full = cs._draw_full
+
+    def counted(s, *args):
+        calls.append(s.shape[0])
+        return full(s, *args)
+
+    monkeypatch.setattr(cs, "_draw_full", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_candidates_draw_the_full_paths_tokens(seed, monkeypatch, dtype):
+    """Random rows without ties: the restricted top-k draw takes no fallback and returns the tokens
+    the full-vocabulary path returns for the same uniforms, with log-probs of the float64 reference."""
+    g = torch.Generator().manual_seed(seed)
+    for case in range(24):
+        B = (1, 3, 7)[case % 3]
+        V = int(torch.randint(2, 3000, (), generator=g)) | 1  # odd: never a power of two
+        k = int(torch.randint(1, min(V, 300), (), generator=g))
+        scale = (0.3, 3.0, 300.0)[case % 3]  # near-flat to extreme (one token holds all the mass)
+        c = torch.randn(B, V, generator=g, dtype=dtype) * scale
+        u = torch.randn(B, V, generator=g, dtype=dtype) * scale
+        c[:, 0] = -math.inf  # banned in one branch
+        kw = {"top_k": k, "temperature": (1.0, 0.6, 2.5)[case % 3]}
+        if case % 2:
+            kw["guidance_scale"] = 3.0
+        if case % 4 >= 2:
+            kw["top_p"] = 0.3 + 0.6 * float(torch.rand((), generator=g))
+        keys = _random_keys(B, g) if case % 3 else None
+        calls = _count_full_draws(monkeypatch)
+        monkeypatch.setattr(cs, "_CANDIDATES_MIN_RATIO", 1)  # the candidates for every k < V
+        tok, lp = _torch_path(c, u, kw, True, seed + case, keys)
+        assert calls == [], "distinct scores: no row needs the full path"
+        tok_full, lp_full = _torch_path(c, u, kw, False, seed + case, keys)
+        assert torch.equal(tok, tok_full), (case, B, V, kw)
+        ref = cfg_probs_reference(c, u, **kw).gather(1, tok[:, None]).squeeze(1)
+        assert (ref > 0).all()
+        torch.testing.assert_close(lp.double(), ref.log(), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(lp, lp_full, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_candidates_only_where_they_pay(seed, monkeypatch):
+    """The CoT's top-k 50 of the text vocabulary (102400) draws on the candidates; a short row (the
+    tiny preset's 264 tokens) keeps the full path, where it is cheaper."""
+    calls = _count_full_draws(monkeypatch)
+    cfg_sample(torch.randn(2, 102400), top_k=50, seed=seed)
+    assert calls == []
+    cfg_sample(torch.randn(2, 264), top_k=50, seed=seed)
+    assert calls == [2]
+
+
+def test_topk_candidates_tie_at_the_kth_value(seed, monkeypatch):
+    """A tie at the k-th score with a token outside the top-k: that row (only) takes the full path,
+    which keeps every tied token; the other rows of the batch still take the candidates."""
+    g = torch.Generator().manual_seed(seed)
+    B, V, k = 6, 301, 5
+    c = torch.randn(B, V, generator=g) * 0.5
+    c[1, 10:14] = 4.0  # row 1: top 4 ...
+    c[1, [50, 200, 300]] = 3.0  # ... then a 3-way tie at the 5th value: 7 tokens kept
+    c[4] = torch.randint(-3, 4, (V,), generator=g).float()  # integer-valued: ties everywhere
+    keys = _random_keys(B, g)
+    calls = _count_full_draws(monkeypatch)
+    tok, lp = _torch_path(c, None, {"top_k": k}, True, seed, keys)
+    assert calls == [2]  # rows 1 and 4, in one fallback call
+    tok_full, lp_full = _torch_path(c, None, {"top_k": k}, False, seed, keys)
+    assert torch.equal(tok, tok_full)
+    torch.testing.assert_close(lp, lp_full, atol=1e-5, rtol=1e-5)
+    ref = cfg_probs_reference(c, top_k=k).gather(1, tok[:, None]).squeeze(1)
+    torch.testing.assert_close(lp.double(), ref.log(), atol=1e-4, rtol=1e-5)
+    # row 1 under many keys: each of the 3 tokens tied at the 5th value outside the top-5 is drawn
+    n = 512
+    drawn = _torch_path(c[1:2].expand(n, -1), None, {"top_k": k}, True, seed, _random_keys(n, g))[0]
+    assert {50, 200, 300} <= set(drawn.tolist()) <= {10, 11, 12, 13, 50, 200, 300}
+
+
+def test_topk_candidates_tie_made_by_rounding(seed, monkeypatch):
+    """Distinct logits whose fp32 scores (z - max) / T round to one value: the full path keeps both
+    (a tie at the k-th score), so the candidates must detect the tie on the scores, not on z."""
+    z = torch.tensor([[1000.0, 5.0, 1.0000001, 1.0, 0.0, -1.0]])
+    assert z[0, 2] != z[0, 3] and z[0, 2] - z[0, 0] == z[0, 3] - z[0, 0]  # -999 both
+    n = 1024
+    keys = _random_keys(n, torch.Generator().manual_seed(seed))
+    kw = {"top_k": 3, "temperature": 1000.0}
+    monkeypatch.setattr(cs, "_CANDIDATES_MIN_RATIO", 1)  # V = 6: candidates for k = 3 too
+    calls = _count_full_draws(monkeypatch)
+    tok, lp = _torch_path(z.expand(n, -1), None, kw, True, seed, keys)
+    assert calls == [n]
+    tok_full, lp_full = _torch_path(z.expand(n, -1), None, kw, False, seed, keys)
+    assert torch.equal(tok, tok_full) and set(tok.tolist()) == {0, 1, 2, 3}
+    torch.testing.assert_close(lp, lp_full)
+
+
+def test_inverse_cdf_caps_at_the_last_positive_mass_token(seed):
+    """The first token whose float64 cumulative mass exceeds r * total; when r * total reaches the
+    total (r = 1 here, by rounding in a real draw) the last token of positive mass, never the
+    zero-mass tail (-inf, or a log-prob whose exp underflows to 0)."""
+    g = torch.Generator().manual_seed(seed)
+    logp = (torch.randn(6, 41, generator=g) * 3).log_softmax(-1)
+    logp[:, 30:] = -math.inf
+    logp[1, 12:] = -1000.0  # exp underflows to 0 in float32
+    logp[2, 25:] = -math.inf
+    r = torch.tensor([[1.0], [1.0], [1.0], [0.0], [0.5], [torch.rand((), generator=g, dtype=torch.float64).item()]],
+                     dtype=torch.float64)
+    tok = cs._inverse_cdf(logp, r)
+    cum = logp.exp().double().cumsum(-1)
+    first = [int((cum[i] > r[i, 0] * cum[i, -1]).nonzero()[0]) if r[i, 0] < 1 else None for i in range(6)]
+    assert tok.tolist() == [29, 11, 24] + first[3:]

@@ -5,8 +5,8 @@ import pytest
 import torch
 from helpers import IDS, random_policy
 
-from fastbicot.rollout import RolloutEngine, image_prompt
-from fastbicot.rollout.sampling import filtered_logits
+from fastbicot.rollout import RolloutEngine, decoders, image_prompt
+from fastbicot.rollout.sampling import Sampler, filtered_logits
 
 PROMPTS = ["a red cube", "two small dogs to the left of a very large green cat"]
 SHORT = dict(system="Plan the image.", instruction="Draw: {prompt}")  # the default template is ~730 bytes
@@ -79,6 +79,27 @@ def test_sampler_logprobs_match_teacher_forced(seed, mode, uncond, w, flatten, t
     )
     batch = eng.generate(PROMPTS, num_generations=3, seed=seed)
     assert len(batch.samples) == 6
+    for s in batch.samples:
+        cot, img = recompute(policy, s, o)
+        torch.testing.assert_close(s.cot_logprobs, cot, rtol=0, atol=1e-6)
+        torch.testing.assert_close(s.image_logprobs, img, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("w", [1.0, 4.0])
+@pytest.mark.parametrize("plain_max", [23, 22], ids=["draw_plain", "sampler"])
+def test_image_temperature_on_both_cpu_paths(seed, monkeypatch, w, plain_max):
+    """Plain image sampling at temperature 0.7 on CPU: Sampler.draw_plain (the head folded with 1/T)
+    for a codebook of at most PLAIN_MAX_VOCAB tokens, the sampler's torch path (T in the sampler)
+    above it; either way the log-probs are the teacher-forced ones of the tempered distribution."""
+    monkeypatch.setattr(decoders, "PLAIN_MAX_VOCAB", plain_max)  # the codebook has 23 tokens
+    drew_plain = []
+    draw_plain = Sampler.draw_plain
+    monkeypatch.setattr(Sampler, "draw_plain", lambda self, *a, **kw: drew_plain.append(1) or draw_plain(self, *a, **kw))
+    policy = eos_prone_policy(seed)
+    o = dict(cot_top_k=50, guidance_scale=w, temperature=0.7, top_k=0, top_p=1.0)
+    eng = RolloutEngine(policy, **SHORT, max_new_tokens=5, guidance_scale=w, temperature=0.7)
+    batch = eng.generate(PROMPTS, num_generations=2, seed=seed)
+    assert bool(drew_plain) == (plain_max >= policy.image_vocab_size)
     for s in batch.samples:
         cot, img = recompute(policy, s, o)
         torch.testing.assert_close(s.cot_logprobs, cot, rtol=0, atol=1e-6)

@@ -17,7 +17,7 @@ import torch
 from helpers import IDS, chi2_pvalue, random_policy, run_triton_cases_in_fresh_interpreter
 
 from fastbicot.kernels.cfg_sample import cfg_probs_reference, cfg_sample, keyed_uniform
-from fastbicot.rollout import RolloutEngine, generate_images
+from fastbicot.rollout import RolloutEngine, decoders, generate_images
 from fastbicot.rollout.sampling import Sampler, filtered_logits
 
 cs = importlib.import_module("fastbicot.kernels.cfg_sample")  # the module (the package re-exports the function)
@@ -96,6 +96,35 @@ def test_image_loop_alone_is_keyed(seed):
     full = eng.generate(PROMPTS, G, seed=seed)
     parts = [eng.generate([PROMPTS[i]], G, seed=seed, group_index=[i]) for i in (3, 1, 0, 2)]
     assert_same_samples(by_key(full), {k: v for p in parts for k, v in by_key(p).items()})
+
+
+@pytest.mark.parametrize("w,temperature", [(4.0, 1.0), (1.0, 0.8), (4.0, 0.0)])
+def test_image_sampler_path_is_keyed(seed, monkeypatch, w, temperature):
+    """Codebooks above PLAIN_MAX_VOCAB draw plain image tokens through the sampler's keyed torch path
+    instead of Sampler.draw_plain (here the limit is lowered below the tiny codebook): split and
+    permuted batches still draw the same samples, with and without CFG, and greedy draws draw_plain's
+    greedy tokens."""
+    drew_plain = []
+    draw_plain = Sampler.draw_plain
+    monkeypatch.setattr(Sampler, "draw_plain", lambda self, *a, **kw: drew_plain.append(1) or draw_plain(self, *a, **kw))
+    eng, plain = varied_cot_engine(seed, torch.float32, image_mode="continue", flatten=True, guidance_scale=w,
+                                   temperature=temperature)
+    assert drew_plain and eng.policy.image_vocab_size == 23
+    monkeypatch.setattr(decoders, "PLAIN_MAX_VOCAB", 22)
+    drew_plain.clear()
+    full = eng.generate(PROMPTS, G, seed=seed)
+    assert not drew_plain
+    first = eng.generate(PROMPTS[:2], G, seed=seed, group_index=[0, 1])
+    second = eng.generate(PROMPTS[2:], G, seed=seed, group_index=[2, 3])
+    assert_same_samples(by_key(full), {**by_key(first), **by_key(second)})
+    permuted = eng.generate([PROMPTS[i] for i in (2, 3, 0, 1)], G, seed=seed, group_index=[2, 3, 0, 1])
+    assert_same_samples(by_key(full), by_key(permuted))
+    if temperature == 0:
+        assert_same_samples(by_key(plain), by_key(full))
+        assert not any(s.image_logprobs.any() for s in full.samples)
+    else:  # another stream: 12 samples of 4 tokens of 23 all equal only by a fluke
+        assert not torch.equal(plain.image_tokens, full.image_tokens)
+        assert [s.cot_ids for s in plain.samples] == [s.cot_ids for s in full.samples]
 
 
 def test_different_keys_draw_differently(seed):

@@ -36,6 +36,9 @@ and generation index, so N ranks draw what 1 rank draws). The CPU torch path dra
 uniform per row, from a torch.Generator of (seed, offset) without keys, and with keys from a
 counter-based integer hash of (seed, offset, key) (`keyed_uniform`: two 32-bit xor-shift-multiply
 lanes held in int64 without overflow, 52 bits of them forming a float64 on the 2**-53 grid).
+With top-k on a long CPU row (V >= 8 k: the CoT's top-k 50 of 102400) the torch path works on the k
+candidates from torch.topk instead of the whole row: the same token for the same uniform, up to the
+float rounding of the softmax normaliser (rows tied at the k-th score take the whole-row path).
 float64 logits always take the torch path, in float64 (the rollout's exactness tests sample through it).
 
 Rows with V <= 16384 run one program per row (several short rows per program), held in registers;
@@ -500,10 +503,28 @@ def cfg_sample_reference(cond_logits, uncond_logits=None, *, guidance_scale=1.0,
     return tok, p.gather(1, tok.cpu()[:, None]).squeeze(1).log().float().to(cond_logits.device)
 
 
-def _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_logprobs, keys=None):
-    """Batched torch path (fp32; float64 for float64 logits): top-k by torch.topk, top-p by a sort (of the top-k only when
-    top-k is on), then one inverse-CDF draw per row (its uniform from the step's generator, or
-    with keys from keyed_uniform: a function of (seed, offset, keys[r]) alone)."""
+# The torch path draws on the top-k candidates when V >= this many times k: below, the full path's
+# passes over V cost less than the candidates' extra ops (topk, sort, gathers). Per call, 1 thread,
+# k = 50, candidates / full (us): B=16: V=264 460/430, V=512 517/523, V=1024 798/950, V=4096 794/1383;
+# B=4: V=512 413/374, V=4096 464/561; B=64: V=264 797/846, V=1024 1376/1936; B=16 V=102400 (the text
+# vocabulary) ~5 ms / ~50 ms. A function of (V, k) only, not of B, so a row's path (and rounding)
+# does not depend on the rows that share its batch.
+_CANDIDATES_MIN_RATIO = 8
+
+
+def _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_logprobs, keys=None,
+                      candidates=True):
+    """Batched torch path (fp32; float64 for float64 logits), one inverse-CDF draw per row (its uniform
+    from the step's generator, or with keys from keyed_uniform: a function of (seed, offset, keys[r])
+    alone).
+
+    With 0 < top_k <= V / _CANDIDATES_MIN_RATIO on CPU (and ``candidates``), a row works on its top-k
+    candidates only (_draw_candidates) and falls back to the full-vocabulary path (_draw_full) when
+    the k-th score is tied with a token outside them; ``candidates=False`` forces the full path (the
+    reference the restricted one is tested against). Not on other devices: the fallback's row
+    selection reads the tie mask on the host, which a CUDA-graph capture of the float64 path would
+    not allow.
+    """
     dt = torch.float64 if c.dtype == torch.float64 else torch.float32
     z = c.to(dt)
     if u is not None:
@@ -512,8 +533,23 @@ def _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_l
     if temperature == 0:
         tok = z.argmax(-1)
         return tok, torch.zeros(tok.shape, dtype=torch.float32, device=c.device)
-    m = z.amax(-1, keepdim=True)
-    s = (z - m.masked_fill_(m == -math.inf, 0.0)).div_(temperature)  # <= 0: no overflow
+    if keys is None:
+        r = torch.rand(z.shape[0], 1, dtype=torch.float64, generator=_generator(seed, offset))
+    else:
+        r = keyed_uniform(seed, offset, keys)[:, None]
+    V = z.shape[-1]
+    if candidates and 0 < top_k and top_k * _CANDIDATES_MIN_RATIO <= V and z.device.type == "cpu":
+        tok, lp = _draw_candidates(z, temperature, top_k, top_p, r)
+    else:
+        m = z.amax(-1, keepdim=True)
+        s = (z - m.masked_fill_(m == -math.inf, 0.0)).div_(temperature)  # <= 0: no overflow
+        tok, lp = _draw_full(s, top_k, top_p, r)
+    return tok, lp.float() if return_logprobs else None
+
+
+def _draw_full(s, top_k, top_p, r):
+    """(token, its log-prob) per row of the scores s [B, V] (max 0), top-k / top-p filtered over the
+    whole vocabulary, drawn by inverse CDF at the uniforms r [B, 1] (float64)."""
     V = s.shape[-1]
     top = None  # scores sorted descending, enough of them to locate the top-p cut
     if 0 < top_k < V:
@@ -525,19 +561,70 @@ def _cfg_sample_torch(c, u, w, temperature, top_k, top_p, seed, offset, return_l
         last = (cum < top_p).sum(-1, keepdim=True).clamp_(max=top.shape[-1] - 1)
         s = s.masked_fill_(s < top.gather(-1, last), -math.inf)
     logp = s.log_softmax(-1)
+    tok = _inverse_cdf(logp, r)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(1)
+
+
+def _inverse_cdf(logp, r):
+    """Column of each row of log-probs [B, n] at its uniform r [B, 1]."""
     # Inverse CDF in float64 (torch.multinomial is ~10x slower here): the first token whose
     # cumulative mass exceeds r ~ U[0, total), capped at the last positive-mass token in case
     # r rounds up to the total.
     prob = logp.exp()
-    cum = prob.cumsum(-1, dtype=torch.float64)
-    if keys is None:
-        r = torch.rand(cum.shape[0], 1, dtype=torch.float64, generator=_generator(seed, offset))
-    else:
-        r = keyed_uniform(seed, offset, keys)[:, None]
-    r = r * cum[:, -1:]
-    last = V - 1 - (prob > 0).flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
-    tok = torch.searchsorted(cum, r, right=True).minimum(last).squeeze(1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(1).float() if return_logprobs else None
+    n = prob.shape[-1]
+    # == prob.cumsum(-1, dtype=torch.float64), which casts first too, but its cast is slower on CPU
+    cum = prob.double().cumsum(-1)
+    tok = torch.searchsorted(cum, r * cum[:, -1:], right=True)
+    if cum.device.type != "cpu":  # no host sync (CUDA-graph capture of the float64 path)
+        return tok.minimum(n - 1 - (prob > 0).flip(-1).to(torch.uint8).argmax(-1, keepdim=True)).squeeze(1)
+    # cum is flat past the last positive-mass token, so the search passes that token only when it
+    # runs off the end (tok == n): only those rows need the cap, found by a reverse scan of the row.
+    tok = tok.squeeze(1)
+    over = (tok == n).nonzero().squeeze(1)
+    if over.numel():
+        tok[over] = n - 1 - (prob[over] > 0).flip(-1).to(torch.uint8).argmax(-1)
+    return tok
+
+
+def _draw_candidates(z, temperature, top_k, top_p, r):
+    """_draw_full's top-k draw on the top_k candidates of each row instead of all V tokens.
+
+    The score map s = (z - max) / T is non-decreasing, so the k-th largest score is that of the k-th
+    largest z, and the (k+1)-th z is the largest outside the candidates: when its score is below the
+    k-th's, the full path keeps exactly the candidates. Otherwise (a tie at the k-th score, possibly
+    made by rounding in the map, or fewer than k + 1 finite scores) the row takes _draw_full. The
+    candidates are drawn in vocabulary order with the row's own uniform, so the inverse CDF picks the
+    token the full path picks (a zero-mass token never changes the float64 cumulative sum): the draws
+    and log-probs equal the full path's except for the float rounding of the softmax normaliser (and
+    of the top-p mass), summed over k terms instead of V.
+    """
+    vals, idx = z.topk(top_k + 1, -1)  # sorted descending; vals[:, 0] is the row max
+    m = vals[:, :1].masked_fill(vals[:, :1] == -math.inf, 0.0)
+    s = (vals - m).div_(temperature)  # the full path's scores of these tokens, exactly
+    tied = s[:, top_k] >= s[:, top_k - 1]
+    if not tied.any():  # the common case: every row on its candidates, no row selection
+        return _draw_top(s[:, :top_k], idx[:, :top_k], top_p, r)
+    tok = torch.empty(z.shape[0], dtype=torch.int64)
+    lp = torch.empty(z.shape[0], dtype=z.dtype)
+    fast = (~tied).nonzero().squeeze(1)
+    if fast.numel():
+        tok[fast], lp[fast] = _draw_top(s[fast, :top_k], idx[fast, :top_k], top_p, r[fast])
+    slow = tied.nonzero().squeeze(1)
+    tok[slow], lp[slow] = _draw_full((z[slow] - m[slow]).div_(temperature), top_k, top_p, r[slow])
+    return tok, lp
+
+
+def _draw_top(top, idx, top_p, r):
+    """_draw_candidates' draw: the candidates' scores top [B, k] (descending) and vocabulary ids idx."""
+    cand = top
+    if top_p < 1.0:
+        cum = (top - top.logsumexp(-1, keepdim=True)).exp_().cumsum_(-1)
+        last = (cum < top_p).sum(-1, keepdim=True).clamp_(max=top.shape[-1] - 1)
+        cand = top.masked_fill(top < top.gather(-1, last), -math.inf)
+    idx, order = idx.sort(-1)  # vocabulary order: the full path's cumulative order
+    logp = cand.gather(-1, order).log_softmax(-1)
+    pos = _inverse_cdf(logp, r)[:, None]
+    return idx.gather(-1, pos).squeeze(1), logp.gather(-1, pos).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------

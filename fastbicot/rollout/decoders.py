@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_decode import FlatRowsStep
-from .sampling import IMAGE_OFFSET
+from .sampling import IMAGE_OFFSET, PLAIN_MAX_VOCAB
 
 
 def decode_cot(runner, cache, sampler, last, slot_sample, keys, params, *, flush_at_limit, progress=None):
@@ -88,8 +88,9 @@ class ImageDecoder:
       with its tables built once; the C++ step when built), CFG as one lerp on the head's hidden;
     * otherwise (CPU, grouped layout or an unfused trunk): Trunk.decode, eagerly.
 
-    On CPU, plain temperature sampling (no top-k / top-p) folds the temperature into the head's last
-    Linear and draws with Sampler.draw_plain.
+    On CPU, plain temperature sampling (no top-k / top-p) of a codebook of at most PLAIN_MAX_VOCAB
+    tokens folds the temperature into the head's last Linear and draws with Sampler.draw_plain (faster
+    there; for larger codebooks the sampler's keyed torch path is).
 
     ``keys``: the stream key of each of the n samples (row i and, with CFG, row n + i): every draw of row i is a function of (sampler seed, step, keys[i]) only (DESIGN.md §4,
     stream keys). On the device in a static buffer, read by the sampler (and the CUDA graph).
@@ -120,7 +121,8 @@ class ImageDecoder:
         cpu = dev.type == "cpu"
         self.flat_step = (FlatRowsStep(trunk.fused, trunk.cos_sin, cache, self.rows, num_tokens)
                           if cpu and runner.flat and trunk.fused is not None else None)
-        self.plain = cpu and top_k == 0 and top_p == 1.0  # drawn by Sampler.draw_plain
+        # drawn by Sampler.draw_plain; a function of the codebook size, not of n (rank independence)
+        self.plain = cpu and top_k == 0 and top_p == 1.0 and policy.image_vocab_size <= PLAIN_MAX_VOCAB
         head = policy.image_head_linear
         t = float(temperature) if self.plain and temperature > 0 else 1.0
         self.head_w = head.weight.detach() / t  # logits / T in the head's own matmul

@@ -2,7 +2,8 @@
 
 Every draw is ``fastbicot.kernels.cfg_sample`` (DESIGN.md §4): the Triton kernel on CUDA, its torch
 path on CPU and for float64 logits. The exception is Sampler.draw_plain, the CPU image loop's plain
-sampling, which draws many steps' noise per row at once (one op per row instead of one per step).
+sampling, which draws many steps' noise per row at once (one op per row instead of one per step), for
+small vocabularies only (PLAIN_MAX_VOCAB).
 
 Stream keys: given ``keys`` (int64 [B], one per row), row r's random numbers are a function of
 (seed, offset, keys[r]) alone, on every path (the kernel's Philox counter, its torch path's
@@ -21,6 +22,14 @@ from fastbicot.kernels.cfg_sample import cfg_sample
 
 _M64 = (1 << 64) - 1
 IMAGE_OFFSET = 1 << 24  # sampler offsets of image steps (CoT steps use 0, 1, ...): disjoint streams
+# Largest vocabulary that Sampler.draw_plain draws; larger ones go through cfg_sample's keyed torch
+# path. draw_plain's cost grows with n x V (an Exp(1) noise value per token), the torch path's has a
+# ~0.4 ms fixed part per call. Measured per image step, 1 thread, keyed, n rows (draw_plain / torch
+# path, us): n=16: V=512 276/432, V=1024 499/453, V=2048 1001/581, V=16384 7880/2068; n=2: V=1024
+# 144/671, V=16384 1545/993; n=64: V=256 561/575, V=512 1432/742. The choice may depend on V only,
+# never on n: the two paths draw different streams, and n (the samples on a rank) must not change a
+# sample's tokens.
+PLAIN_MAX_VOCAB = 512
 
 
 def _splitmix64(x: int) -> int:
