@@ -77,8 +77,8 @@ def stages(out, smoke):
                                    j("sampler-102400")), 300, False, j("sampler-102400")),
             ("grpo-loss", _py("bench/grpo_loss.py", "--device", "cpu", "--reps", "1", "--json", j("grpo-loss")),
              300, False, j("grpo-loss")),
-            ("train-step", _py("bench/train_step.py", "--preset", "tiny", "--device", "cpu", "--json",
-                               j("train-step")), 300, False, j("train-step")),
+            ("train-step", _py("bench/train_step.py", "--preset", "tiny", "--device", "cpu", "--rounds", "1",
+                               "--repeats", "2", "--json", j("train-step")), 300, False, j("train-step")),
         ]
     rollout = []
     for preset, short in (("janus-pro-1b", "1b"), ("janus-pro-7b", "7b")):
