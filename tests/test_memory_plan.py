@@ -353,6 +353,28 @@ def test_model_from_path_and_builder(seed, tmp_path):
     assert plan_memory(cfg, gpus=1, device="cpu", rewards=[]).peak > 0
 
 
+def test_advice_is_the_largest_prompts_per_pass_that_fits():
+    """T2I-R1 on Janus-Pro-1B, one 80 GB GPU: the whole rollout does not fit; the advice names the most
+    prompt groups per pass that fits (a balanced split), and one more group per pass would not fit."""
+    import re
+
+    cfg = TrainerConfig.from_dict(dict(model=dict(preset="janus-pro-1b")))
+    s = model_shapes(cfg)
+    plan = plan_memory(cfg, gpus=1, shapes=s, rewards=[])
+    assert not plan.fits and plan.peak_phase == "rollout"
+    (line,) = [a for a in plan.advice if a.startswith("rollout.prompts_per_pass=")]
+    k = int(re.match(r"rollout.prompts_per_pass=(\d+)", line).group(1))
+
+    def fits(k):
+        return plan_memory(cfg.replace(rollout=cfg.rollout.replace(prompts_per_pass=k)), gpus=1, shapes=s,
+                           rewards=[], advise=False).fits
+
+    P = cfg.data.prompts_per_step
+    assert 1 < k < P and fits(k)
+    bigger = [j for j in {-(-P // c) for c in range(1, P + 1)} if j > k]  # the balanced splits above k
+    assert bigger and not any(fits(j) for j in bigger)
+
+
 def test_7b_recipe_numbers():
     """Janus-Pro-7B shapes (meta device): DESIGN.md's 480 KiB of KV per token, 16 bytes per trainable
     parameter of sharded state (bf16 weight + fp32 master + two fp32 Adam states), sharding 1/N."""

@@ -752,10 +752,17 @@ def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, devi
     if plan.bytes("rewards") > 0:
         tryit(f"move the reward models ({plan.bytes('rewards') / GiB:.1f} GiB on every GPU) to another device "
               "(rewards.functions[i].device) or a remote judge", rewards=[])
-    if (plan.peaks["rollout"][0] >= plan.peak * 0.9 and config.data.prompts_per_step > gpus
-            and r.prompts_per_pass != 1):
-        tryit("rollout.prompts_per_pass=1 (each GPU rolls out one prompt group at a time)",
-              config.replace(rollout=r.replace(prompts_per_pass=1)))
+    P = math.ceil(config.data.prompts_per_step / gpus)  # prompt groups per GPU
+    now = min(P, r.prompts_per_pass or P)
+    if plan.peaks["rollout"][0] >= plan.peak * 0.9 and now > 1:
+        # the most groups per pass that fits (fewer rows per decode step cost GPU throughput), else 1;
+        # for each number of passes the balanced split (ceil(P / passes) groups each) holds the fewest
+        ks = sorted({math.ceil(P / c) for c in range(2, P + 1)} - {now}, reverse=True)
+        ks = [k for k in ks if k < now]
+        k = next((k for k in ks if plan_memory(config.replace(rollout=r.replace(prompts_per_pass=k)), **kw).fits),
+                 1)
+        tryit(f"rollout.prompts_per_pass={k} (each GPU rolls out {k} prompt group{'s' if k > 1 else ''} at a "
+              "time, the same samples)", config.replace(rollout=r.replace(prompts_per_pass=k)))
     if (plan.peaks["rollout"][0] >= plan.peak * 0.9 or not plan.fits) and r.cot.max_new_tokens > 256:
         L2 = Lengths(L.cot_context, min(L.cot, 256), L.image_context - max(0, L.cot - 256), L.image_context_min,
                      image_shared=L.image_shared)
