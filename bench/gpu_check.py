@@ -19,6 +19,7 @@ the remaining --budget-s is skipped, and says so):
     grpo-loss       bench/grpo_loss.py (token_logprobs + grpo_loss vs torch eager / compile / Liger)
     vq-decode       bench/vq_decode.py
     train-step      bench/train_step.py --preset janus-pro-1b --device cuda --rounds 1 (when the file exists)
+    train-step-7b   bench/train_step.py --preset janus-pro-7b --layers 8 --device cuda --rounds 1 --repeats 2
 
 Writes under --out (default $OUT when set, else bench/out/gpu_check) three files, so that they fit
 what a device call brings back (8 files at most): summary.md (a device/commit header, a table of the
@@ -106,6 +107,11 @@ def stages(out, smoke):
          j("vq-decode")),
         ("kernel-tests", _py("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *kernel_tests), 150, True, None),
         r7b64,
+        # 7B's layer shapes, 8 of its 30 layers: fastbicot's fp32 masters + AdamW of all 30 (~170 GiB
+        # at the step, fastbicot plan) do not fit one GPU; each implementation runs in its own process
+        ("train-step-7b", _py("bench/train_step.py", "--preset", "janus-pro-7b", "--layers", "8", "--device", "cuda",
+                              "--rounds", "1", "--repeats", "2", "--json", j("train-step-7b")), 150, True,
+         j("train-step-7b")),
     ]
 
 
@@ -163,7 +169,7 @@ def main(argv=None):
         left = a.budget_s - (time.time() - t_start)
         if needs_gpu and not gpu:
             row.update(status="skipped: no CUDA device", seconds=0.0, tail=[])
-        elif name == "train-step" and not os.path.exists(os.path.join(ROOT, "bench", "train_step.py")):
+        elif name.startswith("train-step") and not os.path.exists(os.path.join(ROOT, "bench", "train_step.py")):
             row.update(status="skipped: bench/train_step.py does not exist yet", seconds=0.0, tail=[])
         elif timeout > left and name != "env":
             row.update(status=f"skipped: {left:.0f} s of the budget left, timeout {timeout} s", seconds=0.0,

@@ -64,7 +64,7 @@ BAD_FLAGS = {
         *[("--prompts", v) for v in SIZES], *[("--rounds", v) for v in SIZES], *[("--repeats", v) for v in SIZES],
         *[("--generations", v) for v in ["1", "0", "x"]], ("--malloc", "jemalloc"), ("--heads", "huge"),
         ("--micro-batch-tokens", "-1"), ("--micro-batch-tokens", "64,64"), ("--micro-batch-tokens", "a"),
-        ("--preset", "janus-9b"), ("--device", "gpu"),
+        ("--preset", "janus-9b"), ("--device", "gpu"), ("--layers", "-1"), ("--layers", "x"), ("--layers", "3"),
     ],
 }
 if NO_CUDA:
@@ -255,12 +255,14 @@ def test_train_step_ratios_are_medians_of_per_round_ratios(tmp_path, monkeypatch
     assert doc["complete"] and len(doc["results"]["fastbicot"]["rounds"]) == 3
 
 
-def test_train_step_runs_end_to_end(tmp_path):
-    """The real child processes on the smallest work: both implementations timed and peak-measured."""
+def test_train_step_runs_end_to_end(tmp_path, capsys):
+    """The real child processes on the smallest work (one decoder layer of the tiny preset): both
+    implementations timed and peak-measured."""
     out = tmp_path / "out.json"
     rc = bench("train_step").main(["--prompts", "1", "--generations", "2", "--cot-tokens", "2", "--repeats", "1",
-                                   "--rounds", "1", "--json", str(out)])
+                                   "--rounds", "1", "--layers", "1", "--json", str(out)])
     assert rc == 0
+    assert "tiny+1-layers on cpu" in capsys.readouterr().out
     doc = _load(out)
     assert doc["complete"] and doc["config"]["malloc"] == "pinned"
     for impl in ("seed_style", "fastbicot"):
