@@ -72,8 +72,10 @@ def test_mini_batches_and_token_budget_on_two_ranks_equal_one_process(tmp_path):
     """optim.mini_batches=2 (two optimizer steps per rollout, the second off-policy) with a token budget
     that cuts each rank's groups into a different number of micro-batches (the ranks with fewer repeat
     their last one with weight 0, so every rank runs the same forwards; with this seeded toy run, rank 1
-    cuts one mini-batch into 4 pieces where rank 0 has 5): 2 ranks = 1 process."""
-    args = [*SMALL, "--steps=2", "--optim.mini_batches=2", "--optim.micro_batch_tokens=130"]
+    cuts one mini-batch into 4 pieces where rank 0 has 5): 2 ranks = 1 process. The rollouts run one
+    prompt group per pass (rollout.prompts_per_pass=1: the same samples, inside FSDP's unshard too)."""
+    args = [*SMALL, "--steps=2", "--optim.mini_batches=2", "--optim.micro_batch_tokens=130",
+            "--rollout.prompts_per_pass=1"]
     ok(run(torchrun(2, WORKER, str(tmp_path / "w2.json"), *args, f"--output_dir={tmp_path / 'r2'}")))
     ok(run([sys.executable, WORKER, str(tmp_path / "w1.json"), *args, f"--output_dir={tmp_path / 'r1'}"]))
     w1, w2 = (json.loads((tmp_path / f"w{n}.json").read_text()) for n in (1, 2))
