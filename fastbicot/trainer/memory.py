@@ -752,7 +752,7 @@ def _advice(plan, config, s, L, *, gpus, gpu_memory_gib, margin, reference, devi
     if plan.bytes("rewards") > 0:
         tryit(f"move the reward models ({plan.bytes('rewards') / GiB:.1f} GiB on every GPU) to another device "
               "(rewards.functions[i].device) or a remote judge", rewards=[])
-    P = math.ceil(config.data.prompts_per_step / gpus)  # prompt groups per GPU
+    P = plan.assumptions["prompts/gpu"]
     now = min(P, r.prompts_per_pass or P)
     if plan.peaks["rollout"][0] >= plan.peak * 0.9 and now > 1:
         # the most groups per pass that fits (fewer rows per decode step cost GPU throughput), else 1;
