@@ -8,11 +8,14 @@ The same work for both: ``--prompts`` prompts x ``--generations`` samples, a CoT
 reward (mean red level; the reward is not what is measured), then one GRPO update (beta=0.01 against
 a frozen reference, AdamW, gradient checkpointing).
 
-seed-style: the seed's structure (CaraJ7/T2I-R1 grpo_trainer.py) -- CoT by an eager sampling loop
-over a left-padded batch with a DynamicCache (what HF generate does), the image loop of
-fastbicot/rollout/baselines.py (eager, DynamicCache, CFG by row doubling, softmax + multinomial),
-transformers' VQ decoder, and an update through materialised [B, L, V] logits + log_softmax +
-gather for policy and reference, one micro-batch per prompt group.
+seed-style: the seed's structure (CaraJ7/T2I-R1 grpo_trainer.py, run_grpo.sh) on one rank -- one prompt
+per micro-batch with gradient accumulation over the prompts (per_device_train_batch_size 1), each
+micro-batch rolling out its own G samples: CoT by an eager sampling loop with a DynamicCache (what HF
+generate does), the image loop of fastbicot/rollout/baselines.py (eager, DynamicCache, CFG by row
+doubling, softmax + multinomial), transformers' VQ decoder, the reward, then the micro-batch's loss and
+backward through materialised logits (the text head over every position, the prompt's included, and
+the image head over BOI + image tokens, log_softmax row by row + gather, as ``_get_per_token_logps``)
+for policy and reference; clipping and one optimizer step after the last prompt.
 fastbicot: ``Trainer.step()`` (static KV cache, shared prefixes, fused sampler and decode step; an
 update whose forwards pack each micro-batch's rows with shared prefixes stored once, fused log-probs
 that never build [N, V], the fused GRPO loss), one prompt group per micro-batch like the seed, and
@@ -21,10 +24,12 @@ tokens (``optim.micro_batch_tokens``: the same loss and gradient, a bounded acti
 fastbicot row of the output names its setting.
 
 Reported per implementation: images/s over the whole step, seconds of rollout (CoT + image), decode,
-reward and update (median of --repeats steps after one warm-up step), and the update's peak memory:
-CUDA max_memory_allocated above the memory before the update; CPU the growth of the peak resident
-set during the update, measured in a fresh subprocess per implementation (so neither inherits the
-other's freed pages). Ratios fastbicot / seed-style are printed and written to --json.
+reward and update (median of --repeats steps after one warm-up step; the seed-style step's phases
+summed over its micro-batches), and the update's peak memory: CUDA max_memory_allocated above the
+memory before the update; CPU the growth of the peak resident set during the update, measured in a
+fresh subprocess per implementation (so neither inherits the other's freed pages); for the
+seed-style step the largest over its micro-batches' updates and the optimizer step, above the
+memory before the first (``UpdateWindow``). Ratios fastbicot / seed-style are printed and written to --json.
 
 Fairness: each implementation is timed in a fresh subprocess, and the implementations alternate
 for --rounds rounds (seed-style, fastbicot, seed-style, fastbicot, ...); a ratio is taken within
@@ -108,6 +113,39 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+class UpdateWindow:
+    """The update's peak memory, over one or more windows of a step (the seed-style step interleaves each
+    micro-batch's rollout with its update): the growth above the memory at the first window's start, the
+    largest over the windows. CUDA: max_memory_allocated. CPU: the resident set's high-water mark, only
+    when ``track_rss`` (the update-peak child; the timed steps never touch /proc)."""
+
+    track_rss = False
+
+    def __init__(self, device):
+        self.cuda, self.base, self.peak_mib = device.type == "cuda", None, None
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() if self.base is None else self.base
+        elif self.track_rss:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # the high-water mark restarts at the current resident set
+            self.base = rss_kib("VmRSS") if self.base is None else self.base
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            grown = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        elif self.track_rss:
+            grown = (rss_kib("VmHWM") - self.base) / 1024
+        else:
+            return
+        self.peak_mib = grown if self.peak_mib is None else max(self.peak_mib, grown)
+
+
 # ---------------------------------------------------------------------------- the seed-style step
 class SeedStyleStep:
     """The seed's step structure on a fastbicot policy (see the module docstring)."""
@@ -164,56 +202,74 @@ class SeedStyleStep:
         return tok, ctx_mask, torch.stack(out, 1)
 
     def step(self, texts):
+        """The seed's step on one rank: per_device_train_batch_size 1 and gradient accumulation over the
+        prompts (run_grpo.sh: 1 x 2), so each prompt is one micro-batch that rolls out its own G samples
+        (CoT, images, decode, reward) and then runs its loss and backward; one optimizer step at the end."""
+        timing = {"rollout": 0.0, "decode": 0.0, "reward": 0.0, "update": 0.0}
+        self.update_window = UpdateWindow(self.policy.device)
+        for text in texts:
+            self.micro_batch(text, len(texts), timing)
+        t0 = time.perf_counter()
+        with self.update_window:
+            torch.nn.utils.clip_grad_norm_([q for q in self.policy.parameters() if q.requires_grad], 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        sync(self.policy.device)
+        timing["update"] += time.perf_counter() - t0
+        if self.update_window.peak_mib is not None:
+            timing["update_peak_mib"] = self.update_window.peak_mib
+        return timing
+
+    def micro_batch(self, text, n_prompts, timing):
         from fastbicot.rollout.baselines import t2i_r1_generate_images
 
-        p, dev, G = self.policy, self.policy.device, self.args.generations
-        timing = {}
+        p, dev = self.policy, self.policy.device
         t0 = time.perf_counter()
         p.eval()
-        ctx_ids, ctx_mask, cot = self.cot(texts)
+        ctx_ids, ctx_mask, cot = self.cot([text])
         img_ctx = []
         for i in range(cot.shape[0]):
-            text = p.tokenizer.decode(cot[i].tolist(), skip_special_tokens=True)
-            img_ctx.append([p.bos_token_id] + p.tokenizer.encode(f"User: {texts[i // G]}. {text}\n\nAssistant:",
+            answer = p.tokenizer.decode(cot[i].tolist(), skip_special_tokens=True)
+            img_ctx.append([p.bos_token_id] + p.tokenizer.encode(f"User: {text}. {answer}\n\nAssistant:",
                                                                  add_special_tokens=False) + [p.boi_token_id])
         tokens = t2i_r1_generate_images(p, img_ctx, guidance_scale=5.0)
         sync(dev)
-        timing["rollout"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         with torch.no_grad():
             x = p.vqmodel.decode(tokens).float()
         images = ((x.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
         sync(dev)
-        timing["decode"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t2 = time.perf_counter()
         r = red_reward(images, None, None, None).double()
-        adv = ((r.view(-1, G) - r.view(-1, G).mean(1, keepdim=True)) / (r.view(-1, G).std(1, keepdim=True) + 1e-4))
-        adv = adv.flatten().to(dev)
-        timing["reward"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        p.train()
-        for g in range(len(texts)):  # one prompt group per micro-batch, as the seed's one prompt per GPU
-            rows = slice(g * G, (g + 1) * G)
-            loss = self.group_loss(ctx_ids[rows], ctx_mask[rows], cot[rows], [img_ctx[i] for i in range(
-                g * G, (g + 1) * G)], tokens[rows], adv[rows]) / len(texts)
+        adv = ((r - r.mean()) / (r.std() + 1e-4)).to(dev)
+        t3 = time.perf_counter()
+        with self.update_window:
+            p.train()
+            # the seed's loss is the micro-batch's token mean; accumulation over the prompts averages them
+            loss = self.group_loss(ctx_ids, ctx_mask, cot, img_ctx, tokens, adv) / n_prompts
             loss.backward()
-        torch.nn.utils.clip_grad_norm_([q for q in p.parameters() if q.requires_grad], 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+            p.eval()
         sync(dev)
-        timing["update"] = time.perf_counter() - t0
-        if dev.type == "cuda":
-            timing["update_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        return timing
+        t4 = time.perf_counter()
+        for k, a, b in (("rollout", t0, t1), ("decode", t1, t2), ("reward", t2, t3), ("update", t3, t4)):
+            timing[k] += b - a
 
-    def logps(self, model, emb, mask, targets, head):
+    @staticmethod
+    def logps_part(logits, ids):
+        """The seed's ``_get_per_token_logps_part``: next-token log-probs, log_softmax row by row in the
+        logits' dtype."""
+        return torch.stack([torch.log_softmax(row, -1).gather(1, t[:, None])[:, 0]
+                            for row, t in zip(logits[:, :-1], ids[:, 1:])])
+
+    def logps(self, model, emb, mask, ids, n_targets, head):
+        """The seed's ``_get_per_token_logps`` -> the log-probs of the last ``n_targets`` tokens of ``ids``.
+        Text: the text head over every position, the prompt's included, then the completion's slice;
+        image: the image head over BOI + the image tokens."""
         h = model.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
-        h = h[:, -targets.shape[1] - 1 : -1]
-        logits = model.text_logits(h) if head == "text" else model.image_logits(h)
-        return torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+        if head == "text":
+            return self.logps_part(model.text_logits(h), ids)[:, -n_targets:]
+        img = ids[:, -n_targets:]
+        return self.logps_part(model.image_logits(h[:, -n_targets - 1:]), torch.cat([img[:, :1] * 0, img], 1))
 
     def group_loss(self, ctx, ctx_mask, cot, img_ctx, img, adv):
         p, beta = self.policy, 0.01
@@ -224,9 +280,10 @@ class SeedStyleStep:
         ids = torch.cat([ctx, cot], 1)
         mask = torch.cat([ctx_mask, cmask], 1)
         emb = p.embed_text(ids)
-        lp_t = self.logps(p, emb, mask, cot, "text")
+        n = cot.shape[1]
+        lp_t = self.logps(p, emb, mask, ids, n, "text")
         with torch.no_grad():
-            ref_t = self.logps(self.ref, emb.detach(), mask, cot, "text")
+            ref_t = self.logps(self.ref, emb.detach(), mask, ids, n, "text")
         L = max(len(x) for x in img_ctx)
         t = torch.full((len(img_ctx), L), p.pad_token_id, dtype=torch.long, device=img.device)
         m = torch.zeros_like(t)
@@ -237,9 +294,9 @@ class SeedStyleStep:
             m[i, -1] = 1
         emb_i = torch.cat([p.embed_text(t), p.embed_image(img[:, :-1])], 1)
         m_i = torch.cat([m, torch.ones_like(img[:, :-1])], 1)
-        lp_i = self.logps(p, emb_i, m_i, img, "image")
+        lp_i = self.logps(p, emb_i, m_i, img, img.shape[1], "image")
         with torch.no_grad():
-            ref_i = self.logps(self.ref, emb_i.detach(), m_i, img, "image")
+            ref_i = self.logps(self.ref, emb_i.detach(), m_i, img, img.shape[1], "image")
         lp, ref = torch.cat([lp_t, lp_i], 1), torch.cat([ref_t, ref_i], 1)
         mask_all = torch.cat([cmask, torch.ones_like(img)], 1).float()
         kl = torch.exp(ref - lp) - (ref - lp) - 1
@@ -268,17 +325,15 @@ class FastStep:
         scores = tr.score(batch)
         adv, _, _ = tr.advantages(batch, scores)
         t2 = time.perf_counter()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        tr.update(batch, adv)
+        with UpdateWindow(dev) as window:
+            tr.update(batch, adv)
         sync(dev)
         t3 = time.perf_counter()
         tr.step_idx += 1
         out = {"rollout": (t1 - t0) - batch.timing["decode"], "decode": batch.timing["decode"], "reward": t2 - t1,
                "update": t3 - t2}
-        if dev.type == "cuda":
-            out["update_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        if window.peak_mib is not None:
+            out["update_peak_mib"] = window.peak_mib
         return out
 
 
@@ -359,30 +414,16 @@ def child(flag, impl, args, mbt, malloc):
 
 
 def child_update_peak(impl, args):
-    """Runs one step, resets the RSS high-water mark right before the update, prints the growth."""
-    marks = {}
+    """One warm-up step (allocator pools and lazy state exist before measuring), then one step whose
+    update windows track the resident set -> prints the update's peak growth."""
     from fastbicot.models import JanusPolicy
 
     policy = JanusPolicy.from_preset(preset_name(args), seed=args.seed, dtype=torch.float32)
     runner = make_runner(impl, policy, args, args.micro_batch_tokens[0])
     texts = prompts(args.prompts)
-    runner.step(texts)  # warm-up: allocator pools and lazy state exist before measuring
-    target = runner if impl == "seed_style" else runner.trainer
-    name = "group_loss" if impl == "seed_style" else "update"
-    inner = getattr(target, name)
-    first = {"done": False}
-
-    def wrapped(*a, **k):
-        if not first["done"]:
-            first["done"] = True
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            marks["base"] = rss_kib("VmRSS")
-        return inner(*a, **k)
-
-    setattr(target, name, wrapped)
     runner.step(texts)
-    print(json.dumps({"update_peak_mib": (rss_kib("VmHWM") - marks["base"]) / 1024}))
+    UpdateWindow.track_rss = True
+    print(json.dumps({"update_peak_mib": runner.step(texts)["update_peak_mib"]}))
 
 
 def main(argv=None):

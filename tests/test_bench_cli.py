@@ -271,3 +271,77 @@ def test_train_step_runs_end_to_end(tmp_path, capsys):
     q = doc["results"]["ratios"]["fastbicot"]
     assert q["images_per_s"] == pytest.approx(doc["results"]["fastbicot"]["images_per_s"] /
                                               doc["results"]["seed_style"]["images_per_s"])
+
+
+def _seed_style():
+    import argparse
+
+    from fastbicot.models import JanusPolicy
+
+    mod = bench("train_step")
+    args = argparse.Namespace(generations=3, cot_tokens=4, seed=int(torch.randint(0, 2**31, ()).item()))
+    policy = JanusPolicy.from_preset("tiny", seed=args.seed, dtype=torch.float64)
+    return mod.SeedStyleStep(policy, args), policy
+
+
+def test_seed_style_logps_follow_the_seeds_formula():
+    """``_get_per_token_logps`` as the seed writes it (the text head over every position, then the
+    completion's slice; the image head over BOI + image tokens) gives each target's log-prob under the
+    position before it: checked against a float64 log_softmax of the logits at exactly those positions."""
+    step, p = _seed_style()
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    for head, vocab in (("text", p.hf_model.config.text_config.vocab_size), ("image", 64)):
+        B, L, n = 3, int(torch.randint(6, 20, (), generator=g)), int(torch.randint(1, 5, (), generator=g))
+        ids = torch.randint(0, min(vocab, 256), (B, L), generator=g)
+        if head == "text":
+            emb = p.embed_text(ids)
+        else:
+            emb = torch.cat([p.embed_text(ids[:, : L - n]), p.embed_image(ids[:, L - n:])], 1)
+        mask = torch.ones(B, L, dtype=torch.long)
+        mask[0, : L - n - 1] = 0  # a padded row (left padding, as the seed's CoT batch)
+        got = step.logps(p, emb, mask, ids, n, head)
+        h = p.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state[:, L - n - 1: L - 1]
+        logits = p.text_logits(h) if head == "text" else p.image_logits(h)
+        want = torch.log_softmax(logits.double(), -1).gather(-1, ids[:, L - n:, None])[..., 0]
+        assert got.shape == (B, n)
+        torch.testing.assert_close(got.double(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_seed_style_rolls_out_one_prompt_per_micro_batch(monkeypatch):
+    """run_grpo.sh: per_device_train_batch_size 1 with gradient accumulation -- each prompt rolls out its
+    own samples and runs its own backward; the optimizer steps once, after the last prompt."""
+    step, _ = _seed_style()
+    seen, steps = [], []
+    cot = step.cot
+
+    def spy_cot(texts):
+        seen.append(list(texts))
+        return cot(texts)
+
+    monkeypatch.setattr(step, "cot", spy_cot)
+    monkeypatch.setattr(step.opt, "step", lambda *a, **k: steps.append(len(seen)))
+    timing = step.step(["a red cat", "two blue dogs above a tree"])
+    assert seen == [["a red cat"], ["two blue dogs above a tree"]] and steps == [2]
+    assert all(timing[k] > 0 for k in ("rollout", "decode", "update"))
+
+
+def test_update_window_reports_the_largest_growth_over_windows():
+    """The seed-style update's peak: the largest growth above the first window's start, over windows
+    separated by work that is not the update (here the RSS high-water mark of real allocations)."""
+    mod = bench("train_step")
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc")
+    w = mod.UpdateWindow(torch.device("cpu"))
+    mod.UpdateWindow.track_rss = True
+    try:
+        with w:
+            a = torch.ones(48 * 2**18)  # 48 MiB, touched
+            del a
+        b = torch.ones(16 * 2**18)  # outside any window: not counted
+        del b
+        with w:
+            c = torch.ones(24 * 2**18)
+            del c
+    finally:
+        mod.UpdateWindow.track_rss = False
+    assert 40 < w.peak_mib < 60

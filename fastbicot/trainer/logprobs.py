@@ -178,17 +178,23 @@ class AttentionLayout:
                     "causal": (S, A) if A else None,  # lower-right causal over [A ancestors | S own]
                     "keep": torch.tensor(keep, dtype=torch.long),
                 })
-        # the concatenated kept outputs, back in packed order
+        # every batch's query rows (and key/value rows) gathered by one index_select: its backward is one
+        # zero-fill and one index_add over the packed tokens, not one per batch
+        self.q_all = torch.cat([b["q"].reshape(-1) for b in self.batches])
+        self.kv_all = torch.cat([(b["q"] if b["kv"] is None else b["kv"]).reshape(-1) for b in self.batches])
+        # the batches' outputs, concatenated: the kept rows, back in packed order, by one index_select
+        keep = torch.cat([b["keep"] + off for b, off in zip(self.batches, itertools.accumulate(
+            [0] + [b["q"].numel() for b in self.batches]))])
         dest = torch.tensor(valid_dest, dtype=torch.long)
-        self.inverse = torch.empty_like(dest)
-        self.inverse[dest] = torch.arange(len(dest))
+        self.out_index = torch.empty_like(dest)
+        self.out_index[dest] = keep
 
     def to(self, device):
         for b in self.batches:
             for k in ("q", "kv", "keep"):
                 if b[k] is not None:
                     b[k] = b[k].to(device)
-        self.inverse = self.inverse.to(device)
+        self.q_all, self.kv_all, self.out_index = (t.to(device) for t in (self.q_all, self.kv_all, self.out_index))
         return self
 
     @staticmethod
@@ -211,16 +217,20 @@ class AttentionLayout:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
         heads, d = q.shape[1], q.shape[2]
         gqa = k.shape[1] != heads
+        qs = q.index_select(0, self.q_all).split([b["q"].numel() for b in self.batches])
+        kv_sizes = [(b["q"] if b["kv"] is None else b["kv"]).numel() for b in self.batches]
+        ks = k.index_select(0, self.kv_all).split(kv_sizes)
+        vs = v.index_select(0, self.kv_all).split(kv_sizes)
         out = []
-        for b in self.batches:
-            qb = _rows(q, b["q"]).transpose(1, 2)  # [n, h, S, d]
-            idx = b["q"] if b["kv"] is None else b["kv"]
-            kb, vb = _rows(k, idx).transpose(1, 2), _rows(v, idx).transpose(1, 2)
+        for b, qb, kb, vb in zip(self.batches, qs, ks, vs):
+            n, S = b["q"].shape
+            qb = qb.view(n, S, heads, d).transpose(1, 2)  # [n, h, S, d]
+            kb, vb = (t.view(n, -1, *t.shape[1:]).transpose(1, 2) for t in (kb, vb))
             mask = None if b["causal"] is None else self._mask(b, qb)
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale,
                                                dropout_p=dropout, enable_gqa=gqa)
-            out.append(o.transpose(1, 2).reshape(-1, heads, d).index_select(0, b["keep"]))
-        return torch.cat(out).index_select(0, self.inverse)[None], None
+            out.append(o.transpose(1, 2).reshape(-1, heads, d))
+        return torch.cat(out).index_select(0, self.out_index)[None], None
 
 
 def _rows(x, idx):
