@@ -67,33 +67,36 @@ class KVCache:
         gather there, while reading a prefix once per group only pays off on a GPU. The
         rows' sequences and positions are unchanged.
         """
-        rows = torch.arange(start, end, device=self.suffix_kv.device)
-        g = self.group_ids[rows].long()
-        plen, slen = self.prefix_len[g].long(), self.suffix_len[rows].long()
-        lp, ls = int(plen.max()), int(slen.max())
-        if lp == 0:
+        groups = self.group_ids[start:end].tolist()
+        plen_all, slen_all = self.prefix_len.tolist(), self.suffix_len[start:end].tolist()
+        by_shape: dict = {}  # rows with the same (group, suffix length) move as one block
+        for r, g in enumerate(groups):
+            by_shape.setdefault((g, slen_all[r]), []).append(start + r)
+        width = max(plen_all[g] + slen_all[r] for r, g in enumerate(groups))
+        if max(plen_all[g] for g in set(groups)) == 0:
             return
-        width = int((plen + slen).max())
         if width > self.suffix_capacity:
             raise ValueError(f"flatten needs {width} suffix slots, the cache has {self.suffix_capacity}")
-        both = torch.cat(
-            [self.prefix_kv[:, :, :, :, :lp].index_select(2, g), self.suffix_kv[:, :, rows, :, :ls]], dim=4
-        )
-        j = torch.arange(width, device=rows.device)[None]
-        src = torch.where(j < plen[:, None], j, lp + j - plen[:, None]).clamp(max=lp + ls - 1)  # [n, width]
-        idx = src[None, None, :, None, :, None].expand(both.shape[0], 2, -1, both.shape[3], -1, both.shape[5])
-        self.suffix_kv[:, :, rows, :, :width] = both.gather(4, idx)
-        self.suffix_len[rows] = (plen + slen).int()
-        self.prefix_len[torch.unique(g)] = 0
+        kv = self.suffix_kv
+        for (g, ls), rows in by_shape.items():
+            lp = plen_all[g]
+            if lp == 0:
+                continue
+            idx = torch.tensor(rows, device=kv.device) if len(rows) != rows[-1] - rows[0] + 1 else None
+            sel = slice(rows[0], rows[-1] + 1) if idx is None else idx
+            if ls:  # the suffix moves right by the prefix length (a copy first: the ranges overlap)
+                kv[:, :, sel, :, lp:lp + ls] = kv[:, :, sel, :, :ls].clone()
+            kv[:, :, sel, :, :lp] = self.prefix_kv[:, :, g:g + 1, :, :lp]
+        self.suffix_len[start:end] += torch.tensor([plen_all[g] for g in groups], dtype=self.suffix_len.dtype,
+                                                   device=self.suffix_len.device)
+        self.prefix_len[sorted(set(groups))] = 0
 
 
 def common_prefix_len(seqs) -> int:
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs):
-            return i
-    return n
+    """The longest common prefix of token lists: that of the lexicographically smallest and largest
+    (any prefix all share lies between them), so one pairwise scan instead of one per row."""
+    seqs = [list(s) for s in seqs]
+    return _lcp2(min(seqs), max(seqs))
 
 
 @dataclass
