@@ -102,3 +102,36 @@ def test_grouped_decode_attention_reference_matches_float64(seed):
         v = torch.cat([pv[g, :, : plen[g]], sv[b, :, : slen[b]]], 1).double()
         p = torch.softmax(torch.einsum("hd,hld->hl", q[b].double(), k) / math.sqrt(D), -1)
         torch.testing.assert_close(out[b].double(), torch.einsum("hl,hld->hd", p, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_flatten_puts_each_rows_prefix_before_its_suffix(seed):
+    """KVCache.flatten on random caches (several groups, unequal suffixes, empty prefixes and suffixes,
+    a sub-range of rows): each flattened row holds its group's prefix then its old suffix, its length
+    is their sum, the groups' prefixes become empty, and rows outside the range are untouched."""
+    g = torch.Generator().manual_seed(seed + 1000 * int(torch.randint(0, 1000, ())))
+    P, R = int(torch.randint(1, 4, (), generator=g)), int(torch.randint(1, 8, (), generator=g))
+    Lp, extra = int(torch.randint(1, 7, (), generator=g)), int(torch.randint(1, 7, (), generator=g))
+    c = KVCache(2, 2, 3, num_prefixes=P, prefix_capacity=Lp, num_rows=R, suffix_capacity=Lp + extra,
+                dtype=torch.float64, device="cpu")
+    c.prefix_kv.copy_(torch.randn(c.prefix_kv.shape, generator=g, dtype=torch.float64))
+    c.suffix_kv.copy_(torch.randn(c.suffix_kv.shape, generator=g, dtype=torch.float64))
+    c.prefix_len.copy_(torch.randint(0, Lp + 1, (P,), generator=g))
+    c.group_ids.copy_(torch.randint(0, P, (R,), generator=g))
+    c.suffix_len.copy_(torch.stack([torch.randint(0, Lp + extra - int(c.prefix_len[int(x)]) + 1, (), generator=g)
+                                    for x in c.group_ids]))
+    a = int(torch.randint(0, R, (), generator=g))
+    b = int(torch.randint(a + 1, R + 1, (), generator=g))
+    before = (c.prefix_kv.clone(), c.suffix_kv.clone(), c.prefix_len.clone(), c.suffix_len.clone())
+    c.flatten(a, b)
+    pkv, skv, plen, slen = before
+    for r in range(R):
+        grp, ls = int(c.group_ids[r]), int(slen[r])
+        if a <= r < b:
+            lp = int(plen[grp])
+            assert int(c.suffix_len[r]) == lp + ls
+            want = torch.cat([pkv[:, :, grp, :, :lp], skv[:, :, r, :, :ls]], dim=-2)
+            assert torch.equal(c.suffix_kv[:, :, r, :, : lp + ls], want)
+            assert int(c.prefix_len[grp]) == 0
+        else:
+            assert int(c.suffix_len[r]) == ls and torch.equal(c.suffix_kv[:, :, r], skv[:, :, r])
