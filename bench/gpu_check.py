@@ -18,7 +18,7 @@ the remaining --budget-s is skipped, and says so):
                     bench/cfg_sampling.py (fastbicot vs torch eager / compile / FlashInfer if installed)
     grpo-loss       bench/grpo_loss.py (token_logprobs + grpo_loss vs torch eager / compile / Liger)
     vq-decode       bench/vq_decode.py
-    train-step      bench/train_step.py --preset janus-pro-1b --device cuda --rounds 1 (when the file exists)
+    train-step      bench/train_step.py --preset janus-pro-1b --device cuda --rounds 1 --repeats 2 (when the file exists)
     train-step-7b   bench/train_step.py --preset janus-pro-7b --layers 8 --device cuda --rounds 1 --repeats 2
 
 Writes under --out (default $OUT when set, else bench/out/gpu_check) three files, so that they fit
@@ -102,7 +102,7 @@ def stages(out, smoke):
         r1b64,
         r7b16,
         ("train-step", _py("bench/train_step.py", "--preset", "janus-pro-1b", "--device", "cuda", "--rounds", "1",
-                           "--json", j("train-step")), 120, True, j("train-step")),
+                           "--repeats", "2", "--json", j("train-step")), 150, True, j("train-step")),
         ("vq-decode", _py("bench/vq_decode.py", "--batches", "1,16", "--json", j("vq-decode")), 90, True,
          j("vq-decode")),
         ("kernel-tests", _py("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *kernel_tests), 150, True, None),
