@@ -239,3 +239,52 @@ def test_memory_plan_follows_the_token_budget():
         assert budget.bytes(key) == pytest.approx(ratio * whole.bytes(key), rel=0.05), key
     assert budget.bytes("grads") == whole.bytes("grads")
     assert budget.peaks["update"][0] < whole.peaks["update"][0]
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"loss": {"cfg_logprobs": "cfg", "num_iterations": 2}, "rollout": {"guidance_scale": 3.0}},
+    {"optim": {"mini_batches": 3, "micro_batch_prompts": 1}},
+], ids=["default", "cfg-mu2", "mini-batches"])
+def test_forward_plan_is_built_once_per_micro_batch(seed, tmp_path, monkeypatch, options):
+    """The reference's forward, the policy's forward(s) and the later mini-batches' old log-probs over
+    one micro-batch share its packed layout (MicroBatch.reuse): one ForwardPlan per micro-batch, and
+    the update equals one that builds every forward's plan afresh."""
+    import fastbicot.trainer.logprobs as lp_mod
+    from fastbicot.trainer.trainer import mini_batches
+
+    built = []
+    real = lp_mod.ForwardPlan
+
+    class Counting(real):
+        def __init__(self, *a, **k):
+            built.append(1)
+            super().__init__(*a, **k)
+
+    out = {}
+    for reuse in (True, False):
+        tr = make_trainer(seed, tmp_path / str(reuse), loss={"beta": 0.05, **options.get("loss", {})},
+                          **{k: v for k, v in options.items() if k != "loss"})
+        batch = tr.rollout()
+        adv, _, _ = tr.advantages(batch, tr.score(batch))
+        if not reuse:  # every forward gets a fresh dict: nothing carried over
+            monkeypatch.setattr(lp_mod, "ForwardPlan", real)
+            def fresh(*a, _orig=lp_mod.sample_logprobs, **k):
+                k["reuse"] = None
+                return _orig(*a, **k)
+
+            monkeypatch.setattr(lp_mod, "sample_logprobs", fresh)
+        else:
+            monkeypatch.setattr(lp_mod, "ForwardPlan", Counting)
+        parts = tr.config.optim.mini_batches
+        n_micro = sum(len(tr._micros(pack(p, a, tr.config.loss))[0])
+                      for p, a, _ in mini_batches(batch, adv, None, parts))
+        metrics = tr.update(batch, adv)
+        out[reuse] = (metrics, [p.detach().clone() for p in tr.policy.parameters()])
+        if reuse:
+            assert len(built) == n_micro, (len(built), n_micro)
+        monkeypatch.undo()
+    for k in ("loss", "kl", "grad_norm"):
+        assert out[True][0][k] == out[False][0][k], k
+    for a, b in zip(out[True][1], out[False][1]):
+        assert torch.equal(a, b)

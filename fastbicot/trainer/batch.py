@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -148,6 +148,9 @@ class MicroBatch:
     positions: list  # position in TrainBatch.samples of each part
     samples: list  # TrainSample per part: the whole sample or a view holding some of its rows
     tokens: torch.Tensor  # int64: indices into the step's per-token tensors, in the forward's order
+    # the forward's packed layout and target indices (trainer/logprobs.py), built by the first forward
+    # over these samples and reused by the next (the reference's, then the policy's)
+    reuse: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def seq_ids(self) -> torch.Tensor:

@@ -302,40 +302,40 @@ def embed_packed(policy, packed: PackedRows) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- log-probs of samples
 
-def _forward_heads(policy, src, rows, dests, channels, max_waste):
-    """One packed trunk forward over ``rows`` -> per (channel, head): the hidden states of the
-    targets (the image head's hidden part for image targets), the targets, their destinations."""
-    dev = policy.device
-    packed = PackedRows(rows, max_waste).to(dev)
-    emb = embed_packed(src, packed)
-    hidden = packed_hidden(policy, emb.detach() if src is not policy else emb, packed)
-    sel = {}
-    for r, (row, d, ch) in enumerate(zip(rows, dests, channels)):
-        idx = packed.index[r]
-        for (pos, tok, head), where in zip(row.targets, d):
-            t = sel.setdefault((ch, head), ([], [], []))
-            t[0].append(idx[pos])
-            t[1].append(tok)
-            t[2].append(where)
+class ForwardPlan:
+    """What a forward over some rows needs besides the weights: the packed layout and, per (channel,
+    head), the packed positions whose hidden states predict the targets, the targets and their
+    destinations in the output. The same for the policy's and the reference's forward over one
+    micro-batch, so built once (``sample_logprobs(reuse=)``)."""
+
+    def __init__(self, rows, dests, channels, max_waste, device):
+        self.packed = PackedRows(rows, max_waste).to(device)
+        sel = {}
+        for r, (row, d, ch) in enumerate(zip(rows, dests, channels)):
+            idx = self.packed.index[r]
+            for (pos, tok, head), where in zip(row.targets, d):
+                t = sel.setdefault((ch, head), ([], [], []))
+                t[0].append(idx[pos])
+                t[1].append(tok)
+                t[2].append(where)
+        self.sel = {k: tuple(torch.tensor(x, device=device) for x in v) for k, v in sel.items()}
+
+
+def _forward_heads(policy, src, plan: ForwardPlan):
+    """One packed trunk forward -> per (channel, head): the hidden states of the targets (the image
+    head's hidden part for image targets), the targets, their destinations."""
+    emb = embed_packed(src, plan.packed)
+    hidden = packed_hidden(policy, emb.detach() if src is not policy else emb, plan.packed)
     out = {}
-    for (ch, head), (at, tgt, dst) in sel.items():
-        h = hidden.index_select(0, torch.tensor(at, device=dev))
-        out[ch, head] = (policy.image_head_hidden(h) if head == IMAGE else h, torch.tensor(tgt, device=dev),
-                         torch.tensor(dst, device=dev))
+    for (ch, head), (at, tgt, dst) in plan.sel.items():
+        h = hidden.index_select(0, at)
+        out[ch, head] = (policy.image_head_hidden(h) if head == IMAGE else h, tgt, dst)
     return out
 
 
-def sample_logprobs(policy, samples, *, loss, guidance_scale: float = 1.0, embeds_from=None,
-                    entropy: bool = False, max_waste: float = 0.25) -> Forward:
-    """Per-token log-probs of ``samples`` (TrainSamples) under ``policy``, in batch.py's token order
-    (sample by sample: its text targets, then its image targets).
-
-    ``embeds_from``: a policy whose text embeddings feed the trunk instead of ``policy``'s own (the
-    seed feeds its reference model the policy's embeddings). Runs under the caller's grad mode.
-    One trunk forward over all rows (the unconditional rows of CFG log-probs included).
-    ``max_waste``: the padding bound of the attention batches (``length_buckets``).
-    """
-    cfg = loss.cfg_logprobs != "none"
+def _rows_of(samples, cfg: bool) -> tuple:
+    """The rows of ``samples`` (+ their unconditional rows for CFG log-probs) -> (rows, each row's
+    target destinations in the output, channel: 0 conditional, 1 unconditional)."""
     rows, dests, channels, offset = [], [], [], 0
     for s in samples:
         text_at, image_at = offset, offset + s.num_text  # a sample's text targets come first
@@ -356,8 +356,30 @@ def sample_logprobs(policy, samples, *, loss, guidance_scale: float = 1.0, embed
             dests.append([offset + s.num_text + j for j in range(s.num_image)])
             channels.append(1)
         offset += s.num_tokens
+    return rows, dests, channels
+
+
+def sample_logprobs(policy, samples, *, loss, guidance_scale: float = 1.0, embeds_from=None,
+                    entropy: bool = False, max_waste: float = 0.25, reuse: dict | None = None) -> Forward:
+    """Per-token log-probs of ``samples`` (TrainSamples) under ``policy``, in batch.py's token order
+    (sample by sample: its text targets, then its image targets).
+
+    ``embeds_from``: a policy whose text embeddings feed the trunk instead of ``policy``'s own (the
+    seed feeds its reference model the policy's embeddings). Runs under the caller's grad mode.
+    One trunk forward over all rows (the unconditional rows of CFG log-probs included).
+    ``max_waste``: the padding bound of the attention batches (``length_buckets``).
+    ``reuse``: a dict that lives as long as ``samples`` (MicroBatch.reuse): the ForwardPlan is kept
+    there and reused by the next forward over the same samples.
+    """
+    cfg = loss.cfg_logprobs != "none"
     src = embeds_from if embeds_from is not None else policy
-    res = _forward_heads(policy, src, rows, dests, channels, max_waste)
+    key = ("plan", max_waste, cfg, str(policy.device))
+    plan = None if reuse is None else reuse.get(key)
+    if plan is None:
+        plan = ForwardPlan(*_rows_of(samples, cfg), max_waste, policy.device)
+        if reuse is not None:
+            reuse[key] = plan
+    res = _forward_heads(policy, src, plan)
     h_t, t_t, d_t = res.get((0, TEXT), (None, None, None))
     z_i, t_i, d_i = res.get((0, IMAGE), (None, None, None))
     if cfg and z_i is not None:  # combine the image head's inputs: CFG on its last (linear) layer

@@ -105,13 +105,14 @@ def setup(trainer, ref_policy=None, built: bool = True):
     return handle, adapter_names(trainer.policy)
 
 
-def reference_logprobs(handle, logprobs, policy, samples, loss, guidance_scale):
+def reference_logprobs(handle, logprobs, policy, samples, loss, guidance_scale, reuse=None):
     """The KL reference's per-token log-probs: the policy with its adapters disabled, i.e. the base
     weights (no grad). Only decoder projections carry adapters, so the text embeddings are the
     base's either way (loss.ref_text_embeddings changes nothing). ``logprobs``: the Trainer's
-    ``world.logprobs`` (``sample_logprobs``, through the FSDP root when sharded)."""
+    ``world.logprobs`` (``sample_logprobs``, through the FSDP root when sharded); ``reuse``: the
+    micro-batch's MicroBatch.reuse."""
     with torch.no_grad(), handle.disable_adapter():
-        return logprobs(policy, samples, loss=loss, guidance_scale=guidance_scale).logprobs
+        return logprobs(policy, samples, loss=loss, guidance_scale=guidance_scale, reuse=reuse).logprobs
 
 
 def adapter_names(policy) -> list:

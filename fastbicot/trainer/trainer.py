@@ -252,18 +252,19 @@ class Trainer:
 
     # ---- the update --------------------------------------------------------------------------------
     def _ref_logprobs(self, train, idx):
-        samples = _as_micro(train, idx).samples
+        mb = _as_micro(train, idx)
         if self.lora is not None and self.config.loss.beta > 0:
             from .lora import reference_logprobs
 
-            return reference_logprobs(self.lora, self.world.logprobs, self.policy, samples, self.config.loss,
-                                      self.config.rollout.guidance_scale)
+            return reference_logprobs(self.lora, self.world.logprobs, self.policy, mb.samples, self.config.loss,
+                                      self.config.rollout.guidance_scale, reuse=mb.reuse)
         if self.ref_policy is None:
             return None
         emb = self.policy if self.config.loss.ref_text_embeddings == "policy" else None
         with torch.no_grad(), self.world.root_unsharded(emb):
-            return self.world.logprobs(self.ref_policy, samples, loss=self.config.loss,
-                                       guidance_scale=self.config.rollout.guidance_scale, embeds_from=emb).logprobs
+            return self.world.logprobs(self.ref_policy, mb.samples, loss=self.config.loss,
+                                       guidance_scale=self.config.rollout.guidance_scale, embeds_from=emb,
+                                       reuse=mb.reuse).logprobs
 
     def _micro(self, train, idx, *, ref, old, entropy):
         """Forward + objective of one micro-batch (a MicroBatch, or a list of whole-sample positions)."""
@@ -272,7 +273,7 @@ class Trainer:
         tok = mb.tokens
         bonus = self.entropy_bonus
         fwd = self.world.logprobs(self.policy, mb.samples, loss=L, guidance_scale=self.config.rollout.guidance_scale,
-                                  entropy="grad" if bonus is not None else entropy)
+                                  entropy="grad" if bonus is not None else entropy, reuse=mb.reuse)
         loss, sums = grpo_objective(fwd.logprobs, train.advantages[mb.positions], mb.seq_ids, train.weights[tok],
                                     old=old, ref=ref,
                                     beta=L.beta, eps_low=L.eps_low, eps_high=L.eps_high,
@@ -319,8 +320,8 @@ class Trainer:
         if len(parts) > 1:
             with torch.no_grad():
                 for j, (_, train, micros, _) in enumerate(parts[1:], 1):
-                    olds[j] = [self.world.logprobs(self.policy, m.samples, loss=L,
-                                                   guidance_scale=c.rollout.guidance_scale).logprobs for m in micros]
+                    olds[j] = [self.world.logprobs(self.policy, m.samples, loss=L, guidance_scale=c.rollout.guidance_scale,
+                                                   reuse=m.reuse).logprobs for m in micros]
         out = {"lr": self.optim.lr}
         ent = {TEXT: [], IMAGE: []}
         clip, ratio, first = [], [], []
