@@ -206,21 +206,21 @@ class SeedStyleStep:
         prompts (run_grpo.sh: 1 x 2), so each prompt is one micro-batch that rolls out its own G samples
         (CoT, images, decode, reward) and then runs its loss and backward; one optimizer step at the end."""
         timing = {"rollout": 0.0, "decode": 0.0, "reward": 0.0, "update": 0.0}
-        self.update_window = UpdateWindow(self.policy.device)
+        window = UpdateWindow(self.policy.device)
         for text in texts:
-            self.micro_batch(text, len(texts), timing)
+            self.micro_batch(text, len(texts), timing, window)
         t0 = time.perf_counter()
-        with self.update_window:
+        with window:
             torch.nn.utils.clip_grad_norm_([q for q in self.policy.parameters() if q.requires_grad], 1.0)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         sync(self.policy.device)
         timing["update"] += time.perf_counter() - t0
-        if self.update_window.peak_mib is not None:
-            timing["update_peak_mib"] = self.update_window.peak_mib
+        if window.peak_mib is not None:
+            timing["update_peak_mib"] = window.peak_mib
         return timing
 
-    def micro_batch(self, text, n_prompts, timing):
+    def micro_batch(self, text, n_prompts, timing, window):
         from fastbicot.rollout.baselines import t2i_r1_generate_images
 
         p, dev = self.policy, self.policy.device
@@ -243,7 +243,7 @@ class SeedStyleStep:
         r = red_reward(images, None, None, None).double()
         adv = ((r - r.mean()) / (r.std() + 1e-4)).to(dev)
         t3 = time.perf_counter()
-        with self.update_window:
+        with window:
             p.train()
             # the seed's loss is the micro-batch's token mean; accumulation over the prompts averages them
             loss = self.group_loss(ctx_ids, ctx_mask, cot, img_ctx, tokens, adv) / n_prompts

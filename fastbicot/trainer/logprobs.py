@@ -182,6 +182,8 @@ class AttentionLayout:
         dest = torch.tensor(valid_dest, dtype=torch.long)
         self.out_index = torch.empty_like(dest)
         self.out_index[dest] = torch.tensor(keep, dtype=torch.long)
+        self.q_sizes = [b["rows"] * b["S"] for b in self.batches]  # the split of the gathered rows
+        self.kv_sizes = [b["rows"] * b["keys"] for b in self.batches]
 
     def to(self, device):
         self.q_all, self.kv_all, self.out_index = (t.to(device) for t in (self.q_all, self.kv_all, self.out_index))
@@ -207,10 +209,9 @@ class AttentionLayout:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
         heads, d = q.shape[1], q.shape[2]
         gqa = k.shape[1] != heads
-        qs = q.index_select(0, self.q_all).split([b["rows"] * b["S"] for b in self.batches])
-        kv_sizes = [b["rows"] * b["keys"] for b in self.batches]
-        ks = k.index_select(0, self.kv_all).split(kv_sizes)
-        vs = v.index_select(0, self.kv_all).split(kv_sizes)
+        qs = q.index_select(0, self.q_all).split(self.q_sizes)
+        ks = k.index_select(0, self.kv_all).split(self.kv_sizes)
+        vs = v.index_select(0, self.kv_all).split(self.kv_sizes)
         out = []
         for b, qb, kb, vb in zip(self.batches, qs, ks, vs):
             n = b["rows"]
