@@ -17,7 +17,11 @@ SHORT = dict(template="{system} {instruction}", system="Plan.", instruction="Dra
 def _same(a, b):
     assert len(a) == len(b) and a.group_index == b.group_index
     assert torch.equal(a.group_ids, b.group_ids) and torch.equal(a.sample_keys, b.sample_keys)
-    assert torch.equal(a.image_tokens, b.image_tokens) and torch.equal(a.images, b.images)
+    assert torch.equal(a.image_tokens, b.image_tokens)
+    # the same tokens decode to the same pixels up to the last uint8 level: oneDNN's convolutions round
+    # differently at another batch size (~1e-6), which can move a value across a rounding boundary
+    # (seed 76126018: one pixel of 36864)
+    assert a.images.shape == b.images.shape and int((a.images.int() - b.images.int()).abs().max()) <= 1
     for x, y in zip(a.samples, b.samples):
         assert (x.prompt_index, x.prompt, x.metadata, x.cot_ids, x.cot_text) == (
             y.prompt_index, y.prompt, y.metadata, y.cot_ids, y.cot_text)
